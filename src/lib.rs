@@ -2,23 +2,36 @@
 //!
 //! # Data path
 //!
-//! client → `server` (sockets of one core) → `protocol` (verify the frame once) → `router`
-//! (which shard owns the partition; the channel mesh) → `shard` (the only code that mutates a
-//! partition) → `storage` (one partition's log on disk) → back along the same path.
+//! client → [`server`] (sockets of one core; verifies each frame once with [`protocol`]) →
+//! [`router`] (which shard owns the partition; the channel mesh) → [`shard`] (the only code
+//! that mutates a partition) → [`storage`] (one partition's log on disk) → back the same way.
 //!
 //! # Module map
 //!
 //! | module | owns | must not touch |
 //! |---|---|---|
 //! | [`limits`] | every named bound and default | anything with state |
-//! | [`runtime`] | the thin layer over glommio: executors, timers, notify | broker logic |
+//! | [`protocol`] | frames ⇄ typed views, verification, encoders, partitioner (sans I/O) | sockets, files |
+//! | [`metadata`] | the topic table each shard keeps a copy of | files, partitions |
+//! | [`server`] | listeners, connections, frame reading and response writing | partitions |
+//! | [`router`] | the mesh between shards, forwarding, replies, copy counters | partitions, sockets |
+//! | [`shard`] | the partitions of one core and the request handlers | sockets, other shards' state |
 //! | [`storage`] | segment files, indexes, recovery, retention of one partition log | shards, sockets |
+//! | [`client`] | the blocking Rust client | server internals |
+//! | [`runtime`] | glommio (executors, timers, notify), config, boot and shutdown | request handling |
 //!
 //! # Ownership rules
 //!
 //! One owner per partition: a shard. State on a shard is `!Send` (`Rc`, `RefCell`); only owned
 //! envelopes (`Bytes` + a header) cross cores. No locks between cores.
 
+pub mod cli;
+pub mod client;
 pub mod limits;
+pub mod metadata;
+pub mod protocol;
+pub mod router;
 pub mod runtime;
+pub mod server;
+pub mod shard;
 pub mod storage;

@@ -39,3 +39,45 @@ pub const RING_DEPTH_DEFAULT: usize = 128;
 const _: () = assert!(WRITE_BUFFER_BYTES_DEFAULT * 2 <= TAIL_CACHE_BYTES_DEFAULT);
 const _: () = assert!(LOG_BLOCK_BYTES.is_power_of_two());
 const _: () = assert!(IO_MEMORY_BYTES_DEFAULT >= 512 * 1024);
+
+/// Default largest frame accepted from a client (16 MiB). Larger: Error{FrameTooLarge}, close.
+pub const MAX_FRAME_BYTES_DEFAULT: usize = 16 << 20;
+
+/// Default connection limit for the whole broker (split evenly across shards). Beyond it a
+/// new connection gets Error{TooManyConnections} and is closed.
+pub const MAX_CONNECTIONS_DEFAULT: usize = 10_000;
+
+/// Default requests in flight per connection. At the limit the server stops reading that
+/// connection until a response is written (backpressure).
+pub const MAX_IN_FLIGHT_DEFAULT: usize = 64;
+
+/// Envelopes buffered per ordered pair of shards in the channel mesh. A full channel makes the
+/// sender wait (backpressure).
+pub const MESH_CHANNEL_CAPACITY: usize = 1024;
+
+/// Responses queued per connection for its writer task (bounded; equals max in flight + 1).
+pub const WRITE_QUEUE_FRAMES_EXTRA: usize = 1;
+
+/// Bytes a connection writer coalesces into one socket write.
+pub const WRITE_COALESCE_BYTES: usize = 256 * 1024;
+
+/// Longest long-poll wait a fetch may ask for (30 s); longer requests are capped.
+pub const FETCH_WAIT_MS_MAX: u32 = 30_000;
+
+/// Partitions per topic at most.
+pub const PARTITIONS_PER_TOPIC_MAX: u32 = 1024;
+
+/// Topic name length at most (as Kafka).
+pub const TOPIC_NAME_BYTES_MAX: usize = 249;
+
+/// How often a shard ticks its logs (writes for `--fsync never`, syncs for `--fsync MS`).
+pub const LOG_TICK_MS: u64 = 5;
+
+/// How often a shard enforces retention.
+pub const RETENTION_CHECK_MS: u64 = 10_000;
+
+/// How long shutdown waits for in-flight requests before syncing logs and exiting.
+pub const SHUTDOWN_GRACE_MS: u64 = 2_000;
+
+/// Largest response frame the client accepts (64 MiB).
+pub const CLIENT_MAX_FRAME_BYTES: usize = 64 << 20;

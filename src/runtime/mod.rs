@@ -3,7 +3,10 @@
 //! Owns: every direct use of glommio's executor and timer APIs outside storage's DMA file, so
 //! another io_uring runtime could replace glommio here. Must not touch: broker or storage logic.
 
+pub mod boot;
+pub mod config;
 pub mod notify;
+pub mod oneshot;
 
 pub use notify::Notify;
 

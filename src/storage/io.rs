@@ -95,11 +95,9 @@ impl Storage for DmaStorage {
     }
 
     async fn sync_dir(&self, dir: &Path) -> io::Result<()> {
-        let d = glommio::io::Directory::open(dir)
-            .await
-            .map_err(io::Error::from)?;
-        d.sync().await.map_err(io::Error::from)?;
-        d.close().await.map_err(io::Error::from)
+        // Blocking, but only on segment creation and deletion. glommio's Directory::open
+        // fails on relative paths (EBADF), std does not.
+        std::fs::File::open(dir)?.sync_all()
     }
 }
 

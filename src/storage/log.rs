@@ -261,31 +261,16 @@ impl<S: Storage> Log<S> {
         meta: BatchMeta,
         payload: &[u8],
     ) -> Result<AppendInfo, StorageError> {
-        if payload.len() > limits::BATCH_BYTES_MAX {
-            return Err(StorageError::BatchTooLarge {
-                bytes: payload.len(),
-                max: limits::BATCH_BYTES_MAX,
-            });
-        }
-        if meta.record_count == 0 {
-            return Err(StorageError::InvalidBatch("zero records".into()));
-        }
-        self.wait_for_buffer_space().await?;
-        let (info, pending_bytes) = self.push_pending(meta, payload)?;
-        match self.cfg.durability {
-            Durability::Always => self.commit(info.next_offset, true).await?,
-            Durability::IntervalMs(_) | Durability::Never => {
-                self.data.notify_all();
-                if pending_bytes >= self.cfg.write_buffer_bytes_max {
-                    self.commit(info.next_offset, false).await?;
-                }
-            }
-        }
+        self.reserve().await?;
+        let info = self.append_buffered(meta, payload)?;
+        self.wait_durable(info).await?;
         Ok(info)
     }
 
     /// Backpressure: with twice the write buffer pending, help flush before adding more.
-    async fn wait_for_buffer_space(&self) -> Result<(), StorageError> {
+    /// Callers that must keep appends in order await this, then call
+    /// [`Log::append_buffered`] with no await in between.
+    pub async fn reserve(&self) -> Result<(), StorageError> {
         loop {
             let (over, target) = {
                 let st = self.st.borrow();
@@ -302,11 +287,44 @@ impl<S: Storage> Log<S> {
         }
     }
 
-    fn push_pending(
+    /// Assigns offsets and buffers the batch, without waiting. Appends are ordered by the
+    /// order of these calls. Not yet acknowledged: await [`Log::wait_durable`] for that.
+    pub fn append_buffered(
         &self,
         meta: BatchMeta,
         payload: &[u8],
-    ) -> Result<(AppendInfo, usize), StorageError> {
+    ) -> Result<AppendInfo, StorageError> {
+        if payload.len() > limits::BATCH_BYTES_MAX {
+            return Err(StorageError::BatchTooLarge {
+                bytes: payload.len(),
+                max: limits::BATCH_BYTES_MAX,
+            });
+        }
+        if meta.record_count == 0 {
+            return Err(StorageError::InvalidBatch("zero records".into()));
+        }
+        let info = self.push_pending(meta, payload)?;
+        if self.cfg.durability != Durability::Always {
+            self.data.notify_all();
+        }
+        Ok(info)
+    }
+
+    /// Resolves once the batch of `info` is durable under the log's [`Durability`].
+    pub async fn wait_durable(&self, info: AppendInfo) -> Result<(), StorageError> {
+        match self.cfg.durability {
+            Durability::Always => self.commit(info.next_offset, true).await,
+            Durability::IntervalMs(_) | Durability::Never => {
+                let over = self.st.borrow().pending_bytes >= self.cfg.write_buffer_bytes_max;
+                if over {
+                    self.commit(info.next_offset, false).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn push_pending(&self, meta: BatchMeta, payload: &[u8]) -> Result<AppendInfo, StorageError> {
         let mut st = self.st.borrow_mut();
         check_failed(&st)?;
         let base = st.next_offset;
@@ -324,7 +342,7 @@ impl<S: Storage> Log<S> {
             base_offset: base,
             next_offset: header.next_offset(),
         };
-        Ok((info, st.pending_bytes))
+        Ok(info)
     }
 
     /// Ensures all offsets below `target` are written (and synced if `sync`), becoming the

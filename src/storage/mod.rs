@@ -11,6 +11,7 @@ pub mod batch;
 pub mod io;
 mod log;
 pub mod mem;
+pub mod meta_file;
 pub mod segment;
 
 pub use batch::{BatchHeader, BatchMeta, FormatTag};

@@ -1,0 +1,471 @@
+//! The `ringmq` command line: parsing and the one-shot commands (topic, produce, consume).
+//!
+//! Owns: flags, their defaults and help, and printing. Must not touch: broker internals; the
+//! client commands speak only through `client::Client`. Every failure is one line on stderr
+//! and a non-zero exit.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::client::{produce_ack, Client, ClientError};
+use crate::limits;
+use crate::protocol::{self as proto, fb, PartitionChoice, RecordIn};
+use crate::runtime::config::{parse_fsync, ServeConfig};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ringmq",
+    version,
+    about = "A thread-per-core message broker on io_uring"
+)]
+pub struct Cli {
+    /// Broker address for client commands.
+    #[arg(
+        long,
+        global = true,
+        env = "RINGMQ_SERVER",
+        default_value = "127.0.0.1:9400"
+    )]
+    pub server: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the broker.
+    Serve(ServeArgs),
+    /// Create, list or delete topics.
+    Topic {
+        #[command(subcommand)]
+        command: TopicCommand,
+    },
+    /// Produce each line of stdin as one message.
+    Produce(ProduceArgs),
+    /// Print messages of a topic.
+    Consume(ConsumeArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// Data directory (on a real filesystem: O_DIRECT does not work on tmpfs).
+    #[arg(long, default_value = "./ringmq-data")]
+    pub data: PathBuf,
+    /// Address to listen on (every shard listens on it with SO_REUSEPORT).
+    #[arg(long, default_value = "127.0.0.1:9400")]
+    pub listen: std::net::SocketAddr,
+    /// Shards (one pinned executor per core); default all cores.
+    #[arg(long)]
+    pub cores: Option<usize>,
+    /// Durability: always (ack after fdatasync, group commit), never, or MS (sync every MS ms).
+    #[arg(long, default_value = "always")]
+    pub fsync: String,
+    /// Largest frame accepted from a client.
+    #[arg(long, default_value_t = limits::MAX_FRAME_BYTES_DEFAULT)]
+    pub max_frame_bytes: usize,
+    /// Connection limit for the whole broker.
+    #[arg(long, default_value_t = limits::MAX_CONNECTIONS_DEFAULT)]
+    pub max_connections: usize,
+    /// Requests in flight per connection (then the server stops reading it).
+    #[arg(long, default_value_t = limits::MAX_IN_FLIGHT_DEFAULT)]
+    pub max_in_flight: usize,
+    /// glommio io memory per executor in KiB (must fit `ulimit -l`; at least 512).
+    #[arg(long, default_value_t = limits::IO_MEMORY_BYTES_DEFAULT / 1024)]
+    pub io_memory_kib: usize,
+    /// Spin this many µs before parking an idle executor (0 = park at once). Lower cross-core
+    /// latency for more CPU.
+    #[arg(long, default_value_t = 0)]
+    pub spin_before_park_us: u64,
+    /// Segment size before a roll.
+    #[arg(long, default_value_t = limits::SEGMENT_BYTES_MAX_DEFAULT)]
+    pub segment_bytes: u64,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TopicCommand {
+    /// Create a topic.
+    Create {
+        name: String,
+        #[arg(long, default_value_t = 1)]
+        partitions: u32,
+        /// Keep at most this many bytes per partition (whole segments are deleted).
+        #[arg(long)]
+        retention_bytes: Option<i64>,
+        /// Delete segments whose newest message is older than this many ms.
+        #[arg(long)]
+        retention_ms: Option<i64>,
+    },
+    /// List topics: `NAME PARTITIONS` per line.
+    List,
+    /// Delete a topic and its data.
+    Delete { name: String },
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ProduceArgs {
+    pub topic: String,
+    /// Target partition (default: by key if given, else round-robin).
+    #[arg(long)]
+    pub partition: Option<u32>,
+    /// Key for every message (partition = murmur2(key) mod partitions).
+    #[arg(long, conflicts_with = "partition")]
+    pub key: Option<String>,
+    /// Split each line at the first SEP: the text before is the key, after is the value.
+    #[arg(long, conflicts_with = "key")]
+    pub key_separator: Option<String>,
+    /// Messages per produce request at most.
+    #[arg(long, default_value_t = 1000)]
+    pub batch: usize,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 16)]
+    pub window: usize,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ConsumeArgs {
+    pub topic: String,
+    /// Only this partition (default: all).
+    #[arg(long)]
+    pub partition: Option<u32>,
+    /// Where to start: earliest, latest, or an offset.
+    #[arg(long, default_value = "latest")]
+    pub from: String,
+    /// Exit after this many messages.
+    #[arg(long)]
+    pub max: Option<u64>,
+    /// Exit after this many ms with nothing new (default: wait forever).
+    #[arg(long)]
+    pub idle_ms: Option<u64>,
+    /// Output: value (one value per line) or json (one object per line).
+    #[arg(long, default_value = "value", value_parser = ["value", "json"])]
+    pub format: String,
+}
+
+/// Runs the parsed command; `Err` is the one-line message to print.
+pub fn run(cli: Cli) -> Result<(), String> {
+    match cli.command {
+        Command::Serve(a) => crate::runtime::boot::serve(serve_config(a)?),
+        Command::Topic { command } => topic(&cli.server, command),
+        Command::Produce(a) => produce(&cli.server, a),
+        Command::Consume(a) => consume(&cli.server, a),
+    }
+}
+
+fn serve_config(a: ServeArgs) -> Result<ServeConfig, String> {
+    let d = ServeConfig::default();
+    Ok(ServeConfig {
+        data_dir: a.data,
+        listen: a.listen,
+        cores: a.cores.unwrap_or(d.cores),
+        durability: parse_fsync(&a.fsync)?,
+        max_frame_bytes: a.max_frame_bytes,
+        max_connections: a.max_connections,
+        max_in_flight: a.max_in_flight,
+        io_memory_bytes: a.io_memory_kib.saturating_mul(1024),
+        spin_before_park_us: a.spin_before_park_us,
+        segment_bytes_max: a.segment_bytes,
+    })
+}
+
+fn connect(server: &str) -> Result<Client, String> {
+    Client::connect(server).map_err(|e| format!("cannot reach the broker at {server}: {e}"))
+}
+
+fn topic(server: &str, cmd: TopicCommand) -> Result<(), String> {
+    let mut c = connect(server)?;
+    match cmd {
+        TopicCommand::Create {
+            name,
+            partitions,
+            retention_bytes,
+            retention_ms,
+        } => {
+            c.create_topic(
+                &name,
+                partitions,
+                retention_bytes.unwrap_or(-1),
+                retention_ms.unwrap_or(-1),
+            )
+            .map_err(|e| format!("creating topic {name:?}: {e}"))?;
+            eprintln!("created topic {name} with {partitions} partition(s)");
+        }
+        TopicCommand::List => {
+            let topics = c
+                .metadata(&[])
+                .map_err(|e| format!("listing topics: {e}"))?;
+            let mut out = std::io::stdout().lock();
+            for t in topics {
+                writeln!(out, "{} {}", t.name, t.partitions.len()).map_err(|e| e.to_string())?;
+            }
+        }
+        TopicCommand::Delete { name } => {
+            c.delete_topic(&name)
+                .map_err(|e| format!("deleting topic {name:?}: {e}"))?;
+            eprintln!("deleted topic {name}");
+        }
+    }
+    Ok(())
+}
+
+/// Batches of records per partition choice, sent pipelined; every ack is awaited.
+struct Sender<'a> {
+    client: Client,
+    topic: &'a str,
+    window: usize,
+    in_flight: usize,
+    acked: u64,
+}
+
+impl Sender<'_> {
+    fn send(&mut self, choice: PartitionChoice<'_>, records: &[RecordIn]) -> Result<(), String> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        if self.in_flight >= self.window {
+            self.recv_one()?;
+        }
+        let batch = proto::encode_record_batch(records);
+        let topic = self.topic;
+        self.client
+            .send(|c| proto::encode_produce(c, topic, choice, &batch))
+            .map_err(|e| format!("producing to {topic:?}: {e}"))?;
+        self.client.flush().map_err(|e| e.to_string())?;
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    fn recv_one(&mut self) -> Result<(), String> {
+        let r = self
+            .client
+            .recv()
+            .map_err(|e| format!("producing to {:?}: {e}", self.topic))?;
+        let ack = produce_ack(&r).map_err(|e| format!("producing to {:?}: {e}", self.topic))?;
+        self.acked += u64::from(ack.record_count);
+        self.in_flight -= 1;
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<u64, String> {
+        while self.in_flight > 0 {
+            self.recv_one()?;
+        }
+        Ok(self.acked)
+    }
+}
+
+fn produce(server: &str, a: ProduceArgs) -> Result<(), String> {
+    let mut client = connect(server)?;
+    let partitions = client
+        .metadata(&[a.topic.as_str()])
+        .map_err(|e| format!("producing to {:?}: {e}", a.topic))?
+        .first()
+        .map(|t| t.partitions.len() as u32)
+        .unwrap_or(1);
+    let mut s = Sender {
+        client,
+        topic: &a.topic,
+        window: a.window.max(1),
+        in_flight: 0,
+        acked: 0,
+    };
+    let batch_max = a.batch.clamp(1, 100_000);
+    // Records grouped by target partition (None = let the broker choose).
+    let mut groups: std::collections::BTreeMap<Option<u32>, Vec<RecordIn>> = Default::default();
+    let fixed = a.partition.or(a
+        .key
+        .as_ref()
+        .map(|k| proto::partitioner::partition_for_key(k.as_bytes(), partitions)));
+    for line in std::io::stdin().lock().lines() {
+        let line = line.map_err(|e| format!("reading stdin: {e}"))?;
+        let (key, value) = match (&a.key_separator, &a.key) {
+            (Some(sep), _) => match line.split_once(sep.as_str()) {
+                Some((k, v)) => (Some(k.as_bytes().to_vec()), v.as_bytes().to_vec()),
+                None => (None, line.into_bytes()),
+            },
+            (None, Some(k)) => (Some(k.as_bytes().to_vec()), line.into_bytes()),
+            (None, None) => (None, line.into_bytes()),
+        };
+        let target = match (&key, fixed) {
+            (_, Some(p)) => Some(p),
+            (Some(k), None) => Some(proto::partitioner::partition_for_key(k, partitions)),
+            (None, None) => None,
+        };
+        let g = groups.entry(target).or_default();
+        g.push(RecordIn {
+            key,
+            value,
+            ..Default::default()
+        });
+        if g.len() >= batch_max {
+            let recs = std::mem::take(g);
+            s.send(choice(target), &recs)?;
+        }
+    }
+    for (target, recs) in std::mem::take(&mut groups) {
+        s.send(choice(target), &recs)?;
+    }
+    let n = s.finish()?;
+    eprintln!("produced {n} messages");
+    Ok(())
+}
+
+fn choice(target: Option<u32>) -> PartitionChoice<'static> {
+    match target {
+        Some(p) => PartitionChoice::Explicit(p),
+        None => PartitionChoice::RoundRobin,
+    }
+}
+
+enum From {
+    Earliest,
+    Latest,
+    Offset(u64),
+}
+
+fn parse_from(s: &str) -> Result<From, String> {
+    match s {
+        "earliest" => Ok(From::Earliest),
+        "latest" => Ok(From::Latest),
+        n => n
+            .parse()
+            .map(From::Offset)
+            .map_err(|_| format!("--from must be earliest, latest or an offset, not {n:?}")),
+    }
+}
+
+fn consume(server: &str, a: ConsumeArgs) -> Result<(), String> {
+    let from = parse_from(&a.from)?;
+    let mut c = connect(server)?;
+    let meta = c
+        .metadata(&[a.topic.as_str()])
+        .map_err(|e| format!("consuming {:?}: {e}", a.topic))?;
+    let t = meta
+        .first()
+        .ok_or_else(|| format!("unknown topic {:?}", a.topic))?;
+    let mut positions: Vec<(u32, u64, u64)> = Vec::new(); // (partition, next offset, log start)
+    for p in &t.partitions {
+        if a.partition.is_some_and(|want| want != p.partition) {
+            continue;
+        }
+        let start = match from {
+            From::Earliest => p.start_offset,
+            From::Latest => p.end_offset,
+            From::Offset(o) => o,
+        };
+        positions.push((p.partition, start, p.start_offset));
+    }
+    if positions.is_empty() {
+        return Err(format!(
+            "topic {:?} has no partition {:?}",
+            a.topic, a.partition
+        ));
+    }
+    let mut printed = 0u64;
+    let mut idle_since = std::time::Instant::now();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let wait_ms = if positions.len() == 1 { 200 } else { 20 };
+    loop {
+        let mut got_any = false;
+        for pos in positions.iter_mut() {
+            let fetched = match c.fetch(&a.topic, pos.0, pos.1, 1 << 20, wait_ms) {
+                Ok(f) => f,
+                Err(e)
+                    if e.code() == Some(fb::ErrorCode::OffsetOutOfRange)
+                        && matches!(from, From::Earliest) =>
+                {
+                    let m = c.metadata(&[a.topic.as_str()]).map_err(|e| e.to_string())?;
+                    let start = m
+                        .first()
+                        .and_then(|t| t.partitions.iter().find(|p| p.partition == pos.0))
+                        .map(|p| p.start_offset)
+                        .unwrap_or(0);
+                    pos.1 = start;
+                    continue;
+                }
+                Err(e) => return Err(format!("consuming {:?} partition {}: {e}", a.topic, pos.0)),
+            };
+            pos.1 = fetched.next_offset.max(pos.1);
+            for r in fetched.records {
+                got_any = true;
+                print_record(&mut out, &a, pos.0, &r).map_err(|e| e.to_string())?;
+                printed += 1;
+                if a.max.is_some_and(|m| printed >= m) {
+                    out.flush().map_err(|e| e.to_string())?;
+                    return Ok(());
+                }
+            }
+        }
+        out.flush().map_err(|e| e.to_string())?;
+        if got_any {
+            idle_since = std::time::Instant::now();
+        } else if a
+            .idle_ms
+            .is_some_and(|ms| idle_since.elapsed().as_millis() as u64 >= ms)
+        {
+            return Ok(());
+        }
+    }
+}
+
+fn print_record(
+    out: &mut impl Write,
+    a: &ConsumeArgs,
+    partition: u32,
+    r: &proto::RecordOut,
+) -> std::io::Result<()> {
+    if a.format == "json" {
+        let key = match &r.key {
+            Some(k) => json_string(&String::from_utf8_lossy(k)),
+            None => "null".to_string(),
+        };
+        let headers: Vec<String> = r
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                format!(
+                    "{}:{}",
+                    json_string(k),
+                    json_string(&String::from_utf8_lossy(v))
+                )
+            })
+            .collect();
+        writeln!(
+            out,
+            "{{\"topic\":{},\"partition\":{partition},\"offset\":{},\"key\":{key},\"value\":{},\"timestamp\":{},\"headers\":{{{}}}}}",
+            json_string(&a.topic),
+            r.offset,
+            json_string(&String::from_utf8_lossy(&r.value)),
+            r.timestamp_ms,
+            headers.join(",")
+        )
+    } else {
+        out.write_all(&r.value)?;
+        out.write_all(b"\n")
+    }
+}
+
+/// A JSON string literal.
+pub fn json_string(s: &str) -> String {
+    let mut o = String::with_capacity(s.len() + 2);
+    o.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            '\n' => o.push_str("\\n"),
+            '\r' => o.push_str("\\r"),
+            '\t' => o.push_str("\\t"),
+            c if (c as u32) < 0x20 => o.push_str(&format!("\\u{:04x}", c as u32)),
+            c => o.push(c),
+        }
+    }
+    o.push('"');
+    o
+}
+
+/// Maps a client error for callers that want the wire code.
+pub fn error_code(e: &ClientError) -> Option<fb::ErrorCode> {
+    e.code()
+}

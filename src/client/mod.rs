@@ -1,0 +1,272 @@
+//! The blocking Rust client over `std::net::TcpStream`, used by the CLI and the tests.
+//!
+//! Owns: one connection, correlation ids, and turning response frames into values. Must not
+//! touch: server internals; it speaks only the wire protocol of `protocol/`. Pipelining: send
+//! several requests with [`Client::send`] and collect their responses with [`Client::recv`].
+
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::limits;
+use crate::protocol::{
+    self as proto, fb, FetchArgsOut, PartitionChoice, RecordIn, RecordOut, TopicMetaOut,
+};
+
+/// Errors a client call can return.
+#[derive(Debug)]
+pub enum ClientError {
+    /// Could not connect, or the connection broke.
+    Io(std::io::Error),
+    /// The broker answered with an Error frame.
+    Server {
+        code: u16,
+        name: String,
+        message: String,
+    },
+    /// The broker's answer made no sense (wrong type, bad frame).
+    Protocol(String),
+}
+
+impl std::fmt::Display for ClientError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Io(e) => write!(f, "{e}"),
+            Self::Server { name, message, .. } => write!(f, "{message} ({name})"),
+            Self::Protocol(m) => write!(f, "protocol error: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for ClientError {}
+
+impl From<std::io::Error> for ClientError {
+    fn from(e: std::io::Error) -> Self {
+        Self::Io(e)
+    }
+}
+
+impl ClientError {
+    /// The wire error code, if the broker sent one.
+    pub fn code(&self) -> Option<fb::ErrorCode> {
+        match self {
+            Self::Server { code, .. } => Some(fb::ErrorCode(*code)),
+            _ => None,
+        }
+    }
+}
+
+/// Acknowledgement of a produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProduceAck {
+    pub partition: u32,
+    pub base_offset: u64,
+    pub record_count: u32,
+}
+
+/// Records from a fetch.
+#[derive(Debug, Clone, Default)]
+pub struct Fetched {
+    pub records: Vec<RecordOut>,
+    pub next_offset: u64,
+    pub log_start: u64,
+    pub log_end: u64,
+}
+
+/// One connection to a broker.
+pub struct Client {
+    reader: BufReader<TcpStream>,
+    writer: BufWriter<TcpStream>,
+    next_correlation_id: u64,
+    /// The shard this connection landed on, and the broker's shard count.
+    pub shard: u32,
+    pub shard_count: u32,
+}
+
+/// A response frame: its bytes (no prefix); view it with [`Response::frame`].
+pub struct Response {
+    bytes: Bytes,
+}
+
+impl Response {
+    pub fn frame(&self) -> fb::Frame<'_> {
+        // Verified in `recv` before a Response is made.
+        proto::verify_frame(&self.bytes).expect("verified in recv")
+    }
+
+    /// The error this response carries, if it is an Error frame.
+    pub fn error(&self) -> Option<ClientError> {
+        self.frame().body_as_error().map(|e| ClientError::Server {
+            code: e.code().0,
+            name: e.code().variant_name().unwrap_or("Unknown").to_string(),
+            message: e.message().unwrap_or_default().to_string(),
+        })
+    }
+}
+
+impl Client {
+    /// Connects and handshakes.
+    pub fn connect(addr: impl ToSocketAddrs) -> Result<Self, ClientError> {
+        let stream = TcpStream::connect(addr)?;
+        stream.set_nodelay(true)?;
+        let mut c = Self {
+            reader: BufReader::with_capacity(256 * 1024, stream.try_clone()?),
+            writer: BufWriter::with_capacity(256 * 1024, stream),
+            next_correlation_id: 1,
+            shard: 0,
+            shard_count: 0,
+        };
+        let r = c.call(|corr| proto::encode_handshake(corr, "ringmq-rust-client"))?;
+        let h = r
+            .frame()
+            .body_as_handshake_response()
+            .ok_or_else(|| ClientError::Protocol("expected a HandshakeResponse".into()))?;
+        c.shard = h.shard();
+        c.shard_count = h.shard_count();
+        Ok(c)
+    }
+
+    /// Sets a read timeout on the socket (None = block).
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> Result<(), ClientError> {
+        self.reader.get_ref().set_read_timeout(t)?;
+        Ok(())
+    }
+
+    /// Writes a request made by `make(correlation_id)` without waiting; returns the id.
+    /// Call [`Client::flush`] before waiting for responses.
+    pub fn send(&mut self, make: impl FnOnce(u64) -> Bytes) -> Result<u64, ClientError> {
+        let corr = self.next_correlation_id;
+        self.next_correlation_id += 1;
+        self.writer.write_all(&make(corr))?;
+        Ok(corr)
+    }
+
+    pub fn flush(&mut self) -> Result<(), ClientError> {
+        self.writer.flush()?;
+        Ok(())
+    }
+
+    /// Reads the next response frame, verified.
+    pub fn recv(&mut self) -> Result<Response, ClientError> {
+        let mut prefix = [0u8; 4];
+        self.reader.read_exact(&mut prefix)?;
+        let len = proto::frame_len(prefix, limits::CLIENT_MAX_FRAME_BYTES)
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let mut body = vec![0u8; len];
+        self.reader.read_exact(&mut body)?;
+        proto::verify_frame(&body).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        Ok(Response {
+            bytes: Bytes::from(body),
+        })
+    }
+
+    /// Sends one request and waits for its response; an Error frame becomes `Err`.
+    pub fn call(&mut self, make: impl FnOnce(u64) -> Bytes) -> Result<Response, ClientError> {
+        let corr = self.send(make)?;
+        self.flush()?;
+        let r = self.recv()?;
+        if let Some(e) = r.error() {
+            return Err(e);
+        }
+        let got = r.frame().correlation_id();
+        if got != corr {
+            return Err(ClientError::Protocol(format!(
+                "correlation id {got}, expected {corr}"
+            )));
+        }
+        Ok(r)
+    }
+
+    pub fn create_topic(
+        &mut self,
+        name: &str,
+        partitions: u32,
+        retention_bytes: i64,
+        retention_ms: i64,
+    ) -> Result<(), ClientError> {
+        self.call(|c| {
+            proto::encode_create_topic(c, name, partitions, retention_bytes, retention_ms)
+        })?;
+        Ok(())
+    }
+
+    pub fn delete_topic(&mut self, name: &str) -> Result<(), ClientError> {
+        self.call(|c| proto::encode_delete_topic(c, name))?;
+        Ok(())
+    }
+
+    /// Topics with partitions and offsets; empty `topics` = all.
+    pub fn metadata(&mut self, topics: &[&str]) -> Result<Vec<TopicMetaOut>, ClientError> {
+        let r = self.call(|c| proto::encode_metadata(c, topics))?;
+        let m = r
+            .frame()
+            .body_as_metadata_response()
+            .ok_or_else(|| ClientError::Protocol("expected a MetadataResponse".into()))?;
+        Ok(proto::decode_metadata_response(m))
+    }
+
+    /// Produces records as one batch and waits for the acknowledgement.
+    pub fn produce(
+        &mut self,
+        topic: &str,
+        choice: PartitionChoice<'_>,
+        records: &[RecordIn],
+    ) -> Result<ProduceAck, ClientError> {
+        let batch = proto::encode_record_batch(records);
+        let r = self.call(|c| proto::encode_produce(c, topic, choice, &batch))?;
+        produce_ack(&r)
+    }
+
+    /// Fetches records at `offset` or later (long poll up to `max_wait_ms`).
+    pub fn fetch(
+        &mut self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max_bytes: u32,
+        max_wait_ms: u32,
+    ) -> Result<Fetched, ClientError> {
+        let args = FetchArgsOut {
+            topic,
+            partition,
+            offset,
+            max_bytes,
+            max_wait_ms,
+        };
+        let r = self.call(|c| proto::encode_fetch(c, &args))?;
+        let f = r
+            .frame()
+            .body_as_fetch_response()
+            .ok_or_else(|| ClientError::Protocol("expected a FetchResponse".into()))?;
+        let records = match f.batches() {
+            Some(b) => {
+                proto::decode_fetched_records(b.bytes(), offset).map_err(ClientError::Protocol)?
+            }
+            None => Vec::new(),
+        };
+        Ok(Fetched {
+            records,
+            next_offset: f.next_offset(),
+            log_start: f.log_start(),
+            log_end: f.log_end(),
+        })
+    }
+}
+
+/// Reads a produce acknowledgement out of a response (an Error frame becomes `Err`).
+pub fn produce_ack(r: &Response) -> Result<ProduceAck, ClientError> {
+    if let Some(e) = r.error() {
+        return Err(e);
+    }
+    let p = r
+        .frame()
+        .body_as_produce_response()
+        .ok_or_else(|| ClientError::Protocol("expected a ProduceResponse".into()))?;
+    Ok(ProduceAck {
+        partition: p.partition(),
+        base_offset: p.base_offset(),
+        record_count: p.record_count(),
+    })
+}

@@ -1,0 +1,124 @@
+//! Topic metadata: topics, their partitions and each partition's shard (placement).
+//!
+//! Owns: the in-memory table every shard keeps a copy of, and name validation. Must not touch:
+//! files (persistence is `storage::meta_file`) or partitions. Changes are made by the
+//! controller shard (shard 0) and broadcast to the others as [`MetaChange`]s.
+
+use std::collections::BTreeMap;
+
+use crate::limits;
+
+/// One topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicMeta {
+    pub name: String,
+    /// `shards[p]` is the shard that owns partition `p` (as placed at creation).
+    pub shards: Vec<u32>,
+    /// -1 = unlimited.
+    pub retention_bytes: i64,
+    /// -1 = unlimited.
+    pub retention_ms: i64,
+}
+
+impl TopicMeta {
+    pub fn partitions(&self) -> u32 {
+        self.shards.len() as u32
+    }
+
+    /// The shard owning `partition` on a broker with `shard_count` shards. A placement made
+    /// with more shards than run now wraps around (the log directory is shard-independent).
+    pub fn shard_of(&self, partition: u32, shard_count: usize) -> Option<usize> {
+        self.shards
+            .get(partition as usize)
+            .map(|&s| s as usize % shard_count.max(1))
+    }
+}
+
+/// A change broadcast from the controller.
+#[derive(Debug, Clone)]
+pub enum MetaChange {
+    Upsert(TopicMeta),
+    Remove(String),
+}
+
+/// The topic table.
+#[derive(Debug, Clone, Default)]
+pub struct Metadata {
+    pub topics: BTreeMap<String, TopicMeta>,
+}
+
+impl Metadata {
+    pub fn apply(&mut self, change: &MetaChange) {
+        match change {
+            MetaChange::Upsert(t) => {
+                self.topics.insert(t.name.clone(), t.clone());
+            }
+            MetaChange::Remove(name) => {
+                self.topics.remove(name);
+            }
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&TopicMeta> {
+        self.topics.get(name)
+    }
+}
+
+/// Checks a topic name: 1..=249 bytes of `[A-Za-z0-9._-]`, not `.` or `..`.
+pub fn validate_topic_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > limits::TOPIC_NAME_BYTES_MAX {
+        return Err(format!(
+            "topic name must be 1 to {} characters",
+            limits::TOPIC_NAME_BYTES_MAX
+        ));
+    }
+    if name == "." || name == ".." {
+        return Err("topic name cannot be '.' or '..'".into());
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "topic name {name:?} has {c:?}; allowed are letters, digits, '.', '_' and '-'"
+        ));
+    }
+    Ok(())
+}
+
+/// Places `partitions` partitions round-robin over `shard_count` shards, starting at a shard
+/// chosen from the name so that many single-partition topics spread out.
+pub fn place(name: &str, partitions: u32, shard_count: usize) -> Vec<u32> {
+    let start = (crc32fast::hash(name.as_bytes()) as usize) % shard_count.max(1);
+    (0..partitions as usize)
+        .map(|p| ((start + p) % shard_count.max(1)) as u32)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(validate_topic_name("orders.eu-1_x").is_ok());
+        assert!(validate_topic_name("").is_err());
+        assert!(validate_topic_name("a/b").is_err());
+        assert!(validate_topic_name("..").is_err());
+        assert!(validate_topic_name(&"a".repeat(250)).is_err());
+    }
+
+    #[test]
+    fn placement_spreads_and_wraps() {
+        let p = place("t", 4, 2);
+        assert_eq!(p.iter().filter(|&&s| s == 0).count(), 2);
+        let t = TopicMeta {
+            name: "t".into(),
+            shards: vec![3],
+            retention_bytes: -1,
+            retention_ms: -1,
+        };
+        assert_eq!(t.shard_of(0, 2), Some(1));
+        assert_eq!(t.shard_of(1, 2), None);
+    }
+}

@@ -1,0 +1,131 @@
+//! Who owns a partition and how to get there: the channel mesh between shards, request
+//! forwarding and the replies that come back.
+//!
+//! Owns: this shard's mesh senders, the table of requests awaiting a reply from another shard,
+//! and the cross-core copy counters. Must not touch: partitions or sockets. Every envelope is
+//! owned data (`Bytes`, strings); nothing borrowed crosses a core.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use glommio::channels::channel_mesh::Senders;
+
+use crate::metadata::MetaChange;
+use crate::runtime::oneshot;
+
+/// What travels between shards.
+#[derive(Debug)]
+pub enum Envelope {
+    /// A client request (verified frame bytes, no length prefix) for a partition the receiver
+    /// owns, or an admin/metadata request. `partition` is resolved by the sender.
+    Request {
+        from: usize,
+        req_id: u64,
+        partition: u32,
+        frame: Bytes,
+    },
+    /// The reply to a `Request`: a complete response frame, length prefix included.
+    Response { req_id: u64, frame: Bytes },
+    /// A metadata change from the controller; answered with `Ack`.
+    Meta {
+        from: usize,
+        req_id: u64,
+        change: MetaChange,
+    },
+    /// The answer to `Meta`: `None` or why applying failed on that shard.
+    Ack { req_id: u64, error: Option<String> },
+}
+
+impl Envelope {
+    fn req_id(&self) -> u64 {
+        match self {
+            Self::Request { req_id, .. }
+            | Self::Response { req_id, .. }
+            | Self::Meta { req_id, .. }
+            | Self::Ack { req_id, .. } => *req_id,
+        }
+    }
+}
+
+/// Counters of batch copies sent to other cores, by reason.
+#[derive(Debug, Default)]
+pub struct CopyCounters {
+    pub forwards: Cell<u64>,
+    pub replies: Cell<u64>,
+    pub meta: Cell<u64>,
+}
+
+/// This shard's end of the mesh.
+pub struct Router {
+    pub shard_id: usize,
+    pub shard_count: usize,
+    senders: Senders<Envelope>,
+    pending: RefCell<HashMap<u64, oneshot::Sender<Envelope>>>,
+    next_req_id: Cell<u64>,
+    pub copies: CopyCounters,
+}
+
+impl Router {
+    pub fn new(senders: Senders<Envelope>) -> Self {
+        Self {
+            shard_id: senders.peer_id(),
+            shard_count: senders.nr_consumers(),
+            senders,
+            pending: RefCell::new(HashMap::new()),
+            next_req_id: Cell::new(1),
+            copies: CopyCounters::default(),
+        }
+    }
+
+    fn new_req_id(&self) -> u64 {
+        let id = self.next_req_id.get();
+        self.next_req_id.set(id + 1);
+        id
+    }
+
+    /// Sends a request-like envelope made by `make(req_id)` to shard `to` (waiting while the
+    /// channel is full) and returns the receiver of its reply. Sending is in call order.
+    pub async fn call(
+        &self,
+        to: usize,
+        make: impl FnOnce(u64) -> Envelope,
+    ) -> Result<oneshot::Receiver<Envelope>, String> {
+        let req_id = self.new_req_id();
+        let (tx, rx) = oneshot::channel();
+        self.pending.borrow_mut().insert(req_id, tx);
+        let env = make(req_id);
+        match &env {
+            Envelope::Request { .. } => bump(&self.copies.forwards),
+            Envelope::Meta { .. } => bump(&self.copies.meta),
+            _ => {}
+        }
+        if let Err(e) = self.senders.send_to(to, env).await {
+            self.pending.borrow_mut().remove(&req_id);
+            return Err(format!("shard {to} unreachable: {e}"));
+        }
+        Ok(rx)
+    }
+
+    /// Sends a reply (`Response` or `Ack`) back to shard `to`.
+    pub async fn reply(&self, to: usize, env: Envelope) {
+        bump(&self.copies.replies);
+        // A closed mesh means shutdown; the requester is going away too.
+        let _ = self.senders.send_to(to, env).await;
+    }
+
+    /// Hands a reply to the task awaiting it.
+    pub fn complete(&self, env: Envelope) {
+        if let Some(tx) = self.pending.borrow_mut().remove(&env.req_id()) {
+            tx.send(env);
+        }
+    }
+
+    pub fn close(&self) {
+        self.senders.close();
+    }
+}
+
+fn bump(c: &Cell<u64>) {
+    c.set(c.get() + 1);
+}

@@ -1,0 +1,158 @@
+//! Boot in dependency order, shutdown in reverse: validate config and the topic table, start
+//! one pinned executor per core, join the mesh, open logs, listen; on SIGINT/SIGTERM stop
+//! accepting, let in-flight requests finish, sync every log, exit 0.
+//!
+//! Owns: process-wide startup and signals. Must not touch: request handling.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use glommio::channels::channel_mesh::MeshBuilder;
+use glommio::net::TcpListener;
+use glommio::{LocalExecutorBuilder, Placement};
+
+use super::config::ServeConfig;
+use crate::limits;
+use crate::router::{Envelope, Router};
+use crate::server;
+use crate::shard::Shard;
+use crate::storage::meta_file;
+
+static SHUTDOWN: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_sig: libc::c_int) {
+    SHUTDOWN.store(true, Ordering::SeqCst);
+}
+
+fn install_signal_handlers() {
+    let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, handler);
+        libc::signal(libc::SIGTERM, handler);
+    }
+}
+
+/// Asks a running `serve` in this process to shut down (tests, embedded use).
+pub fn request_shutdown() {
+    SHUTDOWN.store(true, Ordering::SeqCst);
+}
+
+/// Runs the broker until a signal; returns after a clean shutdown.
+pub fn serve(mut cfg: ServeConfig) -> Result<(), String> {
+    cfg.validate()?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .map_err(|e| format!("creating data dir {}: {e}", cfg.data_dir.display()))?;
+    cfg.data_dir = std::fs::canonicalize(&cfg.data_dir)
+        .map_err(|e| format!("resolving data dir {}: {e}", cfg.data_dir.display()))?;
+    let meta = meta_file::load(&cfg.data_dir)?;
+    eprintln!(
+        "ringmq {}: data {} listen {} cores {} fsync {:?} max-frame-bytes {} max-connections {} max-in-flight {} io-memory {} KiB spin-before-park {} us segment-bytes {} ({} topics)",
+        env!("CARGO_PKG_VERSION"),
+        cfg.data_dir.display(),
+        cfg.listen,
+        cfg.cores,
+        cfg.durability,
+        cfg.max_frame_bytes,
+        cfg.max_connections,
+        cfg.max_in_flight,
+        cfg.io_memory_bytes / 1024,
+        cfg.spin_before_park_us,
+        cfg.segment_bytes_max,
+        meta.topics.len()
+    );
+    install_signal_handlers();
+    let mesh: MeshBuilder<Envelope, _> =
+        MeshBuilder::full(cfg.cores, limits::MESH_CHANNEL_CAPACITY);
+    let bound = Arc::new(AtomicUsize::new(0));
+    let error: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+    let mut handles = Vec::new();
+    for cpu in 0..cfg.cores {
+        let (mesh, cfg, bound, error) = (mesh.clone(), cfg.clone(), bound.clone(), error.clone());
+        let mut builder = LocalExecutorBuilder::new(Placement::Fixed(cpu))
+            .name(&format!("ringmq-shard-{cpu}"))
+            .io_memory(cfg.io_memory_bytes)
+            .ring_depth(limits::RING_DEPTH_DEFAULT);
+        if cfg.spin_before_park_us > 0 {
+            builder = builder.spin_before_park(Duration::from_micros(cfg.spin_before_park_us));
+        }
+        let h = builder
+            .spawn(move || async move {
+                if let Err(e) = shard_main(mesh, cfg, bound).await {
+                    eprintln!("ringmq: {e}");
+                    if let Ok(mut slot) = error.lock() {
+                        slot.get_or_insert(e);
+                    }
+                    SHUTDOWN.store(true, Ordering::SeqCst);
+                }
+            })
+            .map_err(|e| format!("starting executor on cpu {cpu}: {e}"))?;
+        handles.push(h);
+    }
+    for h in handles {
+        h.join().map_err(|e| format!("executor failed: {e}"))?;
+    }
+    let failed = error.lock().ok().and_then(|mut e| e.take());
+    match failed {
+        Some(e) => Err(e),
+        None => {
+            eprintln!("ringmq: shut down cleanly");
+            Ok(())
+        }
+    }
+}
+
+async fn shard_main(
+    mesh: MeshBuilder<Envelope, glommio::channels::channel_mesh::Full>,
+    cfg: ServeConfig,
+    bound: Arc<AtomicUsize>,
+) -> Result<(), String> {
+    let (senders, receivers) = mesh
+        .join()
+        .await
+        .map_err(|_| "joining the mesh failed".to_string())?;
+    let cores = cfg.cores;
+    let listen = cfg.listen;
+    let shard = std::rc::Rc::new(Shard::new(std::rc::Rc::new(cfg), Router::new(senders)));
+    server::spawn_mesh_loops(&shard, receivers);
+    let watcher = shard.clone();
+    glommio::spawn_local(async move {
+        while !SHUTDOWN.load(Ordering::SeqCst) {
+            crate::runtime::sleep(Duration::from_millis(20)).await;
+        }
+        watcher.begin_shutdown();
+    })
+    .detach();
+    let result = run_shard(&shard, listen, cores, bound).await;
+    shutdown_shard(&shard).await;
+    result
+}
+
+async fn run_shard(
+    shard: &std::rc::Rc<Shard>,
+    listen: std::net::SocketAddr,
+    cores: usize,
+    bound: Arc<AtomicUsize>,
+) -> Result<(), String> {
+    shard.load().await?;
+    let listener = TcpListener::bind(listen).map_err(|e| format!("listening on {listen}: {e}"))?;
+    if bound.fetch_add(1, Ordering::SeqCst) + 1 == cores {
+        println!("ringmq: listening on {listen}");
+    }
+    glommio::spawn_local(shard.clone().run_ticker()).detach();
+    server::accept_loop(shard.clone(), listener).await;
+    Ok(())
+}
+
+async fn shutdown_shard(shard: &std::rc::Rc<Shard>) {
+    shard.begin_shutdown();
+    let deadline = Instant::now() + Duration::from_millis(limits::SHUTDOWN_GRACE_MS);
+    while shard.requests_in_flight.get() > 0 && Instant::now() < deadline {
+        crate::runtime::sleep(Duration::from_millis(5)).await;
+    }
+    shard.sync_all().await;
+    // Let peers finish their own grace period before the mesh goes away.
+    crate::runtime::sleep(Duration::from_millis(50)).await;
+    shard.router.close();
+}

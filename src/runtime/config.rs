@@ -1,0 +1,93 @@
+//! The broker's configuration, validated whole before any socket or file is opened.
+//!
+//! Owns: `ServeConfig` and its validation. Must not touch: anything with side effects.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use crate::limits;
+use crate::storage::Durability;
+
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub cores: usize,
+    pub durability: Durability,
+    pub max_frame_bytes: usize,
+    pub max_connections: usize,
+    pub max_in_flight: usize,
+    pub io_memory_bytes: usize,
+    pub spin_before_park_us: u64,
+    pub segment_bytes_max: u64,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./ringmq-data"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 9400)),
+            cores: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            durability: Durability::Always,
+            max_frame_bytes: limits::MAX_FRAME_BYTES_DEFAULT,
+            max_connections: limits::MAX_CONNECTIONS_DEFAULT,
+            max_in_flight: limits::MAX_IN_FLIGHT_DEFAULT,
+            io_memory_bytes: limits::IO_MEMORY_BYTES_DEFAULT,
+            spin_before_park_us: 0,
+            segment_bytes_max: limits::SEGMENT_BYTES_MAX_DEFAULT,
+        }
+    }
+}
+
+/// Parses `always`, `never` or a number of milliseconds.
+pub fn parse_fsync(s: &str) -> Result<Durability, String> {
+    match s {
+        "always" => Ok(Durability::Always),
+        "never" => Ok(Durability::Never),
+        ms => match ms.parse::<u64>() {
+            Ok(0) => Err("--fsync 0 is not an interval; use 'always'".into()),
+            Ok(n) => Ok(Durability::IntervalMs(n)),
+            Err(_) => Err(format!(
+                "--fsync must be 'always', 'never' or a number of milliseconds, not {s:?}"
+            )),
+        },
+    }
+}
+
+impl ServeConfig {
+    /// Checks every bound; the message names the flag.
+    pub fn validate(&self) -> Result<(), String> {
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        if self.cores == 0 || self.cores > cpus {
+            return Err(format!(
+                "--cores must be 1..={cpus} on this machine, not {}",
+                self.cores
+            ));
+        }
+        if self.max_frame_bytes < 1024 || self.max_frame_bytes > 256 << 20 {
+            return Err("--max-frame-bytes must be 1 KiB..=256 MiB".into());
+        }
+        if self.max_connections == 0 {
+            return Err("--max-connections must be at least 1".into());
+        }
+        if self.max_in_flight == 0 || self.max_in_flight > 65_536 {
+            return Err("--max-in-flight must be 1..=65536".into());
+        }
+        if self.io_memory_bytes < 512 * 1024 {
+            return Err("--io-memory-kib must be at least 512 (glommio's minimum)".into());
+        }
+        if self.segment_bytes_max < 64 * 1024 {
+            return Err("--segment-bytes must be at least 64 KiB".into());
+        }
+        Ok(())
+    }
+
+    /// Connections each shard accepts (the broker limit split evenly, rounded up).
+    pub fn connections_per_shard(&self) -> usize {
+        self.max_connections.div_ceil(self.cores)
+    }
+}

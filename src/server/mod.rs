@@ -1,0 +1,436 @@
+//! The sockets of one core: accept, read and verify frames, dispatch to the owning shard
+//! (here or across the mesh), write responses back.
+//!
+//! Owns: this shard's listener and connections, and the mesh receive loops. Must not touch:
+//! partitions (it asks `shard::Shard`). Frames are verified here, once, before anything else
+//! sees them. A malformed frame gets an Error frame and the connection closes; other
+//! connections never notice.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::rc::Rc;
+
+use bytes::Bytes;
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::channels::channel_mesh::Receivers;
+use glommio::net::{TcpListener, TcpStream};
+use glommio::sync::{Semaphore, StaticPermit};
+
+use crate::limits;
+use crate::protocol::{self as proto, fb, FrameError};
+use crate::router::Envelope;
+use crate::runtime::Notify;
+use crate::shard::{Pending, Shard};
+
+/// Accepts connections until shutdown.
+pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
+    loop {
+        let stop = shard.shutdown.wait();
+        if shard.is_shutting_down() {
+            return;
+        }
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            stop.await;
+            None
+        })
+        .await;
+        let stream = match accepted {
+            None => return,
+            Some(Ok(s)) => s,
+            Some(Err(e)) => {
+                eprintln!("ringmq: shard {}: accept: {e}", shard.id());
+                crate::runtime::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        if shard.connections.get() >= shard.cfg.connections_per_shard() {
+            glommio::spawn_local(refuse(stream)).detach();
+            continue;
+        }
+        shard.connections.set(shard.connections.get() + 1);
+        let s = shard.clone();
+        glommio::spawn_local(async move {
+            Connection::run(s.clone(), stream).await;
+            s.connections.set(s.connections.get() - 1);
+        })
+        .detach();
+    }
+}
+
+async fn refuse(mut stream: TcpStream) {
+    let f = proto::encode_error(
+        0,
+        fb::ErrorCode::TooManyConnections,
+        "the broker is at its connection limit (--max-connections)",
+    );
+    let _ = stream.write_all(&f).await;
+    let _ = stream.close().await;
+}
+
+/// Responses waiting for the writer, each holding its in-flight permit until written.
+struct Outbox {
+    queue: RefCell<VecDeque<(Bytes, Option<StaticPermit>)>>,
+    ready: Notify,
+    closed: Cell<bool>,
+}
+
+impl Outbox {
+    fn push(&self, frame: Bytes, permit: Option<StaticPermit>) {
+        self.queue.borrow_mut().push_back((frame, permit));
+        self.ready.notify_all();
+    }
+}
+
+struct Connection;
+
+impl Connection {
+    async fn run(shard: Rc<Shard>, stream: TcpStream) {
+        let _ = stream.set_nodelay(true);
+        let (mut reader, writer) = futures_lite::io::split(stream);
+        let outbox = Rc::new(Outbox {
+            queue: RefCell::new(VecDeque::new()),
+            ready: Notify::new(),
+            closed: Cell::new(false),
+        });
+        let writer_task = glommio::spawn_local(write_loop(writer, outbox.clone()));
+        let permits = Rc::new(Semaphore::new(shard.cfg.max_in_flight as u64));
+        let mut handshaken = false;
+        loop {
+            let frame = match read_frame(&mut reader, &shard).await {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(FrameOrIo::Io) => break,
+                Err(FrameOrIo::Frame(e)) => {
+                    outbox.push(proto::encode_error(0, e.code(), &e.to_string()), None);
+                    break;
+                }
+            };
+            let Ok(permit) = permits.acquire_static_permit(1).await else {
+                break;
+            };
+            let (corr, body) = {
+                let f = match proto::verify_frame(&frame) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        outbox.push(proto::encode_error(0, e.code(), &e.to_string()), None);
+                        break;
+                    }
+                };
+                (f.correlation_id(), f.body_type())
+            };
+            if !proto::is_request(body) {
+                let msg = format!("body type {} is not a request", body.0);
+                outbox.push(
+                    proto::encode_error(corr, fb::ErrorCode::UnknownRequest, &msg),
+                    None,
+                );
+                break;
+            }
+            if !handshaken {
+                if body != fb::Body::Handshake {
+                    let msg = "the first request must be a Handshake";
+                    outbox.push(
+                        proto::encode_error(corr, fb::ErrorCode::HandshakeRequired, msg),
+                        None,
+                    );
+                    break;
+                }
+                handshaken = true;
+            }
+            if shard.is_shutting_down() {
+                let msg = "the broker is shutting down";
+                outbox.push(
+                    proto::encode_error(corr, fb::ErrorCode::ShuttingDown, msg),
+                    Some(permit),
+                );
+                continue;
+            }
+            let pending = dispatch(&shard, corr, body, frame).await;
+            spawn_reply(&shard, pending, outbox.clone(), permit);
+        }
+        outbox.closed.set(true);
+        outbox.ready.notify_all();
+        writer_task.await;
+    }
+}
+
+enum FrameOrIo {
+    Io,
+    Frame(FrameError),
+}
+
+/// Reads one frame (without its length prefix); `None` at a clean end of stream.
+async fn read_frame(
+    reader: &mut futures_lite::io::ReadHalf<TcpStream>,
+    shard: &Shard,
+) -> Result<Option<Bytes>, FrameOrIo> {
+    let mut prefix = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match reader.read(&mut prefix[got..]).await {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => {
+                return Err(FrameOrIo::Frame(FrameError::Malformed(
+                    "truncated length prefix".into(),
+                )))
+            }
+            Ok(n) => got += n,
+            Err(_) => return Err(FrameOrIo::Io),
+        }
+    }
+    let len = proto::frame_len(prefix, shard.cfg.max_frame_bytes).map_err(FrameOrIo::Frame)?;
+    let mut body = vec![0u8; len];
+    match reader.read_exact(&mut body).await {
+        Ok(()) => Ok(Some(Bytes::from(body))),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Err(FrameOrIo::Frame(FrameError::Malformed(format!(
+                "truncated frame: connection closed before {len} bytes"
+            ))))
+        }
+        Err(_) => Err(FrameOrIo::Io),
+    }
+}
+
+fn spawn_reply(shard: &Rc<Shard>, pending: Pending, outbox: Rc<Outbox>, permit: StaticPermit) {
+    let s = shard.clone();
+    s.requests_in_flight.set(s.requests_in_flight.get() + 1);
+    glommio::spawn_local(async move {
+        let frame = pending.await;
+        outbox.push(frame, Some(permit));
+        s.requests_in_flight.set(s.requests_in_flight.get() - 1);
+    })
+    .detach();
+}
+
+/// Routes a verified request. Awaited in arrival order: appends of one connection keep order.
+async fn dispatch(shard: &Rc<Shard>, corr: u64, body: fb::Body, frame: Bytes) -> Pending {
+    let route = {
+        let f = proto::verify_frame(&frame).ok();
+        match (body, f) {
+            (fb::Body::Handshake, Some(f)) => {
+                let version = f
+                    .body_as_handshake()
+                    .map(|h| h.protocol_version())
+                    .unwrap_or(0);
+                let reply = if version == proto::PROTOCOL_VERSION {
+                    proto::encode_handshake_response(corr, shard.id() as u32, shard.count() as u32)
+                } else {
+                    proto::encode_error(
+                        corr,
+                        fb::ErrorCode::UnsupportedVersion,
+                        &format!(
+                            "protocol version {version} not supported; this broker speaks {}",
+                            proto::PROTOCOL_VERSION
+                        ),
+                    )
+                };
+                return Box::pin(async move { reply });
+            }
+            (fb::Body::Produce, Some(f)) => {
+                match f.body_as_produce().map(|p| shard.route_produce(corr, &p)) {
+                    Some(Ok((partition, owner))) => Some((owner, partition)),
+                    Some(Err(e)) => return Box::pin(async move { e }),
+                    None => None,
+                }
+            }
+            (fb::Body::Fetch, Some(f)) => match f
+                .body_as_fetch()
+                .map(|x| shard.route_partition(corr, x.topic(), x.partition()))
+            {
+                Some(Ok(owner)) => {
+                    Some((owner, f.body_as_fetch().map(|x| x.partition()).unwrap_or(0)))
+                }
+                Some(Err(e)) => return Box::pin(async move { e }),
+                None => None,
+            },
+            (fb::Body::CreateTopic | fb::Body::DeleteTopic, Some(_)) => Some((0, 0)),
+            (fb::Body::Metadata, Some(_)) => return metadata_fanout(shard, corr, frame).await,
+            _ => None,
+        }
+    };
+    let Some((owner, partition)) = route else {
+        let e = proto::encode_error(
+            corr,
+            fb::ErrorCode::Malformed,
+            "request could not be routed",
+        );
+        return Box::pin(async move { e });
+    };
+    if owner == shard.id() {
+        return shard.start(partition, frame).await;
+    }
+    forward(shard, owner, partition, frame, corr).await
+}
+
+/// Sends a request to its owning shard; the returned future yields the owner's reply.
+async fn forward(
+    shard: &Rc<Shard>,
+    owner: usize,
+    partition: u32,
+    frame: Bytes,
+    corr: u64,
+) -> Pending {
+    let from = shard.id();
+    let rx = shard
+        .router
+        .call(owner, move |req_id| Envelope::Request {
+            from,
+            req_id,
+            partition,
+            frame,
+        })
+        .await;
+    Box::pin(async move {
+        match rx {
+            Ok(rx) => match rx.await {
+                Some(Envelope::Response { frame, .. }) => frame,
+                _ => {
+                    proto::encode_error(corr, fb::ErrorCode::Internal, "owning shard did not reply")
+                }
+            },
+            Err(e) => proto::encode_error(corr, fb::ErrorCode::Internal, &e),
+        }
+    })
+}
+
+/// Metadata needs every shard's partitions: ask all, merge the answers.
+async fn metadata_fanout(shard: &Rc<Shard>, corr: u64, frame: Bytes) -> Pending {
+    let wanted: Vec<String> = proto::verify_frame(&frame)
+        .ok()
+        .and_then(|f| f.body_as_metadata())
+        .and_then(|m| m.topics())
+        .map(|ts| ts.iter().map(String::from).collect())
+        .unwrap_or_default();
+    let missing = shard.missing_topics(&wanted);
+    if !missing.is_empty() {
+        let e = proto::encode_error(
+            corr,
+            fb::ErrorCode::UnknownTopic,
+            &format!("unknown topic(s): {}", missing.join(", ")),
+        );
+        return Box::pin(async move { e });
+    }
+    let mut replies = Vec::new();
+    for s in (0..shard.count()).filter(|&s| s != shard.id()) {
+        replies.push(forward(shard, s, 0, frame.clone(), corr).await);
+    }
+    let local = shard.metadata_local(corr, &frame);
+    Box::pin(async move {
+        let mut merged: Vec<proto::TopicMetaOut> = decode_meta(&local);
+        for r in replies {
+            let other = decode_meta(&r.await);
+            for t in other {
+                if let Some(m) = merged.iter_mut().find(|m| m.name == t.name) {
+                    m.partitions.extend(t.partitions);
+                }
+            }
+        }
+        for m in &mut merged {
+            m.partitions.sort_by_key(|p| p.partition);
+        }
+        proto::encode_metadata_response(corr, &merged)
+    })
+}
+
+fn decode_meta(frame: &Bytes) -> Vec<proto::TopicMetaOut> {
+    proto::verify_frame(&frame[proto::LEN_PREFIX_BYTES.min(frame.len())..])
+        .ok()
+        .and_then(|f| f.body_as_metadata_response())
+        .map(proto::decode_metadata_response)
+        .unwrap_or_default()
+}
+
+async fn write_loop(mut writer: futures_lite::io::WriteHalf<TcpStream>, outbox: Rc<Outbox>) {
+    let mut buf: Vec<u8> = Vec::with_capacity(limits::WRITE_COALESCE_BYTES);
+    loop {
+        let wait = outbox.ready.wait();
+        let batch: Vec<(Bytes, Option<StaticPermit>)> = {
+            let mut q = outbox.queue.borrow_mut();
+            let mut bytes = 0;
+            let mut out = Vec::new();
+            while let Some((f, _)) = q.front() {
+                if !out.is_empty() && bytes + f.len() > limits::WRITE_COALESCE_BYTES {
+                    break;
+                }
+                bytes += f.len();
+                if let Some(item) = q.pop_front() {
+                    out.push(item);
+                }
+            }
+            out
+        };
+        if batch.is_empty() {
+            if outbox.closed.get() {
+                break;
+            }
+            wait.await;
+            continue;
+        }
+        let ok = if batch.len() == 1 {
+            writer.write_all(&batch[0].0).await.is_ok()
+        } else {
+            buf.clear();
+            for (f, _) in &batch {
+                buf.extend_from_slice(f);
+            }
+            writer.write_all(&buf).await.is_ok()
+        };
+        drop(batch);
+        if !ok || writer.flush().await.is_err() {
+            // The peer is gone: drop what is queued so permits are released.
+            outbox.queue.borrow_mut().clear();
+            outbox.closed.set(true);
+            break;
+        }
+    }
+    let _ = writer.close().await;
+}
+
+/// Serves envelopes from one peer shard until the mesh closes.
+pub async fn mesh_loop(
+    shard: Rc<Shard>,
+    peer: usize,
+    rx: glommio::channels::shared_channel::ConnectedReceiver<Envelope>,
+) {
+    while let Some(env) = rx.recv().await {
+        match env {
+            Envelope::Response { .. } | Envelope::Ack { .. } => shard.router.complete(env),
+            Envelope::Request {
+                from,
+                req_id,
+                partition,
+                frame,
+            } => {
+                let pending = shard.start(partition, frame).await;
+                let s = shard.clone();
+                glommio::spawn_local(async move {
+                    let frame = pending.await;
+                    s.router
+                        .reply(from, Envelope::Response { req_id, frame })
+                        .await;
+                })
+                .detach();
+            }
+            Envelope::Meta {
+                from,
+                req_id,
+                change,
+            } => {
+                let s = shard.clone();
+                glommio::spawn_local(async move {
+                    let error = s.apply_meta(&change).await.err();
+                    s.router.reply(from, Envelope::Ack { req_id, error }).await;
+                })
+                .detach();
+            }
+        }
+    }
+    let _ = peer;
+}
+
+/// Takes this shard's receivers and spawns one loop per peer.
+pub fn spawn_mesh_loops(shard: &Rc<Shard>, mut receivers: Receivers<Envelope>) {
+    for (peer, rx) in receivers.streams() {
+        glommio::spawn_local(mesh_loop(shard.clone(), peer, rx)).detach();
+    }
+}

@@ -1,0 +1,583 @@
+//! The partitions of one core: the only code that mutates a partition.
+//!
+//! Owns: this shard's logs, its copy of the topic table, the controller role (shard 0 makes
+//! topic changes and broadcasts them), and the handlers that turn a verified request frame into
+//! a response frame. Must not touch: sockets (the server's) or another shard's state (only
+//! envelopes through the router). Storage errors become wire error codes here, at the edge.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::limits;
+use crate::metadata::{self, MetaChange, Metadata, TopicMeta};
+use crate::protocol::{self as proto, fb};
+use crate::router::{Envelope, Router};
+use crate::runtime::config::ServeConfig;
+use crate::runtime::Notify;
+use crate::storage::{
+    self, meta_file, BatchMeta, DmaStorage, FormatTag, Log, LogConfig, StorageError,
+};
+
+pub type PartitionLog = Log<DmaStorage>;
+
+/// The rest of a request's work, run as its own task; yields the response frame.
+pub type Pending = Pin<Box<dyn Future<Output = Bytes>>>;
+
+enum Slot {
+    Ready(Rc<PartitionLog>),
+    /// The log could not be opened (e.g. a corrupt sealed segment); other partitions serve on.
+    Failed(String),
+}
+
+/// One core's shard.
+pub struct Shard {
+    pub cfg: Rc<ServeConfig>,
+    pub router: Router,
+    meta: RefCell<Metadata>,
+    partitions: RefCell<HashMap<(String, u32), Slot>>,
+    round_robin: Cell<u32>,
+    admin_lock: glommio::sync::Semaphore,
+    shutting_down: Cell<bool>,
+    pub shutdown: Notify,
+    pub connections: Cell<usize>,
+    pub requests_in_flight: Cell<usize>,
+}
+
+fn ready(frame: Bytes) -> Pending {
+    Box::pin(async move { frame })
+}
+
+fn parse(frame: &Bytes) -> fb::Frame<'_> {
+    // SAFETY: every frame handed to a shard was verified with `protocol::verify_frame` by the
+    // server of the shard that read it from the socket; `Bytes` is immutable since.
+    unsafe { fb::root_as_frame_unchecked(frame) }
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn storage_error(corr: u64, e: &StorageError) -> Bytes {
+    let code = match e {
+        StorageError::OffsetOutOfRange { .. } => fb::ErrorCode::OffsetOutOfRange,
+        StorageError::BatchTooLarge { .. } => fb::ErrorCode::BatchTooLarge,
+        StorageError::InvalidBatch(_) => fb::ErrorCode::InvalidRequest,
+        StorageError::Failed(_) | StorageError::Io { .. } | StorageError::Corrupt { .. } => {
+            fb::ErrorCode::StorageFailed
+        }
+    };
+    proto::encode_error(corr, code, &e.to_string())
+}
+
+impl Shard {
+    pub fn new(cfg: Rc<ServeConfig>, router: Router) -> Self {
+        Self {
+            cfg,
+            router,
+            meta: RefCell::new(Metadata::default()),
+            partitions: RefCell::new(HashMap::new()),
+            round_robin: Cell::new(0),
+            admin_lock: glommio::sync::Semaphore::new(1),
+            shutting_down: Cell::new(false),
+            shutdown: Notify::new(),
+            connections: Cell::new(0),
+            requests_in_flight: Cell::new(0),
+        }
+    }
+
+    pub fn id(&self) -> usize {
+        self.router.shard_id
+    }
+
+    pub fn count(&self) -> usize {
+        self.router.shard_count
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.get()
+    }
+
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.set(true);
+        self.shutdown.notify_all();
+    }
+
+    /// Opens the logs this shard owns according to the stored topic table.
+    pub async fn load(&self) -> Result<(), String> {
+        let meta = meta_file::load(&self.cfg.data_dir)?;
+        for t in meta.topics.values() {
+            if let Err(e) = self.apply_meta(&MetaChange::Upsert(t.clone())).await {
+                eprintln!("ringmq: shard {}: {e}", self.id());
+            }
+        }
+        Ok(())
+    }
+
+    fn partition_dir(&self, topic: &str, partition: u32) -> PathBuf {
+        self.cfg
+            .data_dir
+            .join("topics")
+            .join(format!("{topic}-{partition}"))
+    }
+
+    fn log_config(&self, t: &TopicMeta) -> LogConfig {
+        LogConfig {
+            segment_bytes_max: self.cfg.segment_bytes_max,
+            durability: self.cfg.durability,
+            retention_bytes: u64::try_from(t.retention_bytes).ok(),
+            retention_ms: u64::try_from(t.retention_ms).ok(),
+            ..LogConfig::default()
+        }
+    }
+
+    /// Applies a topic change to this shard: its table copy and the logs it owns.
+    /// Returns the errors of partitions whose logs could not be opened.
+    pub async fn apply_meta(&self, change: &MetaChange) -> Result<(), String> {
+        self.meta.borrow_mut().apply(change);
+        match change {
+            MetaChange::Upsert(t) => self.open_owned(t).await,
+            MetaChange::Remove(name) => {
+                self.remove_owned(name);
+                Ok(())
+            }
+        }
+    }
+
+    async fn open_owned(&self, t: &TopicMeta) -> Result<(), String> {
+        let mut errors = Vec::new();
+        for p in 0..t.partitions() {
+            if t.shard_of(p, self.count()) != Some(self.id()) {
+                continue;
+            }
+            let key = (t.name.clone(), p);
+            if self.partitions.borrow().contains_key(&key) {
+                continue;
+            }
+            let dir = self.partition_dir(&t.name, p);
+            let slot = match Log::open(DmaStorage, &dir, self.log_config(t)).await {
+                Ok(log) => Slot::Ready(Rc::new(log)),
+                Err(e) => {
+                    let msg = format!("partition {}-{p} unavailable: {e}", t.name);
+                    eprintln!("ringmq: {msg}");
+                    errors.push(msg.clone());
+                    Slot::Failed(msg)
+                }
+            };
+            self.partitions.borrow_mut().insert(key, slot);
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+
+    fn remove_owned(&self, name: &str) {
+        let keys: Vec<(String, u32)> = self
+            .partitions
+            .borrow()
+            .keys()
+            .filter(|(t, _)| t == name)
+            .cloned()
+            .collect();
+        for key in keys {
+            self.partitions.borrow_mut().remove(&key);
+            let dir = self.partition_dir(&key.0, key.1);
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                eprintln!("ringmq: removing {}: {e}", dir.display());
+            }
+        }
+    }
+
+    fn log(&self, corr: u64, topic: &str, partition: u32) -> Result<Rc<PartitionLog>, Bytes> {
+        match self
+            .partitions
+            .borrow()
+            .get(&(topic.to_string(), partition))
+        {
+            Some(Slot::Ready(log)) => Ok(log.clone()),
+            Some(Slot::Failed(why)) => Err(proto::encode_error(
+                corr,
+                fb::ErrorCode::PartitionUnavailable,
+                why,
+            )),
+            None => Err(self.unknown(corr, topic, partition)),
+        }
+    }
+
+    fn unknown(&self, corr: u64, topic: &str, partition: u32) -> Bytes {
+        match self.meta.borrow().get(topic) {
+            None => proto::encode_error(
+                corr,
+                fb::ErrorCode::UnknownTopic,
+                &format!("unknown topic {topic:?}"),
+            ),
+            Some(t) => proto::encode_error(
+                corr,
+                fb::ErrorCode::UnknownPartition,
+                &format!(
+                    "topic {topic:?} has partitions 0..{}, not {partition}",
+                    t.partitions()
+                ),
+            ),
+        }
+    }
+
+    /// Where a produce goes: (partition, owning shard), or an error frame.
+    pub fn route_produce(&self, corr: u64, p: &fb::Produce<'_>) -> Result<(u32, usize), Bytes> {
+        let meta = self.meta.borrow();
+        let Some(t) = meta.get(p.topic()) else {
+            return Err(proto::encode_error(
+                corr,
+                fb::ErrorCode::UnknownTopic,
+                &format!("unknown topic {:?}", p.topic()),
+            ));
+        };
+        let n = t.partitions();
+        let partition = if p.partition() >= 0 {
+            p.partition() as u32
+        } else if let Some(k) = p.key() {
+            proto::partitioner::partition_for_key(k.bytes(), n)
+        } else {
+            let rr = self.round_robin.get();
+            self.round_robin.set(rr.wrapping_add(1));
+            rr % n
+        };
+        match t.shard_of(partition, self.count()) {
+            Some(s) => Ok((partition, s)),
+            None => Err(self.unknown(corr, p.topic(), partition)),
+        }
+    }
+
+    /// Where a fetch goes: the owning shard, or an error frame.
+    pub fn route_partition(&self, corr: u64, topic: &str, partition: u32) -> Result<usize, Bytes> {
+        let meta = self.meta.borrow();
+        meta.get(topic)
+            .and_then(|t| t.shard_of(partition, self.count()))
+            .ok_or_else(|| self.unknown(corr, topic, partition))
+    }
+
+    /// Starts a request this shard owns. Awaited in arrival order (so appends keep the order of
+    /// a connection); the returned future finishes it and is run as its own task.
+    pub async fn start(self: &Rc<Self>, partition: u32, frame: Bytes) -> Pending {
+        let f = parse(&frame);
+        let corr = f.correlation_id();
+        match f.body_type() {
+            fb::Body::Produce => self.start_produce(corr, partition, frame).await,
+            fb::Body::Fetch => {
+                let me = self.clone();
+                Box::pin(async move { me.fetch(corr, partition, frame).await })
+            }
+            fb::Body::Metadata => ready(self.metadata_local(corr, &frame)),
+            fb::Body::CreateTopic => {
+                let me = self.clone();
+                Box::pin(async move { me.create_topic(corr, frame).await })
+            }
+            fb::Body::DeleteTopic => {
+                let me = self.clone();
+                Box::pin(async move { me.delete_topic(corr, frame).await })
+            }
+            other => ready(proto::encode_error(
+                corr,
+                fb::ErrorCode::UnknownRequest,
+                &format!("request type {} not handled by a shard", other.0),
+            )),
+        }
+    }
+
+    async fn start_produce(&self, corr: u64, partition: u32, frame: Bytes) -> Pending {
+        let topic = match parse(&frame).body_as_produce() {
+            Some(p) => p.topic().to_string(),
+            None => {
+                return ready(proto::encode_error(
+                    corr,
+                    fb::ErrorCode::Internal,
+                    "not a produce",
+                ))
+            }
+        };
+        let log = match self.log(corr, &topic, partition) {
+            Ok(l) => l,
+            Err(e) => return ready(e),
+        };
+        if let Err(e) = log.reserve().await {
+            return ready(storage_error(corr, &e));
+        }
+        let Some(p) = parse(&frame).body_as_produce() else {
+            return ready(proto::encode_error(
+                corr,
+                fb::ErrorCode::Internal,
+                "not a produce",
+            ));
+        };
+        let batch = p.batch().bytes();
+        let facts = match proto::verify_record_batch(batch) {
+            Ok(f) => f,
+            Err(e) => return ready(proto::encode_error(corr, e.code(), &e.to_string())),
+        };
+        let (first, max) = if facts.max_timestamp_ms > 0 {
+            (facts.first_timestamp_ms, facts.max_timestamp_ms)
+        } else {
+            let now = now_ms();
+            (now, now)
+        };
+        let meta = BatchMeta {
+            format: FormatTag::RingmqFlatbuffers,
+            record_count: facts.record_count,
+            first_timestamp_ms: first,
+            max_timestamp_ms: max,
+        };
+        match log.append_buffered(meta, batch) {
+            Err(e) => ready(storage_error(corr, &e)),
+            Ok(info) => Box::pin(async move {
+                match log.wait_durable(info).await {
+                    Ok(()) => proto::encode_produce_response(
+                        corr,
+                        partition,
+                        info.base_offset,
+                        facts.record_count,
+                    ),
+                    Err(e) => storage_error(corr, &e),
+                }
+            }),
+        }
+    }
+
+    async fn fetch(&self, corr: u64, partition: u32, frame: Bytes) -> Bytes {
+        let Some(f) = parse(&frame).body_as_fetch() else {
+            return proto::encode_error(corr, fb::ErrorCode::Internal, "not a fetch");
+        };
+        let (topic, offset, max_bytes) = (f.topic().to_string(), f.offset(), f.max_bytes());
+        let wait_ms = f.max_wait_ms().min(limits::FETCH_WAIT_MS_MAX);
+        let log = match self.log(corr, &topic, partition) {
+            Ok(l) => l,
+            Err(e) => return e,
+        };
+        let deadline = Instant::now() + Duration::from_millis(u64::from(wait_ms));
+        loop {
+            let changed = log.data_changed();
+            let r = match log.read(offset, max_bytes as usize).await {
+                Ok(r) => r,
+                Err(e) => return storage_error(corr, &e),
+            };
+            let now = Instant::now();
+            if !r.batches.is_empty() || now >= deadline || self.is_shutting_down() {
+                let pos = proto::FetchPosition {
+                    partition,
+                    log_start: r.log_start,
+                    log_end: r.log_end,
+                    next_offset: r.next_offset,
+                };
+                return proto::encode_fetch_response(corr, pos, &r.batches);
+            }
+            let stop = self.shutdown.wait();
+            let timer = crate::runtime::sleep(deadline - now);
+            futures_lite::future::or(futures_lite::future::or(changed, stop), timer).await;
+        }
+    }
+
+    /// A metadata response holding only the partitions this shard owns.
+    pub fn metadata_local(&self, corr: u64, frame: &Bytes) -> Bytes {
+        let wanted: Vec<String> = parse(frame)
+            .body_as_metadata()
+            .and_then(|m| m.topics())
+            .map(|ts| ts.iter().map(String::from).collect())
+            .unwrap_or_default();
+        let meta = self.meta.borrow();
+        let parts = self.partitions.borrow();
+        let mut out = Vec::new();
+        for t in meta.topics.values() {
+            if !wanted.is_empty() && !wanted.contains(&t.name) {
+                continue;
+            }
+            let mut partitions = Vec::new();
+            for p in 0..t.partitions() {
+                if let Some(Slot::Ready(log)) = parts.get(&(t.name.clone(), p)) {
+                    partitions.push(proto::PartitionMetaOut {
+                        partition: p,
+                        shard: self.id() as u32,
+                        start_offset: log.start_offset(),
+                        end_offset: log.end_offset(),
+                    });
+                } else if t.shard_of(p, self.count()) == Some(self.id()) {
+                    partitions.push(proto::PartitionMetaOut {
+                        partition: p,
+                        shard: self.id() as u32,
+                        start_offset: 0,
+                        end_offset: 0,
+                    });
+                }
+            }
+            out.push(proto::TopicMetaOut {
+                name: t.name.clone(),
+                partitions,
+                retention_bytes: t.retention_bytes,
+                retention_ms: t.retention_ms,
+            });
+        }
+        proto::encode_metadata_response(corr, &out)
+    }
+
+    /// Names of requested topics that do not exist.
+    pub fn missing_topics(&self, names: &[String]) -> Vec<String> {
+        let meta = self.meta.borrow();
+        names
+            .iter()
+            .filter(|n| meta.get(n).is_none())
+            .cloned()
+            .collect()
+    }
+
+    async fn create_topic(&self, corr: u64, frame: Bytes) -> Bytes {
+        let Some(c) = parse(&frame).body_as_create_topic() else {
+            return proto::encode_error(corr, fb::ErrorCode::Internal, "not a create");
+        };
+        let (name, partitions) = (c.name().to_string(), c.partitions());
+        let (retention_bytes, retention_ms) = (c.retention_bytes(), c.retention_ms());
+        if let Err(e) = metadata::validate_topic_name(&name) {
+            return proto::encode_error(corr, fb::ErrorCode::InvalidRequest, &e);
+        }
+        if partitions == 0 || partitions > limits::PARTITIONS_PER_TOPIC_MAX {
+            return proto::encode_error(
+                corr,
+                fb::ErrorCode::InvalidRequest,
+                &format!(
+                    "partitions must be 1..={}, not {partitions}",
+                    limits::PARTITIONS_PER_TOPIC_MAX
+                ),
+            );
+        }
+        let _guard = self.admin_lock.acquire_permit(1).await;
+        if self.meta.borrow().get(&name).is_some() {
+            return proto::encode_error(
+                corr,
+                fb::ErrorCode::TopicExists,
+                &format!("topic {name:?} already exists"),
+            );
+        }
+        let topic = TopicMeta {
+            shards: metadata::place(&name, partitions, self.count()),
+            name: name.clone(),
+            retention_bytes,
+            retention_ms,
+        };
+        match self.commit_change(MetaChange::Upsert(topic)).await {
+            Ok(()) => proto::encode_create_topic_response(corr, &name, partitions),
+            Err(e) => proto::encode_error(corr, fb::ErrorCode::StorageFailed, &e),
+        }
+    }
+
+    async fn delete_topic(&self, corr: u64, frame: Bytes) -> Bytes {
+        let Some(d) = parse(&frame).body_as_delete_topic() else {
+            return proto::encode_error(corr, fb::ErrorCode::Internal, "not a delete");
+        };
+        let name = d.name().to_string();
+        let _guard = self.admin_lock.acquire_permit(1).await;
+        if self.meta.borrow().get(&name).is_none() {
+            return proto::encode_error(
+                corr,
+                fb::ErrorCode::UnknownTopic,
+                &format!("unknown topic {name:?}"),
+            );
+        }
+        match self.commit_change(MetaChange::Remove(name.clone())).await {
+            Ok(()) => proto::encode_delete_topic_response(corr, &name),
+            Err(e) => proto::encode_error(corr, fb::ErrorCode::StorageFailed, &e),
+        }
+    }
+
+    /// Controller only: persists a change, applies it here and on every other shard, and waits
+    /// for all of them.
+    async fn commit_change(&self, change: MetaChange) -> Result<(), String> {
+        let mut next = self.meta.borrow().clone();
+        next.apply(&change);
+        meta_file::save(&self.cfg.data_dir, &next)
+            .map_err(|e| format!("saving the topic table: {e}"))?;
+        let mut acks = Vec::new();
+        for s in (0..self.count()).filter(|&s| s != self.id()) {
+            let from = self.id();
+            let c = change.clone();
+            let rx = self
+                .router
+                .call(s, move |req_id| Envelope::Meta {
+                    from,
+                    req_id,
+                    change: c,
+                })
+                .await?;
+            acks.push(rx);
+        }
+        let mut errors = Vec::new();
+        if let Err(e) = self.apply_meta(&change).await {
+            errors.push(e);
+        }
+        for rx in acks {
+            match rx.await {
+                Some(Envelope::Ack { error: Some(e), .. }) => errors.push(e),
+                Some(_) => {}
+                None => errors.push("a shard did not answer".into()),
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+
+    fn logs(&self) -> Vec<Rc<PartitionLog>> {
+        self.partitions
+            .borrow()
+            .values()
+            .filter_map(|s| match s {
+                Slot::Ready(l) => Some(l.clone()),
+                Slot::Failed(_) => None,
+            })
+            .collect()
+    }
+
+    /// Periodic log work: writes/syncs for `--fsync never|MS`, and retention.
+    pub async fn run_ticker(self: Rc<Self>) {
+        let mut last_retention = Instant::now();
+        while !self.is_shutting_down() {
+            crate::runtime::sleep(Duration::from_millis(limits::LOG_TICK_MS)).await;
+            let now = Instant::now();
+            if self.cfg.durability != storage::Durability::Always {
+                for log in self.logs() {
+                    if let Err(e) = log.tick(now).await {
+                        eprintln!("ringmq: {}: {e}", log.dir().display());
+                    }
+                }
+            }
+            if now.duration_since(last_retention)
+                >= Duration::from_millis(limits::RETENTION_CHECK_MS)
+            {
+                last_retention = now;
+                for log in self.logs() {
+                    if let Err(e) = log.enforce_retention(now_ms()).await {
+                        eprintln!("ringmq: retention {}: {e}", log.dir().display());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes and syncs every log (shutdown).
+    pub async fn sync_all(&self) {
+        for log in self.logs() {
+            if let Err(e) = log.sync().await {
+                eprintln!("ringmq: sync {}: {e}", log.dir().display());
+            }
+        }
+    }
+}
