@@ -46,6 +46,25 @@ pub enum Command {
     Produce(ProduceArgs),
     /// Print messages of a topic.
     Consume(ConsumeArgs),
+    /// Measure throughput and latency (see `ringmq bench --help`).
+    Bench {
+        /// Print one JSON object instead of a table.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        scenario: BenchScenario,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchScenario {
+    /// Append to one partition log directly (no broker, no network): latency to durable,
+    /// throughput, appends per fdatasync.
+    Log(crate::bench::LogBenchArgs),
+    /// P producers send batches to a broker (`--server`, or one started here on a temporary
+    /// directory): msgs/s, MB/s and produce→ack latency; `--rate` for a fixed schedule
+    /// (latency corrected for coordinated omission).
+    Produce(crate::bench::ProduceBenchArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -150,6 +169,18 @@ pub fn run(cli: Cli) -> Result<(), String> {
         Command::Topic { command } => topic(&cli.server, command),
         Command::Produce(a) => produce(&cli.server, a),
         Command::Consume(a) => consume(&cli.server, a),
+        Command::Bench { json, scenario } => {
+            let server_given = std::env::args().any(|a| a == "--server" || a.starts_with("--server="))
+                || std::env::var_os("RINGMQ_SERVER").is_some();
+            let report = match scenario {
+                BenchScenario::Log(a) => crate::bench::run_log(a)?,
+                BenchScenario::Produce(a) => {
+                    crate::bench::run_produce(server_given.then_some(cli.server.as_str()), a)?
+                }
+            };
+            report.print(json);
+            Ok(())
+        }
     }
 }
 

@@ -25,6 +25,7 @@
 //! One owner per partition: a shard. State on a shard is `!Send` (`Rc`, `RefCell`); only owned
 //! envelopes (`Bytes` + a header) cross cores. No locks between cores.
 
+pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod limits;

@@ -134,6 +134,26 @@ impl Client {
         Ok(())
     }
 
+    /// Waits up to `timeout` for response bytes; true if a `recv` would find some.
+    pub fn wait_readable(&mut self, timeout: Duration) -> Result<bool, ClientError> {
+        use std::os::fd::AsRawFd;
+        if !self.reader.buffer().is_empty() {
+            return Ok(true);
+        }
+        let mut fds = libc::pollfd {
+            fd: self.reader.get_ref().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd for a socket this client owns.
+        let n = unsafe { libc::poll(&mut fds, 1, ms) };
+        if n < 0 {
+            return Err(ClientError::Io(std::io::Error::last_os_error()));
+        }
+        Ok(n > 0)
+    }
+
     /// Writes a request made by `make(correlation_id)` without waiting; returns the id.
     /// Call [`Client::flush`] before waiting for responses.
     pub fn send(&mut self, make: impl FnOnce(u64) -> Bytes) -> Result<u64, ClientError> {

@@ -101,7 +101,17 @@ struct StoredBatch {
     bytes: Bytes,
 }
 
+/// Counters of one log since it was opened.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogStats {
+    pub appends: u64,
+    pub flushes: u64,
+    pub fdatasyncs: u64,
+    pub bytes_written: u64,
+}
+
 struct State<F> {
+    stats: LogStats,
     segments: BTreeMap<u64, Segment<F>>,
     next_offset: u64,
     log_start: u64,
@@ -181,6 +191,7 @@ impl<S: Storage> Log<S> {
             dir: dir.to_path_buf(),
             cfg,
             st: RefCell::new(State {
+                stats: LogStats::default(),
                 segments,
                 next_offset,
                 log_start,
@@ -242,6 +253,11 @@ impl<S: Storage> Log<S> {
 
     pub fn segment_count(&self) -> usize {
         self.st.borrow().segments.len()
+    }
+
+    /// Counters since open.
+    pub fn stats(&self) -> LogStats {
+        self.st.borrow().stats
     }
 
     /// Why the log refuses appends, if it does.
@@ -333,6 +349,7 @@ impl<S: Storage> Log<S> {
             batch::decode_header(&bytes).map_err(|e| StorageError::InvalidBatch(e.to_string()))?;
         let sb = StoredBatch { header, bytes };
         st.next_offset = header.next_offset();
+        st.stats.appends += 1;
         st.pending_bytes += sb.bytes.len();
         st.cache_bytes += sb.bytes.len();
         st.pending.push(sb.clone());
@@ -407,6 +424,7 @@ impl<S: Storage> Log<S> {
                 file.sync_data()
                     .await
                     .map_err(|e| StorageError::io(&path, "fdatasync", e))?;
+                self.st.borrow_mut().stats.fdatasyncs += 1;
             }
             let mut st = self.st.borrow_mut();
             st.durable_end = written;
@@ -448,6 +466,8 @@ impl<S: Storage> Log<S> {
             .await
             .map_err(|e| StorageError::io(&path, "write", e))?;
         let mut st = self.st.borrow_mut();
+        st.stats.flushes += 1;
+        st.stats.bytes_written += buf.len() as u64;
         let interval = self.cfg.index_interval_bytes;
         let seg = active_mut(&mut st);
         for (h, pos) in &placed {
@@ -472,6 +492,7 @@ impl<S: Storage> Log<S> {
             .map_err(|e| StorageError::io(&path, "fdatasync", e))?;
         {
             let mut st = self.st.borrow_mut();
+            st.stats.fdatasyncs += 1;
             st.durable_end = st.written_end;
             st.unsynced_writes = false;
         }

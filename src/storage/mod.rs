@@ -16,7 +16,9 @@ pub mod segment;
 
 pub use batch::{BatchHeader, BatchMeta, FormatTag};
 pub use io::{DmaStorage, Storage, StorageFile};
-pub use log::{AppendInfo, Durability, Log, LogConfig, ReadBatches, RecoveryReport, Truncation};
+pub use log::{
+    AppendInfo, Durability, Log, LogConfig, LogStats, ReadBatches, RecoveryReport, Truncation,
+};
 pub use mem::MemStorage;
 
 use std::path::{Path, PathBuf};
