@@ -170,7 +170,8 @@ pub fn run(cli: Cli) -> Result<(), String> {
         Command::Produce(a) => produce(&cli.server, a),
         Command::Consume(a) => consume(&cli.server, a),
         Command::Bench { json, scenario } => {
-            let server_given = std::env::args().any(|a| a == "--server" || a.starts_with("--server="))
+            let server_given = std::env::args()
+                .any(|a| a == "--server" || a.starts_with("--server="))
                 || std::env::var_os("RINGMQ_SERVER").is_some();
             let report = match scenario {
                 BenchScenario::Log(a) => crate::bench::run_log(a)?,

@@ -43,7 +43,11 @@ pub fn run_log(a: LogBenchArgs) -> Result<Report, String> {
                 durability,
                 ..LogConfig::default()
             };
-            let log = Rc::new(Log::open(DmaStorage, &args.dir, cfg).await.map_err(|e| e.to_string())?);
+            let log = Rc::new(
+                Log::open(DmaStorage, &args.dir, cfg)
+                    .await
+                    .map_err(|e| e.to_string())?,
+            );
             let hist = Rc::new(RefCell::new(histogram()));
             let payload = Rc::new(vec![0x5Au8; args.batch_bytes]);
             let start = Instant::now();
@@ -61,11 +65,13 @@ pub fn run_log(a: LogBenchArgs) -> Result<Report, String> {
                     let mut n = 0u64;
                     while Instant::now() < deadline {
                         let t0 = Instant::now();
-                        log.append(meta, &payload).await.map_err(|e| e.to_string())?;
+                        log.append(meta, &payload)
+                            .await
+                            .map_err(|e| e.to_string())?;
                         let us = t0.elapsed().as_micros() as u64;
                         let _ = hist.borrow_mut().record(us.max(1));
                         n += 1;
-                        if n % 64 == 0 {
+                        if n.is_multiple_of(64) {
                             glommio::yield_if_needed().await;
                         }
                     }
@@ -107,7 +113,10 @@ pub fn run_log(a: LogBenchArgs) -> Result<Report, String> {
                     0.0
                 },
             ),
-            ("disk_mb_per_s".into(), stats.bytes_written as f64 / seconds / 1e6),
+            (
+                "disk_mb_per_s".into(),
+                stats.bytes_written as f64 / seconds / 1e6,
+            ),
         ],
     })
 }

@@ -64,7 +64,13 @@ impl Report {
             let params: Vec<String> = self
                 .params
                 .iter()
-                .map(|(k, v)| format!("{}:{}", crate::cli::json_string(k), crate::cli::json_string(v)))
+                .map(|(k, v)| {
+                    format!(
+                        "{}:{}",
+                        crate::cli::json_string(k),
+                        crate::cli::json_string(v)
+                    )
+                })
                 .collect();
             let extra: Vec<String> = self
                 .extra
@@ -82,7 +88,11 @@ impl Report {
             );
             return;
         }
-        let params: Vec<String> = self.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let params: Vec<String> = self
+            .params
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         println!("scenario   {} ({})", self.scenario, params.join(" "));
         println!("messages   {} in {:.2} s", self.messages, self.seconds);
         println!("throughput {rate:.0} msgs/s, {mbps:.1} MB/s");

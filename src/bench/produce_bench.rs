@@ -54,7 +54,11 @@ pub struct BenchBroker {
 }
 
 impl BenchBroker {
-    pub fn start(data: &std::path::Path, fsync: &str, cores: Option<usize>) -> Result<Self, String> {
+    pub fn start(
+        data: &std::path::Path,
+        fsync: &str,
+        cores: Option<usize>,
+    ) -> Result<Self, String> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map_err(|e| format!("finding a free port: {e}"))?
@@ -63,7 +67,13 @@ impl BenchBroker {
         let _ = std::fs::remove_dir_all(data);
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         let mut cmd = Command::new(exe);
-        cmd.arg("serve").arg("--data").arg(data).arg("--listen").arg(&addr).arg("--fsync").arg(fsync);
+        cmd.arg("serve")
+            .arg("--data")
+            .arg(data)
+            .arg("--listen")
+            .arg(&addr)
+            .arg("--fsync")
+            .arg(fsync);
         if let Some(c) = cores {
             cmd.arg("--cores").arg(c.to_string());
         }
@@ -81,7 +91,11 @@ impl BenchBroker {
                 return Err(format!("the broker did not start: {other:?}"));
             }
         }
-        Ok(Self { child, addr, data: data.to_path_buf() })
+        Ok(Self {
+            child,
+            addr,
+            data: data.to_path_buf(),
+        })
     }
 
     /// User + system CPU seconds of the broker so far.
@@ -124,27 +138,40 @@ pub fn run_produce(server: Option<&str>, a: ProduceBenchArgs) -> Result<Report, 
         Some(_) => None,
         None => Some(BenchBroker::start(&a.data, &a.fsync, a.cores)?),
     };
-    let addr = server.map(String::from).or(broker.as_ref().map(|b| b.addr.clone())).unwrap_or_default();
+    let addr = server
+        .map(String::from)
+        .or(broker.as_ref().map(|b| b.addr.clone()))
+        .unwrap_or_default();
     let topic = format!("bench-produce-{}", std::process::id());
-    let mut admin = Client::connect(addr.as_str()).map_err(|e| format!("cannot reach the broker at {addr}: {e}"))?;
-    admin.create_topic(&topic, a.partitions, -1, -1).map_err(|e| format!("creating {topic}: {e}"))?;
+    let mut admin = Client::connect(addr.as_str())
+        .map_err(|e| format!("cannot reach the broker at {addr}: {e}"))?;
+    admin
+        .create_topic(&topic, a.partitions, -1, -1)
+        .map_err(|e| format!("creating {topic}: {e}"))?;
     let broker_cpu0 = broker.as_ref().map(|b| b.cpu_seconds()).unwrap_or(0.0);
     let gen_cpu0 = self_cpu_seconds();
     let start = Instant::now();
     let mut threads = Vec::new();
     for k in 0..a.producers {
         let (addr, topic, a) = (addr.clone(), topic.clone(), a.clone());
-        threads.push(std::thread::spawn(move || producer(k, &addr, &topic, &a, start)));
+        threads.push(std::thread::spawn(move || {
+            producer(k, &addr, &topic, &a, start)
+        }));
     }
     let mut hist = histogram();
     let mut messages = 0;
     for t in threads {
-        let (n, h) = t.join().map_err(|_| "a producer thread panicked".to_string())??;
+        let (n, h) = t
+            .join()
+            .map_err(|_| "a producer thread panicked".to_string())??;
         messages += n;
         hist.add(&h).map_err(|e| e.to_string())?;
     }
     let seconds = start.elapsed().as_secs_f64();
-    let broker_cpu = broker.as_ref().map(|b| b.cpu_seconds() - broker_cpu0).unwrap_or(0.0);
+    let broker_cpu = broker
+        .as_ref()
+        .map(|b| b.cpu_seconds() - broker_cpu0)
+        .unwrap_or(0.0);
     let gen_cpu = self_cpu_seconds() - gen_cpu0;
     let _ = admin.delete_topic(&topic);
     Ok(Report {
@@ -156,8 +183,20 @@ pub fn run_produce(server: Option<&str>, a: ProduceBenchArgs) -> Result<Report, 
             ("partitions".into(), a.partitions.to_string()),
             ("window".into(), a.window.to_string()),
             ("rate".into(), a.rate.to_string()),
-            ("fsync".into(), if server.is_some() { "(server's)".into() } else { a.fsync.clone() }),
-            ("cores".into(), a.cores.map(|c| c.to_string()).unwrap_or_else(|| "all".into())),
+            (
+                "fsync".into(),
+                if server.is_some() {
+                    "(server's)".into()
+                } else {
+                    a.fsync.clone()
+                },
+            ),
+            (
+                "cores".into(),
+                a.cores
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|| "all".into()),
+            ),
         ],
         messages,
         bytes: messages * a.message_bytes as u64,
@@ -179,7 +218,10 @@ fn producer(
 ) -> Result<(u64, hdrhistogram::Histogram<u64>), String> {
     let mut c = Client::connect(addr).map_err(|e| e.to_string())?;
     let records: Vec<RecordIn> = (0..a.batch)
-        .map(|_| RecordIn { value: vec![b'x'; a.message_bytes], ..Default::default() })
+        .map(|_| RecordIn {
+            value: vec![b'x'; a.message_bytes],
+            ..Default::default()
+        })
         .collect();
     let batch = proto::encode_record_batch(&records);
     let deadline = start + Duration::from_secs_f64(a.seconds);
@@ -193,7 +235,10 @@ fn producer(
     let mut in_flight: HashMap<u64, Instant> = HashMap::new();
     let mut acked = 0u64;
     let mut i = 0u64;
-    let mut recv = |c: &mut Client, in_flight: &mut HashMap<u64, Instant>, hist: &mut hdrhistogram::Histogram<u64>| -> Result<(), String> {
+    let mut recv = |c: &mut Client,
+                    in_flight: &mut HashMap<u64, Instant>,
+                    hist: &mut hdrhistogram::Histogram<u64>|
+     -> Result<(), String> {
         let r = c.recv().map_err(|e| e.to_string())?;
         let corr = r.frame().correlation_id();
         let ack = produce_ack(&r).map_err(|e| e.to_string())?;
@@ -224,7 +269,9 @@ fn producer(
         }
         let partition = ((k as u64 + i) % u64::from(a.partitions)) as u32;
         let corr = c
-            .send(|corr| proto::encode_produce(corr, topic, PartitionChoice::Explicit(partition), &batch))
+            .send(|corr| {
+                proto::encode_produce(corr, topic, PartitionChoice::Explicit(partition), &batch)
+            })
             .map_err(|e| e.to_string())?;
         c.flush().map_err(|e| e.to_string())?;
         in_flight.insert(corr, intended);

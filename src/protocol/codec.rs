@@ -102,6 +102,19 @@ pub struct BatchFacts {
 pub fn verify_record_batch(bytes: &[u8]) -> Result<BatchFacts, FrameError> {
     let b = flatbuffers::root::<fb::RecordBatch>(bytes)
         .map_err(|e| FrameError::Malformed(format!("record batch: {e}")))?;
+    batch_facts(b)
+}
+
+/// The facts of a batch that [`verify_frame`] already verified (no second verification).
+///
+/// # Safety
+/// `bytes` must be the `batch` of a produce frame that passed [`verify_frame`].
+pub unsafe fn verified_batch_facts(bytes: &[u8]) -> Result<BatchFacts, FrameError> {
+    // SAFETY: the caller guarantees these bytes passed the verifier.
+    batch_facts(unsafe { flatbuffers::root_unchecked::<fb::RecordBatch>(bytes) })
+}
+
+fn batch_facts(b: fb::RecordBatch<'_>) -> Result<BatchFacts, FrameError> {
     let records = b.records();
     if records.is_empty() {
         return Err(FrameError::Malformed("record batch has no records".into()));
@@ -490,13 +503,16 @@ pub struct FetchPosition {
 pub fn encode_fetch_response(correlation_id: u64, pos: FetchPosition, batches: &[Bytes]) -> Bytes {
     let total: usize = batches.iter().map(|b| b.len()).sum();
     let mut b = FlatBufferBuilder::with_capacity(total + 128);
-    b.start_vector::<u8>(total);
-    for chunk in batches.iter().rev() {
-        for &byte in chunk.iter().rev() {
-            b.push(byte);
+    let v = match batches {
+        [one] => b.create_vector(&one[..]),
+        many => {
+            let mut all = Vec::with_capacity(total);
+            for chunk in many {
+                all.extend_from_slice(chunk);
+            }
+            b.create_vector(&all)
         }
-    }
-    let v = b.end_vector::<u8>(total);
+    };
     let f = fb::FetchResponse::create(
         &mut b,
         &fb::FetchResponseArgs {

@@ -278,8 +278,10 @@ impl StorageFile for MemStorageFile {
         }
         check_fault(&self.fs, FaultOp::Sync)?;
         let mut f = self.file.borrow_mut();
-        f.durable = f.current.clone();
-        f.unsynced.clear();
+        let writes = std::mem::take(&mut f.unsynced);
+        for (pos, data) in writes {
+            apply(&mut f.durable, pos, &data);
+        }
         Ok(())
     }
 
