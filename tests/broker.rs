@@ -362,3 +362,38 @@ fn malformed_frames_get_an_error_and_a_close_and_others_are_unaffected() {
         fb::ErrorCode::HandshakeRequired
     );
 }
+
+#[test]
+fn sigterm_shuts_down_cleanly_and_keeps_data() {
+    let dir = temp_dir("sigterm");
+    let mut b = Broker::start(&dir, 2, &["--fsync", "never"]);
+    let mut c = b.client();
+    c.create_topic("s", 2, -1, -1).unwrap();
+    for i in 0..50 {
+        c.produce(
+            "s",
+            PartitionChoice::Explicit(i % 2),
+            &[rec(&format!("v{i}"))],
+        )
+        .unwrap();
+    }
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(b.child.id() as i32, libc::SIGTERM) };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = b.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no exit within 20 s of SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0), "clean exit");
+    // With --fsync never, everything acknowledged was written and synced on shutdown.
+    let b = b.restart();
+    let mut c = b.client();
+    let total: usize = (0..2).map(|p| read_partition(&mut c, "s", p).len()).sum();
+    assert_eq!(total, 50);
+}

@@ -145,9 +145,12 @@ impl Client {
             events: libc::POLLIN,
             revents: 0,
         };
-        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: one valid pollfd for a socket this client owns.
-        let n = unsafe { libc::poll(&mut fds, 1, ms) };
+        let ts = libc::timespec {
+            tv_sec: timeout.as_secs().min(i32::MAX as u64) as libc::time_t,
+            tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+        };
+        // SAFETY: one valid pollfd for a socket this client owns; a valid timespec; no sigmask.
+        let n = unsafe { libc::ppoll(&mut fds, 1, &ts, std::ptr::null()) };
         if n < 0 {
             return Err(ClientError::Io(std::io::Error::last_os_error()));
         }
