@@ -46,6 +46,11 @@ pub enum Command {
     Produce(ProduceArgs),
     /// Print messages of a topic.
     Consume(ConsumeArgs),
+    /// Consumer groups: list, describe.
+    Group {
+        #[command(subcommand)]
+        command: GroupCommand,
+    },
     /// Measure throughput and latency (see `ringmq bench --help`).
     Bench {
         /// Print one JSON object instead of a table.
@@ -100,6 +105,9 @@ pub struct ServeArgs {
     /// Segment size before a roll.
     #[arg(long, default_value_t = limits::SEGMENT_BYTES_MAX_DEFAULT)]
     pub segment_bytes: u64,
+    /// How often retention deletes old segments.
+    #[arg(long, default_value_t = limits::RETENTION_CHECK_MS)]
+    pub retention_check_ms: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -120,6 +128,14 @@ pub enum TopicCommand {
     List,
     /// Delete a topic and its data.
     Delete { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum GroupCommand {
+    /// List groups, one per line.
+    List,
+    /// Members, assignments, committed offsets and lag of a group.
+    Describe { group: String },
 }
 
 #[derive(clap::Args, Debug)]
@@ -148,9 +164,17 @@ pub struct ConsumeArgs {
     /// Only this partition (default: all).
     #[arg(long)]
     pub partition: Option<u32>,
-    /// Where to start: earliest, latest, or an offset.
+    /// Where to start: earliest, latest, an offset, or @UNIX_MS (the first message at or after
+    /// that time). With --group it applies where the group has no committed offset.
     #[arg(long, default_value = "latest")]
     pub from: String,
+    /// Join consumer group G: consume only its assigned partitions, commit after printing,
+    /// leave on exit.
+    #[arg(long, conflicts_with = "partition")]
+    pub group: Option<String>,
+    /// Group session timeout: the member is removed after this long without a heartbeat.
+    #[arg(long, default_value_t = limits::SESSION_TIMEOUT_MS_DEFAULT)]
+    pub session_timeout_ms: u32,
     /// Exit after this many messages.
     #[arg(long)]
     pub max: Option<u64>,
@@ -168,7 +192,11 @@ pub fn run(cli: Cli) -> Result<(), String> {
         Command::Serve(a) => crate::runtime::boot::serve(serve_config(a)?),
         Command::Topic { command } => topic(&cli.server, command),
         Command::Produce(a) => produce(&cli.server, a),
-        Command::Consume(a) => consume(&cli.server, a),
+        Command::Consume(a) => match a.group.clone() {
+            Some(g) => crate::cli_group::consume_group(&cli.server, &a, &g),
+            None => consume(&cli.server, a),
+        },
+        Command::Group { command } => crate::cli_group::group(&cli.server, command),
         Command::Bench { json, scenario } => {
             let server_given = std::env::args()
                 .any(|a| a == "--server" || a.starts_with("--server="))
@@ -198,6 +226,7 @@ fn serve_config(a: ServeArgs) -> Result<ServeConfig, String> {
         io_memory_bytes: a.io_memory_kib.saturating_mul(1024),
         spin_before_park_us: a.spin_before_park_us,
         segment_bytes_max: a.segment_bytes,
+        retention_check_ms: a.retention_check_ms,
     })
 }
 
@@ -350,21 +379,43 @@ fn choice(target: Option<u32>) -> PartitionChoice<'static> {
     }
 }
 
-enum From {
+/// Where a consumer starts.
+#[derive(Clone, Copy, Debug)]
+pub enum From {
     Earliest,
     Latest,
     Offset(u64),
+    Time(i64),
 }
 
-fn parse_from(s: &str) -> Result<From, String> {
+pub fn parse_from(s: &str) -> Result<From, String> {
     match s {
         "earliest" => Ok(From::Earliest),
         "latest" => Ok(From::Latest),
-        n => n
+        t if t.starts_with('@') => t[1..]
             .parse()
-            .map(From::Offset)
-            .map_err(|_| format!("--from must be earliest, latest or an offset, not {n:?}")),
+            .map(From::Time)
+            .map_err(|_| format!("--from @UNIX_MS needs a number of ms, not {t:?}")),
+        n => n.parse().map(From::Offset).map_err(|_| {
+            format!("--from must be earliest, latest, an offset or @UNIX_MS, not {n:?}")
+        }),
     }
+}
+
+/// The start offset of `partition` under `from`.
+pub fn start_offset(
+    c: &mut Client,
+    topic: &str,
+    partition: u32,
+    from: From,
+) -> Result<u64, String> {
+    let r = match from {
+        From::Earliest => c.list_offset(topic, partition, -1),
+        From::Latest => c.list_offset(topic, partition, -2),
+        From::Offset(o) => return Ok(o),
+        From::Time(ms) => c.list_offset(topic, partition, ms.max(0)),
+    };
+    r.map_err(|e| format!("finding the start of {topic:?} partition {partition}: {e}"))
 }
 
 fn consume(server: &str, a: ConsumeArgs) -> Result<(), String> {
@@ -381,11 +432,7 @@ fn consume(server: &str, a: ConsumeArgs) -> Result<(), String> {
         if a.partition.is_some_and(|want| want != p.partition) {
             continue;
         }
-        let start = match from {
-            From::Earliest => p.start_offset,
-            From::Latest => p.end_offset,
-            From::Offset(o) => o,
-        };
+        let start = start_offset(&mut c, &a.topic, p.partition, from)?;
         positions.push((p.partition, start, p.start_offset));
     }
     if positions.is_empty() {
@@ -441,7 +488,7 @@ fn consume(server: &str, a: ConsumeArgs) -> Result<(), String> {
     }
 }
 
-fn print_record(
+pub fn print_record(
     out: &mut impl Write,
     a: &ConsumeArgs,
     partition: u32,

@@ -27,6 +27,7 @@
 
 pub mod bench;
 pub mod cli;
+pub mod cli_group;
 pub mod client;
 pub mod limits;
 pub mod metadata;

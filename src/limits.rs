@@ -81,3 +81,17 @@ pub const SHUTDOWN_GRACE_MS: u64 = 2_000;
 
 /// Largest response frame the client accepts (64 MiB).
 pub const CLIENT_MAX_FRAME_BYTES: usize = 64 << 20;
+
+/// Segment size of a shard's state log (consumer offsets): small so compaction can delete.
+pub const STATE_LOG_SEGMENT_BYTES: u64 = 4 << 20;
+
+/// A shard's state log is compacted (snapshot, then older segments deleted) past this size.
+pub const STATE_LOG_COMPACT_BYTES: u64 = 64 << 20;
+
+/// Consumer-group session timeout bounds (ms) and default.
+pub const SESSION_TIMEOUT_MS_MIN: u32 = 100;
+pub const SESSION_TIMEOUT_MS_MAX: u32 = 300_000;
+pub const SESSION_TIMEOUT_MS_DEFAULT: u32 = 10_000;
+
+/// How often a coordinator checks for expired group members.
+pub const GROUP_EXPIRY_CHECK_MS: u64 = 50;

@@ -11,6 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::limits;
+use crate::protocol::groups as g;
 use crate::protocol::{
     self as proto, fb, FetchArgsOut, PartitionChoice, RecordIn, RecordOut, TopicMetaOut,
 };
@@ -276,6 +277,112 @@ impl Client {
             log_end: f.log_end(),
         })
     }
+}
+
+impl Client {
+    /// Joins `group` subscribing to `topics`; returns the member's assignment.
+    pub fn join_group(
+        &mut self,
+        group: &str,
+        topics: &[String],
+        member_id: &str,
+        session_timeout_ms: u32,
+    ) -> Result<g::AssignmentOut, ClientError> {
+        let r = self.call(|c| {
+            g::encode_join_group(
+                c,
+                group,
+                topics,
+                member_id,
+                "ringmq-cli",
+                session_timeout_ms,
+            )
+        })?;
+        assignment_of(&r)
+    }
+
+    /// Heartbeats; `generation` = the newest assignment applied. Returns the current one.
+    pub fn heartbeat(
+        &mut self,
+        group: &str,
+        member_id: &str,
+        generation: u64,
+    ) -> Result<g::AssignmentOut, ClientError> {
+        let r = self.call(|c| g::encode_heartbeat(c, group, member_id, generation))?;
+        assignment_of(&r)
+    }
+
+    pub fn leave_group(&mut self, group: &str, member_id: &str) -> Result<(), ClientError> {
+        self.call(|c| g::encode_leave_group(c, group, member_id))?;
+        Ok(())
+    }
+
+    /// Commits next offsets to consume.
+    pub fn commit_offsets(
+        &mut self,
+        group: &str,
+        member_id: &str,
+        generation: u64,
+        offsets: &[g::OffsetOut],
+    ) -> Result<(), ClientError> {
+        self.call(|c| g::encode_commit_offsets(c, group, member_id, generation, offsets))?;
+        Ok(())
+    }
+
+    /// Committed offsets of a group (for `topics`, or all).
+    pub fn fetch_offsets(
+        &mut self,
+        group: &str,
+        topics: &[String],
+    ) -> Result<Vec<g::OffsetOut>, ClientError> {
+        let r = self.call(|c| g::encode_fetch_offsets(c, group, topics))?;
+        let f = r
+            .frame()
+            .body_as_fetch_offsets_response()
+            .ok_or_else(|| ClientError::Protocol("expected a FetchOffsetsResponse".into()))?;
+        Ok(g::decode_offsets(f.offsets()))
+    }
+
+    pub fn list_groups(&mut self) -> Result<Vec<String>, ClientError> {
+        let r = self.call(g::encode_list_groups)?;
+        let l = r
+            .frame()
+            .body_as_list_groups_response()
+            .ok_or_else(|| ClientError::Protocol("expected a ListGroupsResponse".into()))?;
+        Ok(g::decode_strings(l.groups()))
+    }
+
+    pub fn describe_group(&mut self, group: &str) -> Result<g::GroupOut, ClientError> {
+        let r = self.call(|c| g::encode_describe_group(c, group))?;
+        let d = r
+            .frame()
+            .body_as_describe_group_response()
+            .ok_or_else(|| ClientError::Protocol("expected a DescribeGroupResponse".into()))?;
+        Ok(g::decode_describe_group_response(d))
+    }
+
+    /// Offset for a timestamp (ms), or -1 = start, -2 = end.
+    pub fn list_offset(
+        &mut self,
+        topic: &str,
+        partition: u32,
+        timestamp_ms: i64,
+    ) -> Result<u64, ClientError> {
+        let r = self.call(|c| g::encode_list_offset(c, topic, partition, timestamp_ms))?;
+        let l = r
+            .frame()
+            .body_as_list_offset_response()
+            .ok_or_else(|| ClientError::Protocol("expected a ListOffsetResponse".into()))?;
+        Ok(l.offset())
+    }
+}
+
+fn assignment_of(r: &Response) -> Result<g::AssignmentOut, ClientError> {
+    let a = r
+        .frame()
+        .body_as_group_assignment()
+        .ok_or_else(|| ClientError::Protocol("expected a GroupAssignment".into()))?;
+    Ok(g::decode_group_assignment(a))
 }
 
 /// Reads a produce acknowledgement out of a response (an Error frame becomes `Err`).

@@ -67,6 +67,14 @@ pub fn is_request(t: fb::Body) -> bool {
             | fb::Body::Metadata
             | fb::Body::Produce
             | fb::Body::Fetch
+            | fb::Body::JoinGroup
+            | fb::Body::Heartbeat
+            | fb::Body::LeaveGroup
+            | fb::Body::CommitOffsets
+            | fb::Body::FetchOffsets
+            | fb::Body::ListGroups
+            | fb::Body::DescribeGroup
+            | fb::Body::ListOffset
     )
 }
 
@@ -138,7 +146,7 @@ fn batch_facts(b: fb::RecordBatch<'_>) -> Result<BatchFacts, FrameError> {
 }
 
 /// Finishes a frame with its length prefix and returns the bytes to send.
-fn finish(
+pub(crate) fn finish(
     mut b: FlatBufferBuilder<'_>,
     correlation_id: u64,
     body_type: fb::Body,

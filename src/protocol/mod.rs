@@ -18,6 +18,7 @@
 mod ringmq_generated;
 
 pub mod codec;
+pub mod groups;
 pub mod partitioner;
 
 pub use codec::*;

@@ -47,8 +47,9 @@ pub fn serve(mut cfg: ServeConfig) -> Result<(), String> {
     cfg.data_dir = std::fs::canonicalize(&cfg.data_dir)
         .map_err(|e| format!("resolving data dir {}: {e}", cfg.data_dir.display()))?;
     let meta = meta_file::load(&cfg.data_dir)?;
+    let restored = Arc::new(crate::shard::state_log::load_all(&cfg.data_dir)?);
     eprintln!(
-        "ringmq {}: data {} listen {} cores {} fsync {:?} max-frame-bytes {} max-connections {} max-in-flight {} io-memory {} KiB spin-before-park {} us segment-bytes {} ({} topics)",
+        "ringmq {}: data {} listen {} cores {} fsync {:?} max-frame-bytes {} max-connections {} max-in-flight {} io-memory {} KiB spin-before-park {} us segment-bytes {} retention-check-ms {} ({} topics)",
         env!("CARGO_PKG_VERSION"),
         cfg.data_dir.display(),
         cfg.listen,
@@ -60,6 +61,7 @@ pub fn serve(mut cfg: ServeConfig) -> Result<(), String> {
         cfg.io_memory_bytes / 1024,
         cfg.spin_before_park_us,
         cfg.segment_bytes_max,
+        cfg.retention_check_ms,
         meta.topics.len()
     );
     install_signal_handlers();
@@ -70,6 +72,7 @@ pub fn serve(mut cfg: ServeConfig) -> Result<(), String> {
     let mut handles = Vec::new();
     for cpu in 0..cfg.cores {
         let (mesh, cfg, bound, error) = (mesh.clone(), cfg.clone(), bound.clone(), error.clone());
+        let restored = restored.clone();
         let mut builder = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("ringmq-shard-{cpu}"))
             .io_memory(cfg.io_memory_bytes)
@@ -79,7 +82,7 @@ pub fn serve(mut cfg: ServeConfig) -> Result<(), String> {
         }
         let h = builder
             .spawn(move || async move {
-                if let Err(e) = shard_main(mesh, cfg, bound).await {
+                if let Err(e) = shard_main(mesh, cfg, bound, restored).await {
                     eprintln!("ringmq: {e}");
                     if let Ok(mut slot) = error.lock() {
                         slot.get_or_insert(e);
@@ -107,6 +110,7 @@ async fn shard_main(
     mesh: MeshBuilder<Envelope, glommio::channels::channel_mesh::Full>,
     cfg: ServeConfig,
     bound: Arc<AtomicUsize>,
+    restored: Arc<crate::shard::state_log::Restored>,
 ) -> Result<(), String> {
     let (senders, receivers) = mesh
         .join()
@@ -124,7 +128,10 @@ async fn shard_main(
         watcher.begin_shutdown();
     })
     .detach();
-    let result = run_shard(&shard, listen, cores, bound).await;
+    let result = match shard.load_groups(&restored).await {
+        Ok(()) => run_shard(&shard, listen, cores, bound).await,
+        Err(e) => Err(e),
+    };
     shutdown_shard(&shard).await;
     result
 }

@@ -20,6 +20,7 @@ pub struct ServeConfig {
     pub io_memory_bytes: usize,
     pub spin_before_park_us: u64,
     pub segment_bytes_max: u64,
+    pub retention_check_ms: u64,
 }
 
 impl Default for ServeConfig {
@@ -37,6 +38,7 @@ impl Default for ServeConfig {
             io_memory_bytes: limits::IO_MEMORY_BYTES_DEFAULT,
             spin_before_park_us: 0,
             segment_bytes_max: limits::SEGMENT_BYTES_MAX_DEFAULT,
+            retention_check_ms: limits::RETENTION_CHECK_MS,
         }
     }
 }
@@ -82,6 +84,9 @@ impl ServeConfig {
         }
         if self.segment_bytes_max < 64 * 1024 {
             return Err("--segment-bytes must be at least 64 KiB".into());
+        }
+        if self.retention_check_ms == 0 {
+            return Err("--retention-check-ms must be at least 1".into());
         }
         Ok(())
     }

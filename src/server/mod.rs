@@ -244,6 +244,28 @@ async fn dispatch(shard: &Rc<Shard>, corr: u64, body: fb::Body, frame: Bytes) ->
                 None => None,
             },
             (fb::Body::CreateTopic | fb::Body::DeleteTopic, Some(_)) => Some((0, 0)),
+            (fb::Body::ListOffset, Some(f)) => match f.body_as_list_offset().map(|x| {
+                (
+                    shard.route_partition(corr, x.topic(), x.partition()),
+                    x.partition(),
+                )
+            }) {
+                Some((Ok(owner), p)) => Some((owner, p)),
+                Some((Err(e), _)) => return Box::pin(async move { e }),
+                None => None,
+            },
+            (fb::Body::ListGroups, Some(_)) => return list_groups_fanout(shard, corr, frame).await,
+            (
+                fb::Body::JoinGroup
+                | fb::Body::Heartbeat
+                | fb::Body::LeaveGroup
+                | fb::Body::CommitOffsets
+                | fb::Body::FetchOffsets
+                | fb::Body::DescribeGroup,
+                Some(f),
+            ) => {
+                group_of(&f).map(|g| (crate::shard::group_api::coordinator_of(g, shard.count()), 0))
+            }
             (fb::Body::Metadata, Some(_)) => return metadata_fanout(shard, corr, frame).await,
             _ => None,
         }
@@ -329,6 +351,43 @@ async fn metadata_fanout(shard: &Rc<Shard>, corr: u64, frame: Bytes) -> Pending 
             m.partitions.sort_by_key(|p| p.partition);
         }
         proto::encode_metadata_response(corr, &merged)
+    })
+}
+
+/// The group a group request names.
+fn group_of<'a>(f: &fb::Frame<'a>) -> Option<&'a str> {
+    f.body_as_join_group()
+        .map(|x| x.group())
+        .or_else(|| f.body_as_heartbeat().map(|x| x.group()))
+        .or_else(|| f.body_as_leave_group().map(|x| x.group()))
+        .or_else(|| f.body_as_commit_offsets().map(|x| x.group()))
+        .or_else(|| f.body_as_fetch_offsets().map(|x| x.group()))
+        .or_else(|| f.body_as_describe_group().map(|x| x.group()))
+}
+
+/// Every shard coordinates some groups: ask all, merge the names.
+async fn list_groups_fanout(shard: &Rc<Shard>, corr: u64, frame: Bytes) -> Pending {
+    let mut replies = Vec::new();
+    for s in 0..shard.count() {
+        if s == shard.id() {
+            replies.push(shard.start(0, frame.clone()).await);
+        } else {
+            replies.push(forward(shard, s, 0, frame.clone(), corr).await);
+        }
+    }
+    Box::pin(async move {
+        let mut names = Vec::new();
+        for r in replies {
+            let bytes = r.await;
+            if let Some(l) = proto::verify_frame(&bytes[proto::LEN_PREFIX_BYTES.min(bytes.len())..])
+                .ok()
+                .and_then(|f| f.body_as_list_groups_response())
+            {
+                names.extend(proto::groups::decode_strings(l.groups()));
+            }
+        }
+        names.sort();
+        proto::groups::encode_list_groups_response(corr, &names)
     })
 }
 

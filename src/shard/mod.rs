@@ -25,6 +25,10 @@ use crate::storage::{
     self, meta_file, BatchMeta, DmaStorage, FormatTag, Log, LogConfig, StorageError,
 };
 
+pub mod group_api;
+pub mod groups;
+pub mod state_log;
+
 pub type PartitionLog = Log<DmaStorage>;
 
 /// The rest of a request's work, run as its own task; yields the response frame.
@@ -48,6 +52,9 @@ pub struct Shard {
     pub shutdown: Notify,
     pub connections: Cell<usize>,
     pub requests_in_flight: Cell<usize>,
+    coordinator: RefCell<groups::Coordinator>,
+    state: RefCell<Option<Rc<state_log::StateLog>>>,
+    started: Instant,
 }
 
 fn ready(frame: Bytes) -> Pending {
@@ -92,6 +99,9 @@ impl Shard {
             shutdown: Notify::new(),
             connections: Cell::new(0),
             requests_in_flight: Cell::new(0),
+            coordinator: RefCell::new(groups::Coordinator::new()),
+            state: RefCell::new(None),
+            started: Instant::now(),
         }
     }
 
@@ -286,6 +296,20 @@ impl Shard {
             fb::Body::DeleteTopic => {
                 let me = self.clone();
                 Box::pin(async move { me.delete_topic(corr, frame).await })
+            }
+            fb::Body::ListOffset => {
+                let me = self.clone();
+                Box::pin(async move { me.list_offset(corr, partition, frame).await })
+            }
+            fb::Body::JoinGroup
+            | fb::Body::Heartbeat
+            | fb::Body::LeaveGroup
+            | fb::Body::CommitOffsets
+            | fb::Body::FetchOffsets
+            | fb::Body::ListGroups
+            | fb::Body::DescribeGroup => {
+                let me = self.clone();
+                Box::pin(async move { me.group_request(corr, frame).await })
             }
             other => ready(proto::encode_error(
                 corr,
@@ -551,9 +575,16 @@ impl Shard {
     /// Periodic log work: writes/syncs for `--fsync never|MS`, and retention.
     pub async fn run_ticker(self: Rc<Self>) {
         let mut last_retention = Instant::now();
+        let mut last_expiry = Instant::now();
         while !self.is_shutting_down() {
             crate::runtime::sleep(Duration::from_millis(limits::LOG_TICK_MS)).await;
             let now = Instant::now();
+            if now.duration_since(last_expiry)
+                >= Duration::from_millis(limits::GROUP_EXPIRY_CHECK_MS)
+            {
+                last_expiry = now;
+                self.expire_members();
+            }
             if self.cfg.durability != storage::Durability::Always {
                 for log in self.logs() {
                     if let Err(e) = log.tick(now).await {
@@ -562,7 +593,7 @@ impl Shard {
                 }
             }
             if now.duration_since(last_retention)
-                >= Duration::from_millis(limits::RETENTION_CHECK_MS)
+                >= Duration::from_millis(self.cfg.retention_check_ms)
             {
                 last_retention = now;
                 for log in self.logs() {
@@ -576,6 +607,12 @@ impl Shard {
 
     /// Writes and syncs every log (shutdown).
     pub async fn sync_all(&self) {
+        let state = self.state.borrow().clone();
+        if let Some(s) = state {
+            if let Err(e) = s.sync().await {
+                eprintln!("ringmq: sync state log: {e}");
+            }
+        }
         for log in self.logs() {
             if let Err(e) = log.sync().await {
                 eprintln!("ringmq: sync {}: {e}", log.dir().display());

@@ -705,6 +705,44 @@ impl<S: Storage> Log<S> {
             .unwrap_or(end))
     }
 
+    /// Deletes the sealed segments that hold only offsets below `offset` (compaction of state
+    /// logs after a snapshot). Returns how many were deleted.
+    pub async fn delete_before(&self, offset: u64) -> Result<usize, StorageError> {
+        let victims: Vec<u64> = {
+            let st = self.st.borrow();
+            let bases: Vec<u64> = st.segments.keys().copied().collect();
+            bases
+                .windows(2)
+                .filter(|w| w[1] <= offset)
+                .map(|w| w[0])
+                .collect()
+        };
+        for &base in &victims {
+            {
+                let mut st = self.st.borrow_mut();
+                st.segments.remove(&base);
+                st.log_start = *st.segments.keys().next().unwrap_or(&base);
+            }
+            self.remove_segment_files(base).await?;
+        }
+        Ok(victims.len())
+    }
+
+    async fn remove_segment_files(&self, base: u64) -> Result<(), StorageError> {
+        for name in [
+            segment::segment_file_name(base),
+            segment::index_file_name(base),
+            segment::time_index_file_name(base),
+        ] {
+            // A missing index file is fine: it may never have been written.
+            let _ = self.storage.remove_file(&self.dir.join(name)).await;
+        }
+        self.storage
+            .sync_dir(&self.dir)
+            .await
+            .map_err(|e| StorageError::io(&self.dir, "sync dir", e))
+    }
+
     /// Deletes whole sealed segments beyond the retention bytes or older than retention ms
     /// (by their max timestamp). Never the active segment. Returns how many were deleted.
     pub async fn enforce_retention(&self, now_ms: i64) -> Result<usize, StorageError> {
@@ -738,19 +776,7 @@ impl<S: Storage> Log<S> {
                 st.segments.remove(&base);
                 st.log_start = *st.segments.keys().next().unwrap_or(&base);
             }
-            for name in [
-                segment::segment_file_name(base),
-                segment::index_file_name(base),
-                segment::time_index_file_name(base),
-            ] {
-                let path = self.dir.join(name);
-                // A missing index file is fine: it may never have been written.
-                let _ = self.storage.remove_file(&path).await;
-            }
-            self.storage
-                .sync_dir(&self.dir)
-                .await
-                .map_err(|e| StorageError::io(&self.dir, "sync dir", e))?;
+            self.remove_segment_files(base).await?;
             deleted += 1;
         }
         Ok(deleted)

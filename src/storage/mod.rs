@@ -12,6 +12,7 @@ pub mod io;
 mod log;
 pub mod mem;
 pub mod meta_file;
+pub mod readonly;
 pub mod segment;
 
 pub use batch::{BatchHeader, BatchMeta, FormatTag};
