@@ -70,6 +70,10 @@ pub enum BenchScenario {
     /// directory): msgs/s, MB/s and produce→ack latency; `--rate` for a fixed schedule
     /// (latency corrected for coordinated omission).
     Produce(crate::bench::ProduceBenchArgs),
+    /// Consumer-group rebalance time when a member joins and when one dies (stops
+    /// heartbeating; includes the session timeout), median of `--runs`. The latency columns
+    /// are the join times.
+    Rebalance(crate::bench::RebalanceBenchArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -205,6 +209,9 @@ pub fn run(cli: Cli) -> Result<(), String> {
                 BenchScenario::Log(a) => crate::bench::run_log(a)?,
                 BenchScenario::Produce(a) => {
                     crate::bench::run_produce(server_given.then_some(cli.server.as_str()), a)?
+                }
+                BenchScenario::Rebalance(a) => {
+                    crate::bench::run_rebalance(server_given.then_some(cli.server.as_str()), a)?
                 }
             };
             report.print(json);

@@ -167,6 +167,7 @@ impl Member<'_> {
             .heartbeat(self.group, &self.member_id, self.generation)
         {
             Ok(a) => {
+                debug(&a);
                 let changed = a.generation != self.generation;
                 self.apply(a, from)?;
                 if changed {
@@ -245,9 +246,15 @@ pub fn consume_group(server: &str, a: &ConsumeArgs, group: &str) -> Result<(), S
         last_heartbeat: Instant::now(),
     };
     let joined =
-        m.c.join_group(group, &[a.topic.clone()], "", a.session_timeout_ms)
-            .map_err(|e| format!("joining group {group:?}: {e}"))?;
+        m.c.join_group(
+            group,
+            std::slice::from_ref(&a.topic),
+            "",
+            a.session_timeout_ms,
+        )
+        .map_err(|e| format!("joining group {group:?}: {e}"))?;
     m.member_id = joined.member_id.clone();
+    debug(&joined);
     m.apply(joined, &from)?;
     let result = run_member(&mut m, a, &from);
     let commit = m.commit_all();
@@ -258,7 +265,8 @@ pub fn consume_group(server: &str, a: &ConsumeArgs, group: &str) -> Result<(), S
 }
 
 fn run_member(m: &mut Member<'_>, a: &ConsumeArgs, from: &crate::cli::From) -> Result<(), String> {
-    let heartbeat_every = Duration::from_millis(u64::from(m.session_ms / 5).max(20));
+    // At most every 500 ms: a rebalance waits for members to hear of it.
+    let heartbeat_every = Duration::from_millis(u64::from(m.session_ms / 5).clamp(20, 500));
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let mut printed = 0u64;
     let mut idle_since = Instant::now();
@@ -310,7 +318,8 @@ fn run_member(m: &mut Member<'_>, a: &ConsumeArgs, from: &crate::cli::From) -> R
                 m.commit(&[p])?;
             }
         }
-        if got_any {
+        if got_any || m.rebalancing {
+            // Waiting for partitions that are moving to us is not idleness.
             idle_since = Instant::now();
         } else if a
             .idle_ms
@@ -320,5 +329,12 @@ fn run_member(m: &mut Member<'_>, a: &ConsumeArgs, from: &crate::cli::From) -> R
         } else if m.positions.is_empty() {
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+}
+
+/// With RINGMQ_DEBUG set, prints each assignment received to stderr.
+fn debug(a: &AssignmentOut) {
+    if std::env::var_os("RINGMQ_DEBUG").is_some() {
+        eprintln!("ringmq: assignment {a:?}");
     }
 }

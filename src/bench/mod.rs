@@ -8,9 +8,11 @@
 
 mod log_bench;
 mod produce_bench;
+mod rebalance_bench;
 
 pub use log_bench::{run_log, LogBenchArgs};
 pub use produce_bench::{run_produce, ProduceBenchArgs};
+pub use rebalance_bench::{run_rebalance, RebalanceBenchArgs};
 
 use hdrhistogram::Histogram;
 

@@ -54,7 +54,10 @@ pub fn load_all(data_dir: &Path) -> Result<Restored, String> {
     Ok(out)
 }
 
-fn parse_line(line: &str) -> Option<((String, String, u32), (u64, i64))> {
+/// ((group, topic, partition), (seq, offset)).
+type Entry = ((String, String, u32), (u64, i64));
+
+fn parse_line(line: &str) -> Option<Entry> {
     let f: Vec<&str> = line.split('\t').collect();
     if f.len() != 6 || f[0] != "C" {
         return None;
