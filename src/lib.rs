@@ -29,6 +29,7 @@ pub mod bench;
 pub mod cli;
 pub mod cli_group;
 pub mod client;
+pub mod filter;
 pub mod limits;
 pub mod metadata;
 pub mod protocol;
