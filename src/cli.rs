@@ -46,6 +46,8 @@ pub enum Command {
     Produce(ProduceArgs),
     /// Print messages of a topic.
     Consume(ConsumeArgs),
+    /// Cross-core batch copy counters per shard (forward, multicast, fan-out).
+    Stats,
     /// Consumer groups: list, describe.
     Group {
         #[command(subcommand)]
@@ -144,7 +146,16 @@ pub enum GroupCommand {
 
 #[derive(clap::Args, Debug)]
 pub struct ProduceArgs {
-    pub topic: String,
+    /// The topic (or use --to).
+    #[arg(required_unless_present = "to")]
+    pub topic: Option<String>,
+    /// Multicast: produce each batch to all of these topics (comma-separated). One copy goes
+    /// to each shard that owns some of them; each destination succeeds or fails on its own.
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["topic", "partition", "key_separator"])]
+    pub to: Vec<String>,
+    /// A header K=V on every message (repeatable).
+    #[arg(long = "header", value_name = "K=V")]
+    pub headers: Vec<String>,
     /// Target partition (default: by key if given, else round-robin).
     #[arg(long)]
     pub partition: Option<u32>,
@@ -164,7 +175,16 @@ pub struct ProduceArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct ConsumeArgs {
-    pub topic: String,
+    /// The topic (or use --pattern).
+    #[arg(required_unless_present = "pattern")]
+    pub topic: Option<String>,
+    /// Subscribe to every topic matching PATTERN (`*` one token, `>` one or more trailing
+    /// tokens), including topics created later (read from their start).
+    #[arg(long, conflicts_with = "topic")]
+    pub pattern: Option<String>,
+    /// Content filter evaluated on the broker, e.g. `region == "eu" && qty > 100`.
+    #[arg(long)]
+    pub filter: Option<String>,
     /// Only this partition (default: all).
     #[arg(long)]
     pub partition: Option<u32>,
@@ -196,10 +216,8 @@ pub fn run(cli: Cli) -> Result<(), String> {
         Command::Serve(a) => crate::runtime::boot::serve(serve_config(a)?),
         Command::Topic { command } => topic(&cli.server, command),
         Command::Produce(a) => produce(&cli.server, a),
-        Command::Consume(a) => match a.group.clone() {
-            Some(g) => crate::cli_group::consume_group(&cli.server, &a, &g),
-            None => consume(&cli.server, a),
-        },
+        Command::Consume(a) => crate::cli_consume::consume(&cli.server, &a),
+        Command::Stats => crate::cli_consume::stats(&cli.server),
         Command::Group { command } => crate::cli_group::group(&cli.server, command),
         Command::Bench { json, scenario } => {
             let server_given = std::env::args()
@@ -323,17 +341,49 @@ impl Sender<'_> {
     }
 }
 
+fn parse_headers(hs: &[String]) -> Result<Vec<(String, Vec<u8>)>, String> {
+    hs.iter()
+        .map(|h| match h.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.as_bytes().to_vec())),
+            _ => Err(format!("--header must be K=V, not {h:?}")),
+        })
+        .collect()
+}
+
+/// One stdin line as a record: (key, value) per the key flags, plus the headers.
+fn line_record(line: String, a: &ProduceArgs, headers: &[(String, Vec<u8>)]) -> RecordIn {
+    let (key, value) = match (&a.key_separator, &a.key) {
+        (Some(sep), _) => match line.split_once(sep.as_str()) {
+            Some((k, v)) => (Some(k.as_bytes().to_vec()), v.as_bytes().to_vec()),
+            None => (None, line.into_bytes()),
+        },
+        (None, Some(k)) => (Some(k.as_bytes().to_vec()), line.into_bytes()),
+        (None, None) => (None, line.into_bytes()),
+    };
+    RecordIn {
+        key,
+        value,
+        headers: headers.to_vec(),
+        ..Default::default()
+    }
+}
+
 fn produce(server: &str, a: ProduceArgs) -> Result<(), String> {
+    let headers = parse_headers(&a.headers)?;
+    if !a.to.is_empty() {
+        return produce_multicast(server, &a, &headers);
+    }
+    let topic = a.topic.clone().unwrap_or_default();
     let mut client = connect(server)?;
     let partitions = client
-        .metadata(&[a.topic.as_str()])
-        .map_err(|e| format!("producing to {:?}: {e}", a.topic))?
+        .metadata(&[topic.as_str()])
+        .map_err(|e| format!("producing to {topic:?}: {e}"))?
         .first()
         .map(|t| t.partitions.len() as u32)
         .unwrap_or(1);
     let mut s = Sender {
         client,
-        topic: &a.topic,
+        topic: &topic,
         window: a.window.max(1),
         in_flight: 0,
         acked: 0,
@@ -347,25 +397,14 @@ fn produce(server: &str, a: ProduceArgs) -> Result<(), String> {
         .map(|k| proto::partitioner::partition_for_key(k.as_bytes(), partitions)));
     for line in std::io::stdin().lock().lines() {
         let line = line.map_err(|e| format!("reading stdin: {e}"))?;
-        let (key, value) = match (&a.key_separator, &a.key) {
-            (Some(sep), _) => match line.split_once(sep.as_str()) {
-                Some((k, v)) => (Some(k.as_bytes().to_vec()), v.as_bytes().to_vec()),
-                None => (None, line.into_bytes()),
-            },
-            (None, Some(k)) => (Some(k.as_bytes().to_vec()), line.into_bytes()),
-            (None, None) => (None, line.into_bytes()),
-        };
-        let target = match (&key, fixed) {
+        let rec = line_record(line, &a, &headers);
+        let target = match (&rec.key, fixed) {
             (_, Some(p)) => Some(p),
             (Some(k), None) => Some(proto::partitioner::partition_for_key(k, partitions)),
             (None, None) => None,
         };
         let g = groups.entry(target).or_default();
-        g.push(RecordIn {
-            key,
-            value,
-            ..Default::default()
-        });
+        g.push(rec);
         if g.len() >= batch_max {
             let recs = std::mem::take(g);
             s.send(choice(target), &recs)?;
@@ -377,6 +416,63 @@ fn produce(server: &str, a: ProduceArgs) -> Result<(), String> {
     let n = s.finish()?;
     eprintln!("produced {n} messages");
     Ok(())
+}
+
+/// `produce --to T1,T2,...`: batches multicast to every destination.
+fn produce_multicast(
+    server: &str,
+    a: &ProduceArgs,
+    headers: &[(String, Vec<u8>)],
+) -> Result<(), String> {
+    let mut c = connect(server)?;
+    let dests: Vec<(&str, Option<u32>)> = a.to.iter().map(|t| (t.as_str(), None)).collect();
+    let batch_max = a.batch.clamp(1, 100_000);
+    let mut produced = 0u64;
+    let mut failures: std::collections::BTreeMap<String, String> = Default::default();
+    let mut send = |recs: &[RecordIn], c: &mut Client| -> Result<(), String> {
+        if recs.is_empty() {
+            return Ok(());
+        }
+        let key = a.key.as_deref().map(str::as_bytes);
+        let results = c
+            .multicast(&dests, key, recs)
+            .map_err(|e| format!("multicast: {e}"))?;
+        for r in results {
+            match r.outcome {
+                Ok((_, n)) => produced += u64::from(n),
+                Err((code, msg)) => {
+                    let name = fb::ErrorCode(code).variant_name().unwrap_or("Unknown");
+                    failures.insert(r.topic.clone(), format!("{}: {msg} ({name})", r.topic));
+                }
+            }
+        }
+        Ok(())
+    };
+    let mut batch = Vec::new();
+    for line in std::io::stdin().lock().lines() {
+        let line = line.map_err(|e| format!("reading stdin: {e}"))?;
+        batch.push(line_record(line, a, headers));
+        if batch.len() >= batch_max {
+            send(&batch, &mut c)?;
+            batch.clear();
+        }
+    }
+    send(&batch, &mut c)?;
+    eprintln!(
+        "produced {produced} messages over {} destinations",
+        dests.len()
+    );
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        let list: Vec<String> = failures.into_values().collect();
+        Err(format!(
+            "{} of {} destinations failed: {}",
+            list.len(),
+            dests.len(),
+            list.join("; ")
+        ))
+    }
 }
 
 fn choice(target: Option<u32>) -> PartitionChoice<'static> {
@@ -425,79 +521,10 @@ pub fn start_offset(
     r.map_err(|e| format!("finding the start of {topic:?} partition {partition}: {e}"))
 }
 
-fn consume(server: &str, a: ConsumeArgs) -> Result<(), String> {
-    let from = parse_from(&a.from)?;
-    let mut c = connect(server)?;
-    let meta = c
-        .metadata(&[a.topic.as_str()])
-        .map_err(|e| format!("consuming {:?}: {e}", a.topic))?;
-    let t = meta
-        .first()
-        .ok_or_else(|| format!("unknown topic {:?}", a.topic))?;
-    let mut positions: Vec<(u32, u64, u64)> = Vec::new(); // (partition, next offset, log start)
-    for p in &t.partitions {
-        if a.partition.is_some_and(|want| want != p.partition) {
-            continue;
-        }
-        let start = start_offset(&mut c, &a.topic, p.partition, from)?;
-        positions.push((p.partition, start, p.start_offset));
-    }
-    if positions.is_empty() {
-        return Err(format!(
-            "topic {:?} has no partition {:?}",
-            a.topic, a.partition
-        ));
-    }
-    let mut printed = 0u64;
-    let mut idle_since = std::time::Instant::now();
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    let wait_ms = if positions.len() == 1 { 200 } else { 20 };
-    loop {
-        let mut got_any = false;
-        for pos in positions.iter_mut() {
-            let fetched = match c.fetch(&a.topic, pos.0, pos.1, 1 << 20, wait_ms) {
-                Ok(f) => f,
-                Err(e)
-                    if e.code() == Some(fb::ErrorCode::OffsetOutOfRange)
-                        && matches!(from, From::Earliest) =>
-                {
-                    let m = c.metadata(&[a.topic.as_str()]).map_err(|e| e.to_string())?;
-                    let start = m
-                        .first()
-                        .and_then(|t| t.partitions.iter().find(|p| p.partition == pos.0))
-                        .map(|p| p.start_offset)
-                        .unwrap_or(0);
-                    pos.1 = start;
-                    continue;
-                }
-                Err(e) => return Err(format!("consuming {:?} partition {}: {e}", a.topic, pos.0)),
-            };
-            pos.1 = fetched.next_offset.max(pos.1);
-            for r in fetched.records {
-                got_any = true;
-                print_record(&mut out, &a, pos.0, &r).map_err(|e| e.to_string())?;
-                printed += 1;
-                if a.max.is_some_and(|m| printed >= m) {
-                    out.flush().map_err(|e| e.to_string())?;
-                    return Ok(());
-                }
-            }
-        }
-        out.flush().map_err(|e| e.to_string())?;
-        if got_any {
-            idle_since = std::time::Instant::now();
-        } else if a
-            .idle_ms
-            .is_some_and(|ms| idle_since.elapsed().as_millis() as u64 >= ms)
-        {
-            return Ok(());
-        }
-    }
-}
-
 pub fn print_record(
     out: &mut impl Write,
     a: &ConsumeArgs,
+    topic: &str,
     partition: u32,
     r: &proto::RecordOut,
 ) -> std::io::Result<()> {
@@ -520,7 +547,7 @@ pub fn print_record(
         writeln!(
             out,
             "{{\"topic\":{},\"partition\":{partition},\"offset\":{},\"key\":{key},\"value\":{},\"timestamp\":{},\"headers\":{{{}}}}}",
-            json_string(&a.topic),
+            json_string(topic),
             r.offset,
             json_string(&String::from_utf8_lossy(&r.value)),
             r.timestamp_ms,

@@ -1,31 +1,30 @@
-//! The consumer-group side of the CLI: `consume --group` and `group list|describe`.
+//! The consumer-group side of the CLI: `consume --group` (one topic or a pattern, optional
+//! filter) and `group list|describe`.
 //!
 //! Owns: the group consumer loop (join, heartbeat, apply assignments, fetch, print, commit,
 //! leave). Must not touch: broker internals.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use crate::cli::{parse_from, print_record, start_offset, ConsumeArgs, GroupCommand};
+use crate::cli::{parse_from, print_record, start_offset, ConsumeArgs, From, GroupCommand};
+use crate::cli_consume::{connect, Subscription, PATTERN_REFRESH_MS};
 use crate::client::{Client, ClientError};
 use crate::protocol::fb;
-use crate::protocol::groups::AssignmentOut;
-
-fn connect(server: &str) -> Result<Client, String> {
-    Client::connect(server).map_err(|e| format!("cannot reach the broker at {server}: {e}"))
-}
+use crate::protocol::groups::{AssignmentOut, OffsetOut};
 
 pub fn group(server: &str, cmd: GroupCommand) -> Result<(), String> {
     let mut c = connect(server)?;
     let mut out = std::io::stdout().lock();
+    let w = |e: std::io::Error| e.to_string();
     match cmd {
         GroupCommand::List => {
             for g in c
                 .list_groups()
                 .map_err(|e| format!("listing groups: {e}"))?
             {
-                writeln!(out, "{g}").map_err(|e| e.to_string())?;
+                writeln!(out, "{g}").map_err(w)?;
             }
         }
         GroupCommand::Describe { group } => {
@@ -39,21 +38,14 @@ pub fn group(server: &str, cmd: GroupCommand) -> Result<(), String> {
                 d.generation,
                 d.members.len()
             )
-            .map_err(|e| e.to_string())?;
+            .map_err(w)?;
             for m in &d.members {
                 let parts: Vec<String> = m
                     .assignments
                     .iter()
                     .map(|t| {
-                        format!(
-                            "{}:{}",
-                            t.topic,
-                            t.partitions
-                                .iter()
-                                .map(|p| p.to_string())
-                                .collect::<Vec<_>>()
-                                .join(",")
-                        )
+                        let ps: Vec<String> = t.partitions.iter().map(|p| p.to_string()).collect();
+                        format!("{}:{}", t.topic, ps.join(","))
                     })
                     .collect();
                 writeln!(
@@ -63,12 +55,11 @@ pub fn group(server: &str, cmd: GroupCommand) -> Result<(), String> {
                     m.client_id,
                     parts.join(" ")
                 )
-                .map_err(|e| e.to_string())?;
+                .map_err(w)?;
             }
-            writeln!(out, "TOPIC PARTITION COMMITTED END LAG").map_err(|e| e.to_string())?;
+            writeln!(out, "TOPIC PARTITION COMMITTED END LAG").map_err(w)?;
             let mut ends: BTreeMap<(String, u32), u64> = BTreeMap::new();
-            let topics: Vec<&str> = d.offsets.iter().map(|(t, _, _)| t.as_str()).collect();
-            if !topics.is_empty() {
+            if !d.offsets.is_empty() {
                 for t in c.metadata(&[]).map_err(|e| e.to_string())? {
                     for p in t.partitions {
                         ends.insert((t.name.clone(), p.partition), p.end_offset);
@@ -81,7 +72,7 @@ pub fn group(server: &str, cmd: GroupCommand) -> Result<(), String> {
                     .map(|e| (e as i64 - o).max(0).to_string())
                     .unwrap_or_else(|| "?".into());
                 let end = end.map(|e| e.to_string()).unwrap_or_else(|| "?".into());
-                writeln!(out, "{t} {p} {o} {end} {lag}").map_err(|e| e.to_string())?;
+                writeln!(out, "{t} {p} {o} {end} {lag}").map_err(w)?;
             }
         }
     }
@@ -92,67 +83,69 @@ pub fn group(server: &str, cmd: GroupCommand) -> Result<(), String> {
 struct Member<'a> {
     c: Client,
     group: &'a str,
-    topic: &'a str,
+    topics: Vec<String>,
     session_ms: u32,
     member_id: String,
     generation: u64,
     rebalancing: bool,
-    /// Next offset to consume per assigned partition, and the last committed one.
-    positions: BTreeMap<u32, (u64, u64)>,
+    /// (next offset to consume, last committed) per assigned (topic, partition).
+    positions: BTreeMap<(String, u32), (u64, u64)>,
     last_heartbeat: Instant,
+    from: From,
 }
 
 impl Member<'_> {
-    fn join(&mut self) -> Result<(), String> {
+    fn join(&mut self, member_id: &str) -> Result<(), String> {
         let a = self
             .c
-            .join_group(self.group, &[self.topic.to_string()], "", self.session_ms)
+            .join_group(self.group, &self.topics, member_id, self.session_ms)
             .map_err(|e| format!("joining group {:?}: {e}", self.group))?;
+        debug(&a);
+        if a.member_id != self.member_id {
+            self.positions.clear();
+            self.generation = 0;
+        }
         self.member_id = a.member_id.clone();
-        self.positions.clear();
-        self.generation = 0;
-        self.apply(a, &parse_from("earliest")?)
+        self.apply(a)
     }
 
     /// Applies an assignment: commit and drop revoked partitions, start assigned ones.
-    fn apply(&mut self, a: AssignmentOut, from: &crate::cli::From) -> Result<(), String> {
-        let assigned: Vec<u32> = a
+    fn apply(&mut self, a: AssignmentOut) -> Result<(), String> {
+        let assigned: BTreeSet<(String, u32)> = a
             .assignments
             .iter()
-            .filter(|t| t.topic == self.topic)
-            .flat_map(|t| t.partitions.clone())
+            .flat_map(|t| t.partitions.iter().map(|p| (t.topic.clone(), *p)))
             .collect();
-        let revoked: Vec<u32> = self
+        let revoked: Vec<(String, u32)> = self
             .positions
             .keys()
-            .filter(|p| !assigned.contains(p))
-            .copied()
+            .filter(|k| !assigned.contains(*k))
+            .cloned()
             .collect();
         if !revoked.is_empty() {
             self.commit(&revoked)?;
-            for p in &revoked {
-                self.positions.remove(p);
+            for k in &revoked {
+                self.positions.remove(k);
             }
         }
-        let new: Vec<u32> = assigned
-            .iter()
-            .filter(|p| !self.positions.contains_key(p))
-            .copied()
+        let new: Vec<(String, u32)> = assigned
+            .into_iter()
+            .filter(|k| !self.positions.contains_key(k))
             .collect();
         if !new.is_empty() {
-            let committed = self
+            let committed: Vec<OffsetOut> = self
                 .c
-                .fetch_offsets(self.group, &[self.topic.to_string()])
+                .fetch_offsets(self.group, &self.topics)
                 .map_err(|e| format!("fetching committed offsets: {e}"))?;
-            for p in new {
+            for (t, p) in new {
                 let start = match committed
                     .iter()
-                    .find(|(t, q, o)| t == self.topic && *q == p && *o >= 0)
+                    .find(|(ct, cp, o)| *ct == t && *cp == p && *o >= 0)
                 {
                     Some((_, _, o)) => *o as u64,
-                    None => start_offset(&mut self.c, self.topic, p, *from)?,
+                    None => start_offset(&mut self.c, &t, p, self.from)?,
                 };
-                self.positions.insert(p, (start, start));
+                self.positions.insert((t, p), (start, start));
             }
         }
         self.generation = a.generation;
@@ -160,7 +153,7 @@ impl Member<'_> {
         Ok(())
     }
 
-    fn heartbeat(&mut self, from: &crate::cli::From) -> Result<(), String> {
+    fn heartbeat(&mut self) -> Result<(), String> {
         self.last_heartbeat = Instant::now();
         match self
             .c
@@ -169,14 +162,14 @@ impl Member<'_> {
             Ok(a) => {
                 debug(&a);
                 let changed = a.generation != self.generation;
-                self.apply(a, from)?;
+                self.apply(a)?;
                 if changed {
                     // Confirm at once that revoked partitions are stopped and committed.
                     let a = self
                         .c
                         .heartbeat(self.group, &self.member_id, self.generation)
                         .map_err(|e| e.to_string())?;
-                    self.apply(a, from)?;
+                    self.apply(a)?;
                 }
                 Ok(())
             }
@@ -185,21 +178,22 @@ impl Member<'_> {
                     "ringmq: fenced from group {:?} ({e}); rejoining",
                     self.group
                 );
-                self.join()
+                self.member_id.clear();
+                self.join("")
             }
             Err(e) => Err(format!("heartbeat: {e}")),
         }
     }
 
-    /// Commits the positions of `partitions` that moved since the last commit.
-    fn commit(&mut self, partitions: &[u32]) -> Result<(), String> {
-        let offsets: Vec<(String, u32, i64)> = partitions
+    /// Commits the positions of `keys` that moved since the last commit.
+    fn commit(&mut self, keys: &[(String, u32)]) -> Result<(), String> {
+        let offsets: Vec<OffsetOut> = keys
             .iter()
-            .filter_map(|p| {
+            .filter_map(|k| {
                 self.positions
-                    .get(p)
+                    .get(k)
                     .filter(|(next, done)| next != done)
-                    .map(|(next, _)| (self.topic.to_string(), *p, *next as i64))
+                    .map(|(next, _)| (k.0.clone(), k.1, *next as i64))
             })
             .collect();
         if offsets.is_empty() {
@@ -210,8 +204,8 @@ impl Member<'_> {
             .commit_offsets(self.group, &self.member_id, self.generation, &offsets)
         {
             Ok(()) => {
-                for (_, p, o) in offsets {
-                    if let Some(pos) = self.positions.get_mut(&p) {
+                for (t, p, o) in offsets {
+                    if let Some(pos) = self.positions.get_mut(&(t, p)) {
                         pos.1 = o as u64;
                     }
                 }
@@ -226,37 +220,37 @@ impl Member<'_> {
     }
 
     fn commit_all(&mut self) -> Result<(), String> {
-        let all: Vec<u32> = self.positions.keys().copied().collect();
+        let all: Vec<(String, u32)> = self.positions.keys().cloned().collect();
         self.commit(&all)
     }
 }
 
-pub fn consume_group(server: &str, a: &ConsumeArgs, group: &str) -> Result<(), String> {
+pub fn consume_group(
+    server: &str,
+    a: &ConsumeArgs,
+    group: &str,
+    sub: &Subscription,
+) -> Result<(), String> {
     let from = parse_from(&a.from)?;
-    let c = connect(server)?;
+    let mut c = connect(server)?;
+    let topics: Vec<String> = sub.topics(&mut c)?.into_iter().map(|t| t.0).collect();
+    if topics.is_empty() {
+        return Err(format!("no topic matches {}", sub.label()));
+    }
     let mut m = Member {
         c,
         group,
-        topic: &a.topic,
+        topics,
         session_ms: a.session_timeout_ms,
         member_id: String::new(),
         generation: 0,
         rebalancing: false,
         positions: BTreeMap::new(),
         last_heartbeat: Instant::now(),
+        from,
     };
-    let joined =
-        m.c.join_group(
-            group,
-            std::slice::from_ref(&a.topic),
-            "",
-            a.session_timeout_ms,
-        )
-        .map_err(|e| format!("joining group {group:?}: {e}"))?;
-    m.member_id = joined.member_id.clone();
-    debug(&joined);
-    m.apply(joined, &from)?;
-    let result = run_member(&mut m, a, &from);
+    m.join("")?;
+    let result = run_member(&mut m, a, sub);
     let commit = m.commit_all();
     let leave =
         m.c.leave_group(group, &m.member_id)
@@ -264,47 +258,67 @@ pub fn consume_group(server: &str, a: &ConsumeArgs, group: &str) -> Result<(), S
     result.and(commit).and(leave)
 }
 
-fn run_member(m: &mut Member<'_>, a: &ConsumeArgs, from: &crate::cli::From) -> Result<(), String> {
+fn run_member(m: &mut Member<'_>, a: &ConsumeArgs, sub: &Subscription) -> Result<(), String> {
     // At most every 500 ms: a rebalance waits for members to hear of it.
     let heartbeat_every = Duration::from_millis(u64::from(m.session_ms / 5).clamp(20, 500));
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let mut printed = 0u64;
     let mut idle_since = Instant::now();
+    let mut refreshed = Instant::now();
     loop {
+        if matches!(sub, Subscription::Pattern(_))
+            && refreshed.elapsed() >= Duration::from_millis(PATTERN_REFRESH_MS)
+        {
+            refreshed = Instant::now();
+            let topics: Vec<String> = sub.topics(&mut m.c)?.into_iter().map(|t| t.0).collect();
+            if topics != m.topics {
+                // New topics: join again with the same member id and the new subscription.
+                m.topics = topics;
+                m.from = From::Earliest;
+                let id = m.member_id.clone();
+                m.join(&id)?;
+            }
+        }
         let due = if m.rebalancing {
             heartbeat_every / 4
         } else {
             heartbeat_every
         };
         if m.last_heartbeat.elapsed() >= due {
-            m.heartbeat(from)?;
+            m.heartbeat()?;
         }
         let mut got_any = false;
-        let partitions: Vec<u32> = m.positions.keys().copied().collect();
-        let wait_ms = (heartbeat_every.as_millis() as u32 / 4).clamp(5, 100)
-            / (partitions.len().max(1) as u32);
-        for p in partitions {
-            let Some(&(next, _)) = m.positions.get(&p) else {
+        let keys: Vec<(String, u32)> = m.positions.keys().cloned().collect();
+        let wait_ms =
+            (heartbeat_every.as_millis() as u32 / 4).clamp(5, 100) / (keys.len().max(1) as u32);
+        for (topic, p) in keys {
+            let Some(&(next, _)) = m.positions.get(&(topic.clone(), p)) else {
                 continue;
             };
-            let fetched = match m.c.fetch(m.topic, p, next, 1 << 20, wait_ms) {
+            let fetched = match m.c.fetch_filtered(
+                &topic,
+                p,
+                next,
+                1 << 20,
+                wait_ms,
+                a.filter.as_deref(),
+            ) {
                 Ok(f) => f,
                 Err(e) if e.code() == Some(fb::ErrorCode::OffsetOutOfRange) => {
-                    let start = start_offset(&mut m.c, m.topic, p, crate::cli::From::Earliest)?;
-                    eprintln!(
-                        "ringmq: partition {p}: offset {next} out of range; resetting to {start}"
-                    );
-                    if let Some(pos) = m.positions.get_mut(&p) {
+                    let start = start_offset(&mut m.c, &topic, p, From::Earliest)?;
+                    eprintln!("ringmq: {topic} partition {p}: offset {next} out of range; resetting to {start}");
+                    if let Some(pos) = m.positions.get_mut(&(topic.clone(), p)) {
                         pos.0 = start;
                     }
                     continue;
                 }
-                Err(e) => return Err(format!("consuming {:?} partition {p}: {e}", m.topic)),
+                Err(e) => return Err(format!("consuming {topic:?} partition {p}: {e}")),
             };
-            for r in fetched.records {
-                got_any = true;
-                print_record(&mut out, a, p, &r).map_err(|e| e.to_string())?;
-                if let Some(pos) = m.positions.get_mut(&p) {
+            let mut printed_here = false;
+            for r in &fetched.records {
+                printed_here = true;
+                print_record(&mut out, a, &topic, p, r).map_err(|e| e.to_string())?;
+                if let Some(pos) = m.positions.get_mut(&(topic.clone(), p)) {
                     pos.0 = r.offset + 1;
                 }
                 printed += 1;
@@ -313,10 +327,15 @@ fn run_member(m: &mut Member<'_>, a: &ConsumeArgs, from: &crate::cli::From) -> R
                     return Ok(());
                 }
             }
-            if got_any {
-                out.flush().map_err(|e| e.to_string())?;
-                m.commit(&[p])?;
+            // A filtered fetch moves past non-matching messages too.
+            if let Some(pos) = m.positions.get_mut(&(topic.clone(), p)) {
+                pos.0 = pos.0.max(fetched.next_offset);
             }
+            if printed_here {
+                got_any = true;
+                out.flush().map_err(|e| e.to_string())?;
+            }
+            m.commit(&[(topic.clone(), p)])?;
         }
         if got_any || m.rebalancing {
             // Waiting for partitions that are moving to us is not idleness.

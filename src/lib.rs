@@ -27,6 +27,7 @@
 
 pub mod bench;
 pub mod cli;
+pub mod cli_consume;
 pub mod cli_group;
 pub mod client;
 pub mod filter;

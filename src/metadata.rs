@@ -86,6 +86,41 @@ pub fn validate_topic_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks a subscription pattern: dot-separated tokens, `*` = exactly one token, `>` = one or
+/// more trailing tokens (only as the last token).
+pub fn validate_pattern(pattern: &str) -> Result<(), String> {
+    let tokens: Vec<&str> = pattern.split('.').collect();
+    for (i, t) in tokens.iter().enumerate() {
+        if t.is_empty() {
+            return Err(format!("pattern {pattern:?} has an empty token"));
+        }
+        if *t == ">" && i + 1 != tokens.len() {
+            return Err(format!(
+                "pattern {pattern:?}: '>' may only be the last token"
+            ));
+        }
+        if *t != "*" && *t != ">" {
+            validate_topic_name(t).map_err(|e| format!("pattern {pattern:?}: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether `topic` matches `pattern` (see [`validate_pattern`]).
+pub fn pattern_matches(pattern: &str, topic: &str) -> bool {
+    let mut p = pattern.split('.');
+    let mut t = topic.split('.');
+    loop {
+        match (p.next(), t.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
 /// Places `partitions` partitions round-robin over `shard_count` shards, starting at a shard
 /// chosen from the name so that many single-partition topics spread out.
 pub fn place(name: &str, partitions: u32, shard_count: usize) -> Vec<u32> {
@@ -106,6 +141,22 @@ mod tests {
         assert!(validate_topic_name("a/b").is_err());
         assert!(validate_topic_name("..").is_err());
         assert!(validate_topic_name(&"a".repeat(250)).is_err());
+    }
+
+    #[test]
+    fn patterns() {
+        assert!(pattern_matches("orders.*.eu", "orders.x.eu"));
+        assert!(!pattern_matches("orders.*.eu", "orders.x.y.eu"));
+        assert!(!pattern_matches("orders.*.eu", "orders.eu"));
+        assert!(pattern_matches("telemetry.>", "telemetry.a"));
+        assert!(pattern_matches("telemetry.>", "telemetry.a.b.c"));
+        assert!(!pattern_matches("telemetry.>", "telemetry"));
+        assert!(!pattern_matches("telemetry.>", "telemetryx.a"));
+        assert!(pattern_matches("a.b", "a.b"));
+        assert!(!pattern_matches("a.b", "a.b.c"));
+        assert!(validate_pattern("a.>.b").is_err());
+        assert!(validate_pattern("a..b").is_err());
+        assert!(validate_pattern("orders.*.eu").is_ok());
     }
 
     #[test]

@@ -252,23 +252,38 @@ impl Client {
         max_bytes: u32,
         max_wait_ms: u32,
     ) -> Result<Fetched, ClientError> {
+        self.fetch_filtered(topic, partition, offset, max_bytes, max_wait_ms, None)
+    }
+
+    /// Like [`Client::fetch`] with an optional content filter evaluated on the broker.
+    pub fn fetch_filtered(
+        &mut self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max_bytes: u32,
+        max_wait_ms: u32,
+        filter: Option<&str>,
+    ) -> Result<Fetched, ClientError> {
         let args = FetchArgsOut {
             topic,
             partition,
             offset,
             max_bytes,
             max_wait_ms,
+            filter,
         };
         let r = self.call(|c| proto::encode_fetch(c, &args))?;
         let f = r
             .frame()
             .body_as_fetch_response()
             .ok_or_else(|| ClientError::Protocol("expected a FetchResponse".into()))?;
-        let records = match f.batches() {
-            Some(b) => {
+        let records = match (f.batches(), f.records()) {
+            (_, Some(r)) => proto::decode_filtered_records(r),
+            (Some(b), None) => {
                 proto::decode_fetched_records(b.bytes(), offset).map_err(ClientError::Protocol)?
             }
-            None => Vec::new(),
+            (None, None) => Vec::new(),
         };
         Ok(Fetched {
             records,
@@ -374,6 +389,34 @@ impl Client {
             .body_as_list_offset_response()
             .ok_or_else(|| ClientError::Protocol("expected a ListOffsetResponse".into()))?;
         Ok(l.offset())
+    }
+}
+
+impl Client {
+    /// Produces one batch to several destinations; one result per destination, in order.
+    pub fn multicast(
+        &mut self,
+        dests: &[proto::multicast::DestOut<'_>],
+        key: Option<&[u8]>,
+        records: &[RecordIn],
+    ) -> Result<Vec<proto::multicast::DestResult>, ClientError> {
+        let batch = proto::encode_record_batch(records);
+        let r = self.call(|c| proto::multicast::encode_multicast_produce(c, dests, key, &batch))?;
+        let m = r
+            .frame()
+            .body_as_multicast_produce_response()
+            .ok_or_else(|| ClientError::Protocol("expected a MulticastProduceResponse".into()))?;
+        Ok(proto::multicast::decode_multicast_response(m))
+    }
+
+    /// Every shard's cross-core copy counters.
+    pub fn stats(&mut self) -> Result<Vec<proto::multicast::ShardStatsOut>, ClientError> {
+        let r = self.call(proto::multicast::encode_stats)?;
+        let s = r
+            .frame()
+            .body_as_stats_response()
+            .ok_or_else(|| ClientError::Protocol("expected a StatsResponse".into()))?;
+        Ok(proto::multicast::decode_stats_response(s))
     }
 }
 

@@ -75,6 +75,8 @@ pub fn is_request(t: fb::Body) -> bool {
             | fb::Body::ListGroups
             | fb::Body::DescribeGroup
             | fb::Body::ListOffset
+            | fb::Body::MulticastProduce
+            | fb::Body::Stats
     )
 }
 
@@ -93,6 +95,14 @@ pub fn verify_frame(bytes: &[u8]) -> Result<fb::Frame<'_>, FrameError> {
     }
     if let Some(p) = frame.body_as_produce() {
         verify_record_batch(p.batch().bytes())?;
+    }
+    if let Some(m) = frame.body_as_multicast_produce() {
+        verify_record_batch(m.batch().bytes())?;
+        if m.destinations().is_empty() {
+            return Err(FrameError::Malformed(
+                "multicast without destinations".into(),
+            ));
+        }
     }
     Ok(frame)
 }
@@ -480,11 +490,14 @@ pub struct FetchArgsOut<'a> {
     pub offset: u64,
     pub max_bytes: u32,
     pub max_wait_ms: u32,
+    /// Content filter evaluated on the broker.
+    pub filter: Option<&'a str>,
 }
 
 pub fn encode_fetch(correlation_id: u64, f: &FetchArgsOut<'_>) -> Bytes {
     let mut b = FlatBufferBuilder::with_capacity(128);
     let t = b.create_string(f.topic);
+    let filter = f.filter.map(|x| b.create_string(x));
     let x = fb::Fetch::create(
         &mut b,
         &fb::FetchArgs {
@@ -493,6 +506,7 @@ pub fn encode_fetch(correlation_id: u64, f: &FetchArgsOut<'_>) -> Bytes {
             offset: f.offset,
             max_bytes: f.max_bytes,
             max_wait_ms: f.max_wait_ms,
+            filter,
         },
     );
     finish(b, correlation_id, fb::Body::Fetch, x.as_union_value())
@@ -529,6 +543,7 @@ pub fn encode_fetch_response(correlation_id: u64, pos: FetchPosition, batches: &
             log_end: pos.log_end,
             next_offset: pos.next_offset,
             batches: Some(v),
+            records: None,
         },
     );
     finish(
@@ -605,6 +620,96 @@ pub fn decode_fetched_records(bytes: &[u8], from_offset: u64) -> Result<Vec<Reco
         at += h.stored_len();
     }
     Ok(out)
+}
+
+/// Encodes a filtered fetch response: the matching records with their offsets and timestamps.
+pub fn encode_filtered_fetch_response(
+    correlation_id: u64,
+    pos: FetchPosition,
+    records: &[(u64, i64, fb::Record<'_>)],
+) -> Bytes {
+    let size: usize = records
+        .iter()
+        .map(|(_, _, r)| r.value().map(|v| v.len()).unwrap_or(0) + 64)
+        .sum();
+    let mut b = FlatBufferBuilder::with_capacity(size + 128);
+    let mut offs = Vec::with_capacity(records.len());
+    for (offset, ts, r) in records {
+        let key = r.key().map(|k| b.create_vector(k.bytes()));
+        let value = r.value().map(|v| b.create_vector(v.bytes()));
+        let headers = r.headers().map(|hs| {
+            let hs: Vec<_> = hs
+                .iter()
+                .map(|h| {
+                    let k = b.create_string(h.key());
+                    let v = h.value().map(|v| b.create_vector(v.bytes()));
+                    fb::Header::create(
+                        &mut b,
+                        &fb::HeaderArgs {
+                            key: Some(k),
+                            value: v,
+                        },
+                    )
+                })
+                .collect();
+            b.create_vector(&hs)
+        });
+        offs.push(fb::FetchedRecord::create(
+            &mut b,
+            &fb::FetchedRecordArgs {
+                offset: *offset,
+                timestamp_ms: *ts,
+                key,
+                value,
+                headers,
+            },
+        ));
+    }
+    let recs = b.create_vector(&offs);
+    let f = fb::FetchResponse::create(
+        &mut b,
+        &fb::FetchResponseArgs {
+            partition: pos.partition,
+            log_start: pos.log_start,
+            log_end: pos.log_end,
+            next_offset: pos.next_offset,
+            batches: None,
+            records: Some(recs),
+        },
+    );
+    finish(
+        b,
+        correlation_id,
+        fb::Body::FetchResponse,
+        f.as_union_value(),
+    )
+}
+
+/// Records of a filtered fetch response.
+pub fn decode_filtered_records(
+    v: flatbuffers::Vector<'_, flatbuffers::ForwardsUOffset<fb::FetchedRecord<'_>>>,
+) -> Vec<RecordOut> {
+    v.iter()
+        .map(|r| RecordOut {
+            offset: r.offset(),
+            key: r.key().map(|k| k.bytes().to_vec()),
+            value: r.value().map(|v| v.bytes().to_vec()).unwrap_or_default(),
+            headers: r
+                .headers()
+                .map(|hs| {
+                    hs.iter()
+                        .map(|h| {
+                            (
+                                h.key().to_string(),
+                                h.value().map(|v| v.bytes().to_vec()).unwrap_or_default(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            timestamp_ms: r.timestamp_ms(),
+        })
+        .collect()
 }
 
 #[cfg(test)]

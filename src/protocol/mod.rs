@@ -19,6 +19,7 @@ mod ringmq_generated;
 
 pub mod codec;
 pub mod groups;
+pub mod multicast;
 pub mod partitioner;
 
 pub use codec::*;

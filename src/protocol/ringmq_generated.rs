@@ -185,10 +185,10 @@ impl ::flatbuffers::SimpleToVerifyInSlice for ErrorCode {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_BODY: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_BODY: u8 = 28;
+pub const ENUM_MAX_BODY: u8 = 32;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_BODY: [Body; 29] = [
+pub const ENUM_VALUES_BODY: [Body; 33] = [
   Body::NONE,
   Body::Handshake,
   Body::HandshakeResponse,
@@ -218,6 +218,10 @@ pub const ENUM_VALUES_BODY: [Body; 29] = [
   Body::DescribeGroupResponse,
   Body::ListOffset,
   Body::ListOffsetResponse,
+  Body::MulticastProduce,
+  Body::MulticastProduceResponse,
+  Body::Stats,
+  Body::StatsResponse,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -254,9 +258,13 @@ impl Body {
   pub const DescribeGroupResponse: Self = Self(26);
   pub const ListOffset: Self = Self(27);
   pub const ListOffsetResponse: Self = Self(28);
+  pub const MulticastProduce: Self = Self(29);
+  pub const MulticastProduceResponse: Self = Self(30);
+  pub const Stats: Self = Self(31);
+  pub const StatsResponse: Self = Self(32);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 28;
+  pub const ENUM_MAX: u8 = 32;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::Handshake,
@@ -287,6 +295,10 @@ impl Body {
     Self::DescribeGroupResponse,
     Self::ListOffset,
     Self::ListOffsetResponse,
+    Self::MulticastProduce,
+    Self::MulticastProduceResponse,
+    Self::Stats,
+    Self::StatsResponse,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -320,6 +332,10 @@ impl Body {
       Self::DescribeGroupResponse => Some("DescribeGroupResponse"),
       Self::ListOffset => Some("ListOffset"),
       Self::ListOffsetResponse => Some("ListOffsetResponse"),
+      Self::MulticastProduce => Some("MulticastProduce"),
+      Self::MulticastProduceResponse => Some("MulticastProduceResponse"),
+      Self::Stats => Some("Stats"),
+      Self::StatsResponse => Some("StatsResponse"),
       _ => None,
     }
   }
@@ -2266,6 +2282,7 @@ impl<'a> Fetch<'a> {
   pub const VT_OFFSET: ::flatbuffers::VOffsetT = 8;
   pub const VT_MAX_BYTES: ::flatbuffers::VOffsetT = 10;
   pub const VT_MAX_WAIT_MS: ::flatbuffers::VOffsetT = 12;
+  pub const VT_FILTER: ::flatbuffers::VOffsetT = 14;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -2278,6 +2295,7 @@ impl<'a> Fetch<'a> {
   ) -> ::flatbuffers::WIPOffset<Fetch<'bldr>> {
     let mut builder = FetchBuilder::new(_fbb);
     builder.add_offset(args.offset);
+    if let Some(x) = args.filter { builder.add_filter(x); }
     builder.add_max_wait_ms(args.max_wait_ms);
     builder.add_max_bytes(args.max_bytes);
     builder.add_partition(args.partition);
@@ -2323,6 +2341,16 @@ impl<'a> Fetch<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u32>(Fetch::VT_MAX_WAIT_MS, Some(0)).unwrap()}
   }
+  /// Optional content filter (see README "Filters"), evaluated on the broker. With a filter
+  /// the response carries matching `records` instead of `batches`, and `next_offset` moves past
+  /// messages that did not match.
+  #[inline]
+  pub fn filter(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Fetch::VT_FILTER, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Fetch<'_> {
@@ -2336,6 +2364,7 @@ impl ::flatbuffers::Verifiable for Fetch<'_> {
      .visit_field::<u64>("offset", Self::VT_OFFSET, false)?
      .visit_field::<u32>("max_bytes", Self::VT_MAX_BYTES, false)?
      .visit_field::<u32>("max_wait_ms", Self::VT_MAX_WAIT_MS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("filter", Self::VT_FILTER, false)?
      .finish();
     Ok(())
   }
@@ -2346,6 +2375,7 @@ pub struct FetchArgs<'a> {
     pub offset: u64,
     pub max_bytes: u32,
     pub max_wait_ms: u32,
+    pub filter: Option<::flatbuffers::WIPOffset<&'a str>>,
 }
 impl<'a> Default for FetchArgs<'a> {
   #[inline]
@@ -2356,6 +2386,7 @@ impl<'a> Default for FetchArgs<'a> {
       offset: 0,
       max_bytes: 1048576,
       max_wait_ms: 0,
+      filter: None,
     }
   }
 }
@@ -2386,6 +2417,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> FetchBuilder<'a, 'b, A> {
     self.fbb_.push_slot::<u32>(Fetch::VT_MAX_WAIT_MS, max_wait_ms, 0);
   }
   #[inline]
+  pub fn add_filter(&mut self, filter: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Fetch::VT_FILTER, filter);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> FetchBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     FetchBuilder {
@@ -2409,6 +2444,7 @@ impl ::core::fmt::Debug for Fetch<'_> {
       ds.field("offset", &self.offset());
       ds.field("max_bytes", &self.max_bytes());
       ds.field("max_wait_ms", &self.max_wait_ms());
+      ds.field("filter", &self.filter());
       ds.finish()
   }
 }
@@ -2433,6 +2469,7 @@ impl<'a> FetchResponse<'a> {
   pub const VT_LOG_END: ::flatbuffers::VOffsetT = 8;
   pub const VT_NEXT_OFFSET: ::flatbuffers::VOffsetT = 10;
   pub const VT_BATCHES: ::flatbuffers::VOffsetT = 12;
+  pub const VT_RECORDS: ::flatbuffers::VOffsetT = 14;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -2447,6 +2484,7 @@ impl<'a> FetchResponse<'a> {
     builder.add_next_offset(args.next_offset);
     builder.add_log_end(args.log_end);
     builder.add_log_start(args.log_start);
+    if let Some(x) = args.records { builder.add_records(x); }
     if let Some(x) = args.batches { builder.add_batches(x); }
     builder.add_partition(args.partition);
     builder.finish()
@@ -2496,6 +2534,14 @@ impl<'a> FetchResponse<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(FetchResponse::VT_BATCHES, None)}
   }
+  /// With a filter: the matching records (offset order).
+  #[inline]
+  pub fn records(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<FetchedRecord<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<FetchedRecord>>>>(FetchResponse::VT_RECORDS, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for FetchResponse<'_> {
@@ -2509,6 +2555,7 @@ impl ::flatbuffers::Verifiable for FetchResponse<'_> {
      .visit_field::<u64>("log_end", Self::VT_LOG_END, false)?
      .visit_field::<u64>("next_offset", Self::VT_NEXT_OFFSET, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("batches", Self::VT_BATCHES, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<FetchedRecord>>>>("records", Self::VT_RECORDS, false)?
      .finish();
     Ok(())
   }
@@ -2519,6 +2566,7 @@ pub struct FetchResponseArgs<'a> {
     pub log_end: u64,
     pub next_offset: u64,
     pub batches: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+    pub records: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<FetchedRecord<'a>>>>>,
 }
 impl<'a> Default for FetchResponseArgs<'a> {
   #[inline]
@@ -2529,6 +2577,7 @@ impl<'a> Default for FetchResponseArgs<'a> {
       log_end: 0,
       next_offset: 0,
       batches: None,
+      records: None,
     }
   }
 }
@@ -2559,6 +2608,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> FetchResponseBuilder<'a, 'b, 
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(FetchResponse::VT_BATCHES, batches);
   }
   #[inline]
+  pub fn add_records(&mut self, records: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<FetchedRecord<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(FetchResponse::VT_RECORDS, records);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> FetchResponseBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     FetchResponseBuilder {
@@ -2581,6 +2634,172 @@ impl ::core::fmt::Debug for FetchResponse<'_> {
       ds.field("log_end", &self.log_end());
       ds.field("next_offset", &self.next_offset());
       ds.field("batches", &self.batches());
+      ds.field("records", &self.records());
+      ds.finish()
+  }
+}
+pub enum FetchedRecordOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// A record with its offset (filtered fetches).
+pub struct FetchedRecord<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for FetchedRecord<'a> {
+  type Inner = FetchedRecord<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> FetchedRecord<'a> {
+  pub const VT_OFFSET: ::flatbuffers::VOffsetT = 4;
+  pub const VT_TIMESTAMP_MS: ::flatbuffers::VOffsetT = 6;
+  pub const VT_KEY: ::flatbuffers::VOffsetT = 8;
+  pub const VT_VALUE: ::flatbuffers::VOffsetT = 10;
+  pub const VT_HEADERS: ::flatbuffers::VOffsetT = 12;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    FetchedRecord { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args FetchedRecordArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<FetchedRecord<'bldr>> {
+    let mut builder = FetchedRecordBuilder::new(_fbb);
+    builder.add_timestamp_ms(args.timestamp_ms);
+    builder.add_offset(args.offset);
+    if let Some(x) = args.headers { builder.add_headers(x); }
+    if let Some(x) = args.value { builder.add_value(x); }
+    if let Some(x) = args.key { builder.add_key(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn offset(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(FetchedRecord::VT_OFFSET, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn timestamp_ms(&self) -> i64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<i64>(FetchedRecord::VT_TIMESTAMP_MS, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn key(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(FetchedRecord::VT_KEY, None)}
+  }
+  #[inline]
+  pub fn value(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(FetchedRecord::VT_VALUE, None)}
+  }
+  #[inline]
+  pub fn headers(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Header<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Header>>>>(FetchedRecord::VT_HEADERS, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for FetchedRecord<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("offset", Self::VT_OFFSET, false)?
+     .visit_field::<i64>("timestamp_ms", Self::VT_TIMESTAMP_MS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("key", Self::VT_KEY, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("value", Self::VT_VALUE, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<Header>>>>("headers", Self::VT_HEADERS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct FetchedRecordArgs<'a> {
+    pub offset: u64,
+    pub timestamp_ms: i64,
+    pub key: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+    pub value: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+    pub headers: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Header<'a>>>>>,
+}
+impl<'a> Default for FetchedRecordArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    FetchedRecordArgs {
+      offset: 0,
+      timestamp_ms: 0,
+      key: None,
+      value: None,
+      headers: None,
+    }
+  }
+}
+
+pub struct FetchedRecordBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> FetchedRecordBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_offset(&mut self, offset: u64) {
+    self.fbb_.push_slot::<u64>(FetchedRecord::VT_OFFSET, offset, 0);
+  }
+  #[inline]
+  pub fn add_timestamp_ms(&mut self, timestamp_ms: i64) {
+    self.fbb_.push_slot::<i64>(FetchedRecord::VT_TIMESTAMP_MS, timestamp_ms, 0);
+  }
+  #[inline]
+  pub fn add_key(&mut self, key: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(FetchedRecord::VT_KEY, key);
+  }
+  #[inline]
+  pub fn add_value(&mut self, value: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(FetchedRecord::VT_VALUE, value);
+  }
+  #[inline]
+  pub fn add_headers(&mut self, headers: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<Header<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(FetchedRecord::VT_HEADERS, headers);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> FetchedRecordBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    FetchedRecordBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<FetchedRecord<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for FetchedRecord<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("FetchedRecord");
+      ds.field("offset", &self.offset());
+      ds.field("timestamp_ms", &self.timestamp_ms());
+      ds.field("key", &self.key());
+      ds.field("value", &self.value());
+      ds.field("headers", &self.headers());
       ds.finish()
   }
 }
@@ -4844,6 +5063,904 @@ impl ::core::fmt::Debug for ListOffsetResponse<'_> {
       ds.finish()
   }
 }
+pub enum DestinationOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// One destination of a multicast.
+pub struct Destination<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Destination<'a> {
+  type Inner = Destination<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Destination<'a> {
+  pub const VT_TOPIC: ::flatbuffers::VOffsetT = 4;
+  pub const VT_PARTITION: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Destination { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args DestinationArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<Destination<'bldr>> {
+    let mut builder = DestinationBuilder::new(_fbb);
+    builder.add_partition(args.partition);
+    if let Some(x) = args.topic { builder.add_topic(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn topic(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Destination::VT_TOPIC, None).unwrap()}
+  }
+  /// -1 = choose (by key, else round-robin).
+  #[inline]
+  pub fn partition(&self) -> i32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<i32>(Destination::VT_PARTITION, Some(-1)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Destination<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("topic", Self::VT_TOPIC, true)?
+     .visit_field::<i32>("partition", Self::VT_PARTITION, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct DestinationArgs<'a> {
+    pub topic: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub partition: i32,
+}
+impl<'a> Default for DestinationArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    DestinationArgs {
+      topic: None, // required field
+      partition: -1,
+    }
+  }
+}
+
+pub struct DestinationBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> DestinationBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_topic(&mut self, topic: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Destination::VT_TOPIC, topic);
+  }
+  #[inline]
+  pub fn add_partition(&mut self, partition: i32) {
+    self.fbb_.push_slot::<i32>(Destination::VT_PARTITION, partition, -1);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> DestinationBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    DestinationBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Destination<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, Destination::VT_TOPIC,"topic");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Destination<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Destination");
+      ds.field("topic", &self.topic());
+      ds.field("partition", &self.partition());
+      ds.finish()
+  }
+}
+pub enum MulticastProduceOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Appends one batch to several topics. One copy crosses to each shard owning some
+/// destinations; each destination succeeds or fails on its own.
+pub struct MulticastProduce<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for MulticastProduce<'a> {
+  type Inner = MulticastProduce<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> MulticastProduce<'a> {
+  pub const VT_DESTINATIONS: ::flatbuffers::VOffsetT = 4;
+  pub const VT_KEY: ::flatbuffers::VOffsetT = 6;
+  pub const VT_BATCH: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    MulticastProduce { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args MulticastProduceArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<MulticastProduce<'bldr>> {
+    let mut builder = MulticastProduceBuilder::new(_fbb);
+    if let Some(x) = args.batch { builder.add_batch(x); }
+    if let Some(x) = args.key { builder.add_key(x); }
+    if let Some(x) = args.destinations { builder.add_destinations(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn destinations(&self) -> ::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Destination<'a>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Destination>>>>(MulticastProduce::VT_DESTINATIONS, None).unwrap()}
+  }
+  #[inline]
+  pub fn key(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(MulticastProduce::VT_KEY, None)}
+  }
+  #[inline]
+  pub fn batch(&self) -> ::flatbuffers::Vector<'a, u8> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(MulticastProduce::VT_BATCH, None).unwrap()}
+  }
+  pub fn batch_nested_flatbuffer(&'a self) -> RecordBatch<'a> {
+    let data = self.batch();
+    use ::flatbuffers::Follow;
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid flatbuffer in this slot
+    unsafe { <::flatbuffers::ForwardsUOffset<RecordBatch<'a>>>::follow(data.bytes(), 0) }
+  }
+}
+
+impl ::flatbuffers::Verifiable for MulticastProduce<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<Destination>>>>("destinations", Self::VT_DESTINATIONS, true)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("key", Self::VT_KEY, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("batch", Self::VT_BATCH, true)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct MulticastProduceArgs<'a> {
+    pub destinations: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Destination<'a>>>>>,
+    pub key: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+    pub batch: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+}
+impl<'a> Default for MulticastProduceArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    MulticastProduceArgs {
+      destinations: None, // required field
+      key: None,
+      batch: None, // required field
+    }
+  }
+}
+
+pub struct MulticastProduceBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> MulticastProduceBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_destinations(&mut self, destinations: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<Destination<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(MulticastProduce::VT_DESTINATIONS, destinations);
+  }
+  #[inline]
+  pub fn add_key(&mut self, key: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(MulticastProduce::VT_KEY, key);
+  }
+  #[inline]
+  pub fn add_batch(&mut self, batch: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(MulticastProduce::VT_BATCH, batch);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> MulticastProduceBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    MulticastProduceBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<MulticastProduce<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, MulticastProduce::VT_DESTINATIONS,"destinations");
+    self.fbb_.required(o, MulticastProduce::VT_BATCH,"batch");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for MulticastProduce<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("MulticastProduce");
+      ds.field("destinations", &self.destinations());
+      ds.field("key", &self.key());
+      ds.field("batch", &self.batch());
+      ds.finish()
+  }
+}
+pub enum DestinationResultOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct DestinationResult<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for DestinationResult<'a> {
+  type Inner = DestinationResult<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> DestinationResult<'a> {
+  pub const VT_TOPIC: ::flatbuffers::VOffsetT = 4;
+  pub const VT_PARTITION: ::flatbuffers::VOffsetT = 6;
+  pub const VT_BASE_OFFSET: ::flatbuffers::VOffsetT = 8;
+  pub const VT_RECORD_COUNT: ::flatbuffers::VOffsetT = 10;
+  pub const VT_ERROR_CODE: ::flatbuffers::VOffsetT = 12;
+  pub const VT_ERROR_MESSAGE: ::flatbuffers::VOffsetT = 14;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    DestinationResult { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args DestinationResultArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<DestinationResult<'bldr>> {
+    let mut builder = DestinationResultBuilder::new(_fbb);
+    builder.add_base_offset(args.base_offset);
+    if let Some(x) = args.error_message { builder.add_error_message(x); }
+    builder.add_record_count(args.record_count);
+    builder.add_partition(args.partition);
+    if let Some(x) = args.topic { builder.add_topic(x); }
+    builder.add_error_code(args.error_code);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn topic(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(DestinationResult::VT_TOPIC, None)}
+  }
+  #[inline]
+  pub fn partition(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(DestinationResult::VT_PARTITION, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn base_offset(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(DestinationResult::VT_BASE_OFFSET, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn record_count(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(DestinationResult::VT_RECORD_COUNT, Some(0)).unwrap()}
+  }
+  /// None (0) on success.
+  #[inline]
+  pub fn error_code(&self) -> ErrorCode {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<ErrorCode>(DestinationResult::VT_ERROR_CODE, Some(ErrorCode::None)).unwrap()}
+  }
+  #[inline]
+  pub fn error_message(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(DestinationResult::VT_ERROR_MESSAGE, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for DestinationResult<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("topic", Self::VT_TOPIC, false)?
+     .visit_field::<u32>("partition", Self::VT_PARTITION, false)?
+     .visit_field::<u64>("base_offset", Self::VT_BASE_OFFSET, false)?
+     .visit_field::<u32>("record_count", Self::VT_RECORD_COUNT, false)?
+     .visit_field::<ErrorCode>("error_code", Self::VT_ERROR_CODE, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("error_message", Self::VT_ERROR_MESSAGE, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct DestinationResultArgs<'a> {
+    pub topic: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub partition: u32,
+    pub base_offset: u64,
+    pub record_count: u32,
+    pub error_code: ErrorCode,
+    pub error_message: Option<::flatbuffers::WIPOffset<&'a str>>,
+}
+impl<'a> Default for DestinationResultArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    DestinationResultArgs {
+      topic: None,
+      partition: 0,
+      base_offset: 0,
+      record_count: 0,
+      error_code: ErrorCode::None,
+      error_message: None,
+    }
+  }
+}
+
+pub struct DestinationResultBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> DestinationResultBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_topic(&mut self, topic: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(DestinationResult::VT_TOPIC, topic);
+  }
+  #[inline]
+  pub fn add_partition(&mut self, partition: u32) {
+    self.fbb_.push_slot::<u32>(DestinationResult::VT_PARTITION, partition, 0);
+  }
+  #[inline]
+  pub fn add_base_offset(&mut self, base_offset: u64) {
+    self.fbb_.push_slot::<u64>(DestinationResult::VT_BASE_OFFSET, base_offset, 0);
+  }
+  #[inline]
+  pub fn add_record_count(&mut self, record_count: u32) {
+    self.fbb_.push_slot::<u32>(DestinationResult::VT_RECORD_COUNT, record_count, 0);
+  }
+  #[inline]
+  pub fn add_error_code(&mut self, error_code: ErrorCode) {
+    self.fbb_.push_slot::<ErrorCode>(DestinationResult::VT_ERROR_CODE, error_code, ErrorCode::None);
+  }
+  #[inline]
+  pub fn add_error_message(&mut self, error_message: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(DestinationResult::VT_ERROR_MESSAGE, error_message);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> DestinationResultBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    DestinationResultBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<DestinationResult<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for DestinationResult<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("DestinationResult");
+      ds.field("topic", &self.topic());
+      ds.field("partition", &self.partition());
+      ds.field("base_offset", &self.base_offset());
+      ds.field("record_count", &self.record_count());
+      ds.field("error_code", &self.error_code());
+      ds.field("error_message", &self.error_message());
+      ds.finish()
+  }
+}
+pub enum MulticastProduceResponseOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct MulticastProduceResponse<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for MulticastProduceResponse<'a> {
+  type Inner = MulticastProduceResponse<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> MulticastProduceResponse<'a> {
+  pub const VT_RESULTS: ::flatbuffers::VOffsetT = 4;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    MulticastProduceResponse { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args MulticastProduceResponseArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<MulticastProduceResponse<'bldr>> {
+    let mut builder = MulticastProduceResponseBuilder::new(_fbb);
+    if let Some(x) = args.results { builder.add_results(x); }
+    builder.finish()
+  }
+
+
+  /// One per destination, in request order.
+  #[inline]
+  pub fn results(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<DestinationResult<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<DestinationResult>>>>(MulticastProduceResponse::VT_RESULTS, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for MulticastProduceResponse<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<DestinationResult>>>>("results", Self::VT_RESULTS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct MulticastProduceResponseArgs<'a> {
+    pub results: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<DestinationResult<'a>>>>>,
+}
+impl<'a> Default for MulticastProduceResponseArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    MulticastProduceResponseArgs {
+      results: None,
+    }
+  }
+}
+
+pub struct MulticastProduceResponseBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> MulticastProduceResponseBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_results(&mut self, results: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<DestinationResult<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(MulticastProduceResponse::VT_RESULTS, results);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> MulticastProduceResponseBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    MulticastProduceResponseBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<MulticastProduceResponse<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for MulticastProduceResponse<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("MulticastProduceResponse");
+      ds.field("results", &self.results());
+      ds.finish()
+  }
+}
+pub enum StatsOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Per-shard counters.
+pub struct Stats<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Stats<'a> {
+  type Inner = Stats<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Stats<'a> {
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Stats { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    _args: &'args StatsArgs
+  ) -> ::flatbuffers::WIPOffset<Stats<'bldr>> {
+    let mut builder = StatsBuilder::new(_fbb);
+    builder.finish()
+  }
+
+}
+
+impl ::flatbuffers::Verifiable for Stats<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct StatsArgs {
+}
+impl<'a> Default for StatsArgs {
+  #[inline]
+  fn default() -> Self {
+    StatsArgs {
+    }
+  }
+}
+
+pub struct StatsBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> StatsBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> StatsBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    StatsBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Stats<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Stats<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Stats");
+      ds.finish()
+  }
+}
+pub enum ShardStatsOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct ShardStats<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for ShardStats<'a> {
+  type Inner = ShardStats<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> ShardStats<'a> {
+  pub const VT_SHARD: ::flatbuffers::VOffsetT = 4;
+  pub const VT_FORWARDS: ::flatbuffers::VOffsetT = 6;
+  pub const VT_MULTICAST_COPIES: ::flatbuffers::VOffsetT = 8;
+  pub const VT_REPLIES: ::flatbuffers::VOffsetT = 10;
+  pub const VT_META: ::flatbuffers::VOffsetT = 12;
+  pub const VT_FANOUT_APPENDS: ::flatbuffers::VOffsetT = 14;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    ShardStats { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ShardStatsArgs
+  ) -> ::flatbuffers::WIPOffset<ShardStats<'bldr>> {
+    let mut builder = ShardStatsBuilder::new(_fbb);
+    builder.add_fanout_appends(args.fanout_appends);
+    builder.add_meta(args.meta);
+    builder.add_replies(args.replies);
+    builder.add_multicast_copies(args.multicast_copies);
+    builder.add_forwards(args.forwards);
+    builder.add_shard(args.shard);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn shard(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(ShardStats::VT_SHARD, Some(0)).unwrap()}
+  }
+  /// Envelopes carrying a client request to another shard.
+  #[inline]
+  pub fn forwards(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ShardStats::VT_FORWARDS, Some(0)).unwrap()}
+  }
+  /// Multicast batch copies sent to another shard (one per shard, not per destination).
+  #[inline]
+  pub fn multicast_copies(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ShardStats::VT_MULTICAST_COPIES, Some(0)).unwrap()}
+  }
+  /// Replies sent back to another shard.
+  #[inline]
+  pub fn replies(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ShardStats::VT_REPLIES, Some(0)).unwrap()}
+  }
+  /// Topic-table changes broadcast.
+  #[inline]
+  pub fn meta(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ShardStats::VT_META, Some(0)).unwrap()}
+  }
+  /// Destination appends made here from multicasts (local fan-out, no copy).
+  #[inline]
+  pub fn fanout_appends(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ShardStats::VT_FANOUT_APPENDS, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for ShardStats<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u32>("shard", Self::VT_SHARD, false)?
+     .visit_field::<u64>("forwards", Self::VT_FORWARDS, false)?
+     .visit_field::<u64>("multicast_copies", Self::VT_MULTICAST_COPIES, false)?
+     .visit_field::<u64>("replies", Self::VT_REPLIES, false)?
+     .visit_field::<u64>("meta", Self::VT_META, false)?
+     .visit_field::<u64>("fanout_appends", Self::VT_FANOUT_APPENDS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ShardStatsArgs {
+    pub shard: u32,
+    pub forwards: u64,
+    pub multicast_copies: u64,
+    pub replies: u64,
+    pub meta: u64,
+    pub fanout_appends: u64,
+}
+impl<'a> Default for ShardStatsArgs {
+  #[inline]
+  fn default() -> Self {
+    ShardStatsArgs {
+      shard: 0,
+      forwards: 0,
+      multicast_copies: 0,
+      replies: 0,
+      meta: 0,
+      fanout_appends: 0,
+    }
+  }
+}
+
+pub struct ShardStatsBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ShardStatsBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_shard(&mut self, shard: u32) {
+    self.fbb_.push_slot::<u32>(ShardStats::VT_SHARD, shard, 0);
+  }
+  #[inline]
+  pub fn add_forwards(&mut self, forwards: u64) {
+    self.fbb_.push_slot::<u64>(ShardStats::VT_FORWARDS, forwards, 0);
+  }
+  #[inline]
+  pub fn add_multicast_copies(&mut self, multicast_copies: u64) {
+    self.fbb_.push_slot::<u64>(ShardStats::VT_MULTICAST_COPIES, multicast_copies, 0);
+  }
+  #[inline]
+  pub fn add_replies(&mut self, replies: u64) {
+    self.fbb_.push_slot::<u64>(ShardStats::VT_REPLIES, replies, 0);
+  }
+  #[inline]
+  pub fn add_meta(&mut self, meta: u64) {
+    self.fbb_.push_slot::<u64>(ShardStats::VT_META, meta, 0);
+  }
+  #[inline]
+  pub fn add_fanout_appends(&mut self, fanout_appends: u64) {
+    self.fbb_.push_slot::<u64>(ShardStats::VT_FANOUT_APPENDS, fanout_appends, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ShardStatsBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ShardStatsBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ShardStats<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ShardStats<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ShardStats");
+      ds.field("shard", &self.shard());
+      ds.field("forwards", &self.forwards());
+      ds.field("multicast_copies", &self.multicast_copies());
+      ds.field("replies", &self.replies());
+      ds.field("meta", &self.meta());
+      ds.field("fanout_appends", &self.fanout_appends());
+      ds.finish()
+  }
+}
+pub enum StatsResponseOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct StatsResponse<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for StatsResponse<'a> {
+  type Inner = StatsResponse<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> StatsResponse<'a> {
+  pub const VT_SHARDS: ::flatbuffers::VOffsetT = 4;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    StatsResponse { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args StatsResponseArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<StatsResponse<'bldr>> {
+    let mut builder = StatsResponseBuilder::new(_fbb);
+    if let Some(x) = args.shards { builder.add_shards(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn shards(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ShardStats<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ShardStats>>>>(StatsResponse::VT_SHARDS, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for StatsResponse<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<ShardStats>>>>("shards", Self::VT_SHARDS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct StatsResponseArgs<'a> {
+    pub shards: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ShardStats<'a>>>>>,
+}
+impl<'a> Default for StatsResponseArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    StatsResponseArgs {
+      shards: None,
+    }
+  }
+}
+
+pub struct StatsResponseBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> StatsResponseBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_shards(&mut self, shards: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<ShardStats<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(StatsResponse::VT_SHARDS, shards);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> StatsResponseBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    StatsResponseBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<StatsResponse<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for StatsResponse<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("StatsResponse");
+      ds.field("shards", &self.shards());
+      ds.finish()
+  }
+}
 pub enum FrameOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -5323,6 +6440,66 @@ impl<'a> Frame<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_multicast_produce(&self) -> Option<MulticastProduce<'a>> {
+    if self.body_type() == Body::MulticastProduce {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { MulticastProduce::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_multicast_produce_response(&self) -> Option<MulticastProduceResponse<'a>> {
+    if self.body_type() == Body::MulticastProduceResponse {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { MulticastProduceResponse::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_stats(&self) -> Option<Stats<'a>> {
+    if self.body_type() == Body::Stats {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { Stats::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_stats_response(&self) -> Option<StatsResponse<'a>> {
+    if self.body_type() == Body::StatsResponse {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { StatsResponse::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for Frame<'_> {
@@ -5362,6 +6539,10 @@ impl ::flatbuffers::Verifiable for Frame<'_> {
           Body::DescribeGroupResponse => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<DescribeGroupResponse>>("Body::DescribeGroupResponse", pos),
           Body::ListOffset => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ListOffset>>("Body::ListOffset", pos),
           Body::ListOffsetResponse => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ListOffsetResponse>>("Body::ListOffsetResponse", pos),
+          Body::MulticastProduce => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<MulticastProduce>>("Body::MulticastProduce", pos),
+          Body::MulticastProduceResponse => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<MulticastProduceResponse>>("Body::MulticastProduceResponse", pos),
+          Body::Stats => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Stats>>("Body::Stats", pos),
+          Body::StatsResponse => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<StatsResponse>>("Body::StatsResponse", pos),
           _ => Ok(()),
         }
      })?
@@ -5614,6 +6795,34 @@ impl ::core::fmt::Debug for Frame<'_> {
         },
         Body::ListOffsetResponse => {
           if let Some(x) = self.body_as_list_offset_response() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::MulticastProduce => {
+          if let Some(x) = self.body_as_multicast_produce() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::MulticastProduceResponse => {
+          if let Some(x) = self.body_as_multicast_produce_response() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::Stats => {
+          if let Some(x) = self.body_as_stats() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::StatsResponse => {
+          if let Some(x) = self.body_as_stats_response() {
             ds.field("body", &x)
           } else {
             ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")

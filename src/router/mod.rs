@@ -12,6 +12,7 @@ use bytes::Bytes;
 use glommio::channels::channel_mesh::Senders;
 
 use crate::metadata::MetaChange;
+use crate::protocol::multicast::DestResult;
 use crate::runtime::oneshot;
 
 /// What travels between shards.
@@ -35,6 +36,18 @@ pub enum Envelope {
     },
     /// The answer to `Meta`: `None` or why applying failed on that shard.
     Ack { req_id: u64, error: Option<String> },
+    /// One copy of a multicast batch (the verified frame) for the receiver's destinations.
+    Multicast {
+        from: usize,
+        req_id: u64,
+        frame: Bytes,
+        dests: Vec<(String, u32)>,
+    },
+    /// Per-destination outcomes of a `Multicast`, in its order.
+    MulticastResult {
+        req_id: u64,
+        results: Vec<DestResult>,
+    },
 }
 
 impl Envelope {
@@ -43,7 +56,9 @@ impl Envelope {
             Self::Request { req_id, .. }
             | Self::Response { req_id, .. }
             | Self::Meta { req_id, .. }
-            | Self::Ack { req_id, .. } => *req_id,
+            | Self::Ack { req_id, .. }
+            | Self::Multicast { req_id, .. }
+            | Self::MulticastResult { req_id, .. } => *req_id,
         }
     }
 }
@@ -52,6 +67,7 @@ impl Envelope {
 #[derive(Debug, Default)]
 pub struct CopyCounters {
     pub forwards: Cell<u64>,
+    pub multicast: Cell<u64>,
     pub replies: Cell<u64>,
     pub meta: Cell<u64>,
 }
@@ -98,6 +114,7 @@ impl Router {
         match &env {
             Envelope::Request { .. } => bump(&self.copies.forwards),
             Envelope::Meta { .. } => bump(&self.copies.meta),
+            Envelope::Multicast { .. } => bump(&self.copies.multicast),
             _ => {}
         }
         if let Err(e) = self.senders.send_to(to, env).await {

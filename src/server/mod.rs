@@ -255,6 +255,8 @@ async fn dispatch(shard: &Rc<Shard>, corr: u64, body: fb::Body, frame: Bytes) ->
                 None => None,
             },
             (fb::Body::ListGroups, Some(_)) => return list_groups_fanout(shard, corr, frame).await,
+            (fb::Body::Stats, Some(_)) => return stats_fanout(shard, corr, frame).await,
+            (fb::Body::MulticastProduce, Some(_)) => return multicast(shard, corr, frame).await,
             (
                 fb::Body::JoinGroup
                 | fb::Body::Heartbeat
@@ -351,6 +353,131 @@ async fn metadata_fanout(shard: &Rc<Shard>, corr: u64, frame: Bytes) -> Pending 
             m.partitions.sort_by_key(|p| p.partition);
         }
         proto::encode_metadata_response(corr, &merged)
+    })
+}
+
+/// Every shard's counters, merged.
+async fn stats_fanout(shard: &Rc<Shard>, corr: u64, frame: Bytes) -> Pending {
+    let mut replies = Vec::new();
+    for s in 0..shard.count() {
+        if s == shard.id() {
+            let local = shard.stats_local(corr);
+            replies.push(Box::pin(async move { local }) as Pending);
+        } else {
+            replies.push(forward(shard, s, 0, frame.clone(), corr).await);
+        }
+    }
+    Box::pin(async move {
+        let mut all = Vec::new();
+        for r in replies {
+            let bytes = r.await;
+            if let Some(x) = proto::verify_frame(&bytes[proto::LEN_PREFIX_BYTES.min(bytes.len())..])
+                .ok()
+                .and_then(|f| f.body_as_stats_response())
+            {
+                all.extend(proto::multicast::decode_stats_response(x));
+            }
+        }
+        all.sort_by_key(|s| s.shard);
+        proto::multicast::encode_stats_response(corr, &all)
+    })
+}
+
+/// A multicast: resolve each destination, send ONE copy of the frame to each other shard that
+/// owns some destinations (with its list), append locally to ours, and gather per-destination
+/// results in request order.
+async fn multicast(shard: &Rc<Shard>, corr: u64, frame: Bytes) -> Pending {
+    use proto::multicast::DestResult;
+    use std::collections::BTreeMap;
+    let mut results: Vec<Option<DestResult>> = Vec::new();
+    let mut by_shard: BTreeMap<usize, Vec<(usize, String, u32)>> = BTreeMap::new();
+    {
+        let Some(m) = proto::verify_frame(&frame)
+            .ok()
+            .and_then(|f| f.body_as_multicast_produce())
+        else {
+            let e = proto::encode_error(corr, fb::ErrorCode::Malformed, "not a multicast");
+            return Box::pin(async move { e });
+        };
+        let key = m.key().map(|k| k.bytes());
+        for (i, d) in m.destinations().iter().enumerate() {
+            let partition = (d.partition() >= 0).then_some(d.partition() as u32);
+            results.push(None);
+            match shard.route_destination(d.topic(), partition, key) {
+                Ok((p, owner)) => {
+                    by_shard
+                        .entry(owner)
+                        .or_default()
+                        .push((i, d.topic().to_string(), p))
+                }
+                Err((code, msg)) => {
+                    results[i] = Some(DestResult {
+                        topic: d.topic().to_string(),
+                        partition: partition.unwrap_or(0),
+                        outcome: Err((code.0, msg)),
+                    })
+                }
+            }
+        }
+    }
+    let mut waits: Vec<(Vec<usize>, crate::shard::pubsub::PendingResults)> = Vec::new();
+    for (owner, dests) in by_shard {
+        let idx: Vec<usize> = dests.iter().map(|d| d.0).collect();
+        let list: Vec<(String, u32)> = dests.into_iter().map(|d| (d.1, d.2)).collect();
+        if owner == shard.id() {
+            waits.push((idx, shard.multicast_start(frame.clone(), list).await));
+            continue;
+        }
+        let from = shard.id();
+        let f = frame.clone();
+        let rx = shard
+            .router
+            .call(owner, move |req_id| Envelope::Multicast {
+                from,
+                req_id,
+                frame: f,
+                dests: list.clone(),
+            })
+            .await;
+        let n = idx.len();
+        waits.push((
+            idx,
+            Box::pin(async move {
+                match rx {
+                    Ok(rx) => match rx.await {
+                        Some(Envelope::MulticastResult { results, .. }) => results,
+                        _ => vec![
+                            DestResult {
+                                topic: String::new(),
+                                partition: 0,
+                                outcome: Err((
+                                    fb::ErrorCode::Internal.0,
+                                    "owning shard did not reply".into()
+                                ))
+                            };
+                            n
+                        ],
+                    },
+                    Err(e) => vec![
+                        DestResult {
+                            topic: String::new(),
+                            partition: 0,
+                            outcome: Err((fb::ErrorCode::Internal.0, e))
+                        };
+                        n
+                    ],
+                }
+            }),
+        ));
+    }
+    Box::pin(async move {
+        for (idx, w) in waits {
+            for (i, r) in idx.into_iter().zip(w.await) {
+                results[i] = Some(r);
+            }
+        }
+        let out: Vec<DestResult> = results.into_iter().flatten().collect();
+        proto::multicast::encode_multicast_response(corr, &out)
     })
 }
 
@@ -470,6 +597,23 @@ pub async fn mesh_loop(
                 })
                 .detach();
             }
+            Envelope::Multicast {
+                from,
+                req_id,
+                frame,
+                dests,
+            } => {
+                let pending = shard.multicast_start(frame, dests).await;
+                let s = shard.clone();
+                glommio::spawn_local(async move {
+                    let results = pending.await;
+                    s.router
+                        .reply(from, Envelope::MulticastResult { req_id, results })
+                        .await;
+                })
+                .detach();
+            }
+            Envelope::MulticastResult { .. } => shard.router.complete(env),
             Envelope::Meta {
                 from,
                 req_id,

@@ -27,6 +27,7 @@ use crate::storage::{
 
 pub mod group_api;
 pub mod groups;
+pub mod pubsub;
 pub mod state_log;
 
 pub type PartitionLog = Log<DmaStorage>;
@@ -53,6 +54,8 @@ pub struct Shard {
     pub connections: Cell<usize>,
     pub requests_in_flight: Cell<usize>,
     coordinator: RefCell<groups::Coordinator>,
+    /// Destination appends made here from multicasts.
+    fanout_appends: Cell<u64>,
     state: RefCell<Option<Rc<state_log::StateLog>>>,
     started: Instant,
 }
@@ -100,6 +103,7 @@ impl Shard {
             connections: Cell::new(0),
             requests_in_flight: Cell::new(0),
             coordinator: RefCell::new(groups::Coordinator::new()),
+            fanout_appends: Cell::new(0),
             state: RefCell::new(None),
             started: Instant::now(),
         }
@@ -269,6 +273,38 @@ impl Shard {
         }
     }
 
+    /// Where a multicast destination goes: (partition, owner) or (error code, message).
+    pub fn route_destination(
+        &self,
+        topic: &str,
+        partition: Option<u32>,
+        key: Option<&[u8]>,
+    ) -> Result<(u32, usize), (fb::ErrorCode, String)> {
+        let meta = self.meta.borrow();
+        let Some(t) = meta.get(topic) else {
+            return Err((
+                fb::ErrorCode::UnknownTopic,
+                format!("unknown topic {topic:?}"),
+            ));
+        };
+        let n = t.partitions();
+        let p = match (partition, key) {
+            (Some(p), _) => p,
+            (None, Some(k)) => proto::partitioner::partition_for_key(k, n),
+            (None, None) => {
+                let rr = self.round_robin.get();
+                self.round_robin.set(rr.wrapping_add(1));
+                rr % n
+            }
+        };
+        t.shard_of(p, self.count()).map(|s| (p, s)).ok_or_else(|| {
+            (
+                fb::ErrorCode::UnknownPartition,
+                format!("topic {topic:?} has partitions 0..{n}, not {p}"),
+            )
+        })
+    }
+
     /// Where a fetch goes: the owning shard, or an error frame.
     pub fn route_partition(&self, corr: u64, topic: &str, partition: u32) -> Result<usize, Bytes> {
         let meta = self.meta.borrow();
@@ -289,6 +325,7 @@ impl Shard {
                 Box::pin(async move { me.fetch(corr, partition, frame).await })
             }
             fb::Body::Metadata => ready(self.metadata_local(corr, &frame)),
+            fb::Body::Stats => ready(self.stats_local(corr)),
             fb::Body::CreateTopic => {
                 let me = self.clone();
                 Box::pin(async move { me.create_topic(corr, frame).await })
@@ -385,10 +422,16 @@ impl Shard {
         };
         let (topic, offset, max_bytes) = (f.topic().to_string(), f.offset(), f.max_bytes());
         let wait_ms = f.max_wait_ms().min(limits::FETCH_WAIT_MS_MAX);
+        let filter = f.filter().map(String::from);
         let log = match self.log(corr, &topic, partition) {
             Ok(l) => l,
             Err(e) => return e,
         };
+        if let Some(src) = filter {
+            return self
+                .fetch_filtered(corr, (partition, log, offset, max_bytes, wait_ms), &src)
+                .await;
+        }
         let deadline = Instant::now() + Duration::from_millis(u64::from(wait_ms));
         loop {
             let changed = log.data_changed();
