@@ -76,6 +76,11 @@ pub enum BenchScenario {
     /// heartbeating; includes the session timeout), median of `--runs`. The latency columns
     /// are the join times.
     Rebalance(crate::bench::RebalanceBenchArgs),
+    /// Pub/sub: publish→subscriber latency of a pattern subscriber, with or without a
+    /// broker-side filter (`--mode pattern`); multicast throughput and cross-core copies per
+    /// request to N destinations (`--mode multicast`). Latency columns: publish→subscriber, or
+    /// multicast request→ack.
+    Fanout(crate::bench::FanoutBenchArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -227,6 +232,9 @@ pub fn run(cli: Cli) -> Result<(), String> {
                 BenchScenario::Log(a) => crate::bench::run_log(a)?,
                 BenchScenario::Produce(a) => {
                     crate::bench::run_produce(server_given.then_some(cli.server.as_str()), a)?
+                }
+                BenchScenario::Fanout(a) => {
+                    crate::bench::run_fanout(server_given.then_some(cli.server.as_str()), a)?
                 }
                 BenchScenario::Rebalance(a) => {
                     crate::bench::run_rebalance(server_given.then_some(cli.server.as_str()), a)?

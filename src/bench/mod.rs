@@ -6,10 +6,12 @@
 //! temporary directory when `--server` is not given); the `log` scenario drives one
 //! `storage::Log` directly, without a broker.
 
+mod fanout_bench;
 mod log_bench;
 mod produce_bench;
 mod rebalance_bench;
 
+pub use fanout_bench::{run_fanout, FanoutBenchArgs};
 pub use log_bench::{run_log, LogBenchArgs};
 pub use produce_bench::{run_produce, ProduceBenchArgs};
 pub use rebalance_bench::{run_rebalance, RebalanceBenchArgs};
