@@ -48,6 +48,11 @@ pub enum Command {
     Consume(ConsumeArgs),
     /// Cross-core batch copy counters per shard (forward, multicast, fan-out).
     Stats,
+    /// Shared subscriptions of a topic: list, describe.
+    Subscription {
+        #[command(subcommand)]
+        command: SubscriptionCommand,
+    },
     /// Consumer groups: list, describe.
     Group {
         #[command(subcommand)]
@@ -149,6 +154,14 @@ pub enum GroupCommand {
     Describe { group: String },
 }
 
+#[derive(Subcommand, Debug)]
+pub enum SubscriptionCommand {
+    /// `NAME TYPE` per line.
+    List { topic: String },
+    /// Backlog, in flight, redeliveries, dead-lettered, acked.
+    Describe { topic: String, subscription: String },
+}
+
 #[derive(clap::Args, Debug)]
 pub struct ProduceArgs {
     /// The topic (or use --to).
@@ -161,6 +174,9 @@ pub struct ProduceArgs {
     /// A header K=V on every message (repeatable).
     #[arg(long = "header", value_name = "K=V")]
     pub headers: Vec<String>,
+    /// Delayed delivery: shared subscriptions do not dispatch these messages before now + D ms.
+    #[arg(long)]
+    pub delay_ms: Option<u64>,
     /// Target partition (default: by key if given, else round-robin).
     #[arg(long)]
     pub partition: Option<u32>,
@@ -194,9 +210,34 @@ pub struct ConsumeArgs {
     #[arg(long)]
     pub partition: Option<u32>,
     /// Where to start: earliest, latest, an offset, or @UNIX_MS (the first message at or after
-    /// that time). With --group it applies where the group has no committed offset.
-    #[arg(long, default_value = "latest")]
-    pub from: String,
+    /// that time). Default latest. With --group it applies where the group has no committed
+    /// offset; with --shared it places a new subscription (earliest or latest; default earliest).
+    #[arg(long)]
+    pub from: Option<String>,
+    /// Consume as one of the competing consumers of shared subscription SUB (queue semantics:
+    /// each message to one consumer, acked one by one).
+    #[arg(long, conflicts_with_all = ["group", "filter"])]
+    pub shared: Option<String>,
+    /// With --shared: all messages of one key go to one consumer at a time, in order.
+    #[arg(long, requires = "shared")]
+    pub key_shared: bool,
+    /// With --shared: most messages leased to this consumer and not yet acked.
+    #[arg(long, default_value_t = 100)]
+    pub prefetch: usize,
+    /// With --shared: auto (ack after printing), none (never ack; exiting lets the broker
+    /// redeliver), nack (nack each, for redelivery).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "none", "nack"])]
+    pub ack: String,
+    /// With --shared (new subscriptions): visibility timeout before an unacked message is
+    /// redelivered.
+    #[arg(long, default_value_t = 30_000)]
+    pub ack_timeout_ms: u32,
+    /// With --shared (new subscriptions): deliveries before a message moves to `<topic>.dlq`.
+    #[arg(long, default_value_t = 5)]
+    pub max_deliveries: u32,
+    /// With --ack nack: redeliver after this delay.
+    #[arg(long, default_value_t = 0)]
+    pub nack_delay_ms: u32,
     /// Join consumer group G: consume only its assigned partitions, commit after printing,
     /// leave on exit.
     #[arg(long, conflicts_with = "partition")]
@@ -223,6 +264,7 @@ pub fn run(cli: Cli) -> Result<(), String> {
         Command::Produce(a) => produce(&cli.server, a),
         Command::Consume(a) => crate::cli_consume::consume(&cli.server, &a),
         Command::Stats => crate::cli_consume::stats(&cli.server),
+        Command::Subscription { command } => crate::cli_queue::subscription(&cli.server, command),
         Command::Group { command } => crate::cli_group::group(&cli.server, command),
         Command::Bench { json, scenario } => {
             let server_given = std::env::args()
@@ -377,7 +419,14 @@ fn line_record(line: String, a: &ProduceArgs, headers: &[(String, Vec<u8>)]) -> 
 }
 
 fn produce(server: &str, a: ProduceArgs) -> Result<(), String> {
-    let headers = parse_headers(&a.headers)?;
+    let mut headers = parse_headers(&a.headers)?;
+    if let Some(d) = a.delay_ms {
+        let at = crate::shard::now_ms().max(0) as u64 + d;
+        headers.push((
+            crate::protocol::queue::DELIVER_AT_HEADER.to_string(),
+            at.to_string().into_bytes(),
+        ));
+    }
     if !a.to.is_empty() {
         return produce_multicast(server, &a, &headers);
     }

@@ -72,7 +72,10 @@ pub fn consume(server: &str, a: &ConsumeArgs) -> Result<(), String> {
     if let Some(g) = &a.group {
         return crate::cli_group::consume_group(server, a, g, &sub);
     }
-    let from = parse_from(&a.from)?;
+    if let Some(s) = &a.shared {
+        return crate::cli_queue::consume_shared(server, a, s, &sub);
+    }
+    let from = parse_from(a.from.as_deref().unwrap_or("latest"))?;
     let mut c = connect(server)?;
     let mut positions: BTreeMap<(String, u32), u64> = BTreeMap::new();
     add_new(&mut c, &sub, a, from, &mut positions)?;

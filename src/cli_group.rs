@@ -231,7 +231,7 @@ pub fn consume_group(
     group: &str,
     sub: &Subscription,
 ) -> Result<(), String> {
-    let from = parse_from(&a.from)?;
+    let from = parse_from(a.from.as_deref().unwrap_or("latest"))?;
     let mut c = connect(server)?;
     let topics: Vec<String> = sub.topics(&mut c)?.into_iter().map(|t| t.0).collect();
     if topics.is_empty() {

@@ -95,3 +95,7 @@ pub const SESSION_TIMEOUT_MS_DEFAULT: u32 = 10_000;
 
 /// How often a coordinator checks for expired group members.
 pub const GROUP_EXPIRY_CHECK_MS: u64 = 50;
+
+/// Upper bound of a subscription's `max_unacked` (tracked unacked + acked-out-of-order offsets
+/// per partition). At a subscription's limit, dispatch of new messages pauses.
+pub const QUEUE_UNACKED_MAX: usize = 1 << 20;

@@ -420,6 +420,53 @@ impl Client {
     }
 }
 
+impl Client {
+    /// Leases up to `q.max_messages` messages of one partition of a shared subscription.
+    pub fn queue_fetch(
+        &mut self,
+        q: &proto::queue::QueueFetchOut<'_>,
+    ) -> Result<Vec<proto::queue::QueueMessageOut>, ClientError> {
+        let r = self.call(|c| proto::queue::encode_queue_fetch(c, q))?;
+        let f = r
+            .frame()
+            .body_as_queue_fetch_response()
+            .ok_or_else(|| ClientError::Protocol("expected a QueueFetchResponse".into()))?;
+        Ok(proto::queue::decode_queue_fetch_response(f))
+    }
+
+    /// Acks, nacks or extends leased messages; returns how many were settled.
+    pub fn queue_settle(
+        &mut self,
+        topic: &str,
+        sub: &str,
+        partition: u32,
+        offsets: &[u64],
+        how: proto::queue::Settle,
+    ) -> Result<u32, ClientError> {
+        let r = self
+            .call(|c| proto::queue::encode_queue_settle(c, topic, sub, partition, offsets, how))?;
+        let f = r
+            .frame()
+            .body_as_queue_settle_response()
+            .ok_or_else(|| ClientError::Protocol("expected a QueueSettleResponse".into()))?;
+        Ok(f.settled())
+    }
+
+    /// Counters of a topic's subscriptions (`sub` = one, or all).
+    pub fn subscription_info(
+        &mut self,
+        topic: &str,
+        sub: Option<&str>,
+    ) -> Result<Vec<proto::queue::SubStatsOut>, ClientError> {
+        let r = self.call(|c| proto::queue::encode_subscription_info(c, topic, sub))?;
+        let f = r
+            .frame()
+            .body_as_subscription_info_response()
+            .ok_or_else(|| ClientError::Protocol("expected a SubscriptionInfoResponse".into()))?;
+        Ok(proto::queue::decode_subscription_info_response(f))
+    }
+}
+
 fn assignment_of(r: &Response) -> Result<g::AssignmentOut, ClientError> {
     let a = r
         .frame()

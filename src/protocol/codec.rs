@@ -77,6 +77,9 @@ pub fn is_request(t: fb::Body) -> bool {
             | fb::Body::ListOffset
             | fb::Body::MulticastProduce
             | fb::Body::Stats
+            | fb::Body::QueueFetch
+            | fb::Body::QueueSettle
+            | fb::Body::SubscriptionInfo
     )
 }
 

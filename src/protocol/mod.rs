@@ -21,6 +21,7 @@ pub mod codec;
 pub mod groups;
 pub mod multicast;
 pub mod partitioner;
+pub mod queue;
 
 pub use codec::*;
 /// The generated flatbuffers types (`fb::Frame`, `fb::Produce`, ...).

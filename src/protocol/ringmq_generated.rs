@@ -185,10 +185,10 @@ impl ::flatbuffers::SimpleToVerifyInSlice for ErrorCode {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_BODY: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_BODY: u8 = 32;
+pub const ENUM_MAX_BODY: u8 = 38;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_BODY: [Body; 33] = [
+pub const ENUM_VALUES_BODY: [Body; 39] = [
   Body::NONE,
   Body::Handshake,
   Body::HandshakeResponse,
@@ -222,6 +222,12 @@ pub const ENUM_VALUES_BODY: [Body; 33] = [
   Body::MulticastProduceResponse,
   Body::Stats,
   Body::StatsResponse,
+  Body::QueueFetch,
+  Body::QueueFetchResponse,
+  Body::QueueSettle,
+  Body::QueueSettleResponse,
+  Body::SubscriptionInfo,
+  Body::SubscriptionInfoResponse,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -262,9 +268,15 @@ impl Body {
   pub const MulticastProduceResponse: Self = Self(30);
   pub const Stats: Self = Self(31);
   pub const StatsResponse: Self = Self(32);
+  pub const QueueFetch: Self = Self(33);
+  pub const QueueFetchResponse: Self = Self(34);
+  pub const QueueSettle: Self = Self(35);
+  pub const QueueSettleResponse: Self = Self(36);
+  pub const SubscriptionInfo: Self = Self(37);
+  pub const SubscriptionInfoResponse: Self = Self(38);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 32;
+  pub const ENUM_MAX: u8 = 38;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::Handshake,
@@ -299,6 +311,12 @@ impl Body {
     Self::MulticastProduceResponse,
     Self::Stats,
     Self::StatsResponse,
+    Self::QueueFetch,
+    Self::QueueFetchResponse,
+    Self::QueueSettle,
+    Self::QueueSettleResponse,
+    Self::SubscriptionInfo,
+    Self::SubscriptionInfoResponse,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -336,6 +354,12 @@ impl Body {
       Self::MulticastProduceResponse => Some("MulticastProduceResponse"),
       Self::Stats => Some("Stats"),
       Self::StatsResponse => Some("StatsResponse"),
+      Self::QueueFetch => Some("QueueFetch"),
+      Self::QueueFetchResponse => Some("QueueFetchResponse"),
+      Self::QueueSettle => Some("QueueSettle"),
+      Self::QueueSettleResponse => Some("QueueSettleResponse"),
+      Self::SubscriptionInfo => Some("SubscriptionInfo"),
+      Self::SubscriptionInfoResponse => Some("SubscriptionInfoResponse"),
       _ => None,
     }
   }
@@ -5961,6 +5985,1292 @@ impl ::core::fmt::Debug for StatsResponse<'_> {
       ds.finish()
   }
 }
+pub enum QueueFetchOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Queue consumption (shared subscriptions): fetch up to `max_messages` leased messages of one
+/// partition for this connection. The subscription is created on first use.
+pub struct QueueFetch<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for QueueFetch<'a> {
+  type Inner = QueueFetch<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> QueueFetch<'a> {
+  pub const VT_TOPIC: ::flatbuffers::VOffsetT = 4;
+  pub const VT_SUBSCRIPTION: ::flatbuffers::VOffsetT = 6;
+  pub const VT_PARTITION: ::flatbuffers::VOffsetT = 8;
+  pub const VT_MAX_MESSAGES: ::flatbuffers::VOffsetT = 10;
+  pub const VT_MAX_WAIT_MS: ::flatbuffers::VOffsetT = 12;
+  pub const VT_KEY_SHARED: ::flatbuffers::VOffsetT = 14;
+  pub const VT_ACK_TIMEOUT_MS: ::flatbuffers::VOffsetT = 16;
+  pub const VT_MAX_DELIVERIES: ::flatbuffers::VOffsetT = 18;
+  pub const VT_DEAD_LETTER_TOPIC: ::flatbuffers::VOffsetT = 20;
+  pub const VT_MAX_UNACKED: ::flatbuffers::VOffsetT = 22;
+  pub const VT_INITIAL_POSITION: ::flatbuffers::VOffsetT = 24;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    QueueFetch { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args QueueFetchArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<QueueFetch<'bldr>> {
+    let mut builder = QueueFetchBuilder::new(_fbb);
+    builder.add_max_unacked(args.max_unacked);
+    if let Some(x) = args.dead_letter_topic { builder.add_dead_letter_topic(x); }
+    builder.add_max_deliveries(args.max_deliveries);
+    builder.add_ack_timeout_ms(args.ack_timeout_ms);
+    builder.add_max_wait_ms(args.max_wait_ms);
+    builder.add_max_messages(args.max_messages);
+    builder.add_partition(args.partition);
+    if let Some(x) = args.subscription { builder.add_subscription(x); }
+    if let Some(x) = args.topic { builder.add_topic(x); }
+    builder.add_initial_position(args.initial_position);
+    builder.add_key_shared(args.key_shared);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn topic(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(QueueFetch::VT_TOPIC, None).unwrap()}
+  }
+  #[inline]
+  pub fn subscription(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(QueueFetch::VT_SUBSCRIPTION, None).unwrap()}
+  }
+  #[inline]
+  pub fn partition(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(QueueFetch::VT_PARTITION, Some(0)).unwrap()}
+  }
+  /// Credit: at most this many messages (the consumer's free prefetch window).
+  #[inline]
+  pub fn max_messages(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(QueueFetch::VT_MAX_MESSAGES, Some(100)).unwrap()}
+  }
+  #[inline]
+  pub fn max_wait_ms(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(QueueFetch::VT_MAX_WAIT_MS, Some(0)).unwrap()}
+  }
+  /// All messages of one key go to one consumer at a time, in order (one in flight per key).
+  #[inline]
+  pub fn key_shared(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(QueueFetch::VT_KEY_SHARED, Some(false)).unwrap()}
+  }
+  /// Settings used when the subscription is created (later fetches do not change them).
+  /// Visibility timeout: unacked messages are redelivered after this long.
+  #[inline]
+  pub fn ack_timeout_ms(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(QueueFetch::VT_ACK_TIMEOUT_MS, Some(30000)).unwrap()}
+  }
+  /// After this many deliveries the message goes to the dead-letter topic (0 = never).
+  #[inline]
+  pub fn max_deliveries(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(QueueFetch::VT_MAX_DELIVERIES, Some(5)).unwrap()}
+  }
+  /// Default `<topic>.dlq`.
+  #[inline]
+  pub fn dead_letter_topic(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(QueueFetch::VT_DEAD_LETTER_TOPIC, None)}
+  }
+  /// Most messages tracked as unacknowledged/acked-out-of-order; at the limit dispatch of new
+  /// messages pauses until acks arrive (nothing is forgotten).
+  #[inline]
+  pub fn max_unacked(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(QueueFetch::VT_MAX_UNACKED, Some(65536)).unwrap()}
+  }
+  /// Where a new subscription starts: 0 = earliest, 1 = latest.
+  #[inline]
+  pub fn initial_position(&self) -> u8 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u8>(QueueFetch::VT_INITIAL_POSITION, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for QueueFetch<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("topic", Self::VT_TOPIC, true)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("subscription", Self::VT_SUBSCRIPTION, true)?
+     .visit_field::<u32>("partition", Self::VT_PARTITION, false)?
+     .visit_field::<u32>("max_messages", Self::VT_MAX_MESSAGES, false)?
+     .visit_field::<u32>("max_wait_ms", Self::VT_MAX_WAIT_MS, false)?
+     .visit_field::<bool>("key_shared", Self::VT_KEY_SHARED, false)?
+     .visit_field::<u32>("ack_timeout_ms", Self::VT_ACK_TIMEOUT_MS, false)?
+     .visit_field::<u32>("max_deliveries", Self::VT_MAX_DELIVERIES, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("dead_letter_topic", Self::VT_DEAD_LETTER_TOPIC, false)?
+     .visit_field::<u32>("max_unacked", Self::VT_MAX_UNACKED, false)?
+     .visit_field::<u8>("initial_position", Self::VT_INITIAL_POSITION, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct QueueFetchArgs<'a> {
+    pub topic: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub subscription: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub partition: u32,
+    pub max_messages: u32,
+    pub max_wait_ms: u32,
+    pub key_shared: bool,
+    pub ack_timeout_ms: u32,
+    pub max_deliveries: u32,
+    pub dead_letter_topic: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub max_unacked: u32,
+    pub initial_position: u8,
+}
+impl<'a> Default for QueueFetchArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    QueueFetchArgs {
+      topic: None, // required field
+      subscription: None, // required field
+      partition: 0,
+      max_messages: 100,
+      max_wait_ms: 0,
+      key_shared: false,
+      ack_timeout_ms: 30000,
+      max_deliveries: 5,
+      dead_letter_topic: None,
+      max_unacked: 65536,
+      initial_position: 0,
+    }
+  }
+}
+
+pub struct QueueFetchBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> QueueFetchBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_topic(&mut self, topic: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(QueueFetch::VT_TOPIC, topic);
+  }
+  #[inline]
+  pub fn add_subscription(&mut self, subscription: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(QueueFetch::VT_SUBSCRIPTION, subscription);
+  }
+  #[inline]
+  pub fn add_partition(&mut self, partition: u32) {
+    self.fbb_.push_slot::<u32>(QueueFetch::VT_PARTITION, partition, 0);
+  }
+  #[inline]
+  pub fn add_max_messages(&mut self, max_messages: u32) {
+    self.fbb_.push_slot::<u32>(QueueFetch::VT_MAX_MESSAGES, max_messages, 100);
+  }
+  #[inline]
+  pub fn add_max_wait_ms(&mut self, max_wait_ms: u32) {
+    self.fbb_.push_slot::<u32>(QueueFetch::VT_MAX_WAIT_MS, max_wait_ms, 0);
+  }
+  #[inline]
+  pub fn add_key_shared(&mut self, key_shared: bool) {
+    self.fbb_.push_slot::<bool>(QueueFetch::VT_KEY_SHARED, key_shared, false);
+  }
+  #[inline]
+  pub fn add_ack_timeout_ms(&mut self, ack_timeout_ms: u32) {
+    self.fbb_.push_slot::<u32>(QueueFetch::VT_ACK_TIMEOUT_MS, ack_timeout_ms, 30000);
+  }
+  #[inline]
+  pub fn add_max_deliveries(&mut self, max_deliveries: u32) {
+    self.fbb_.push_slot::<u32>(QueueFetch::VT_MAX_DELIVERIES, max_deliveries, 5);
+  }
+  #[inline]
+  pub fn add_dead_letter_topic(&mut self, dead_letter_topic: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(QueueFetch::VT_DEAD_LETTER_TOPIC, dead_letter_topic);
+  }
+  #[inline]
+  pub fn add_max_unacked(&mut self, max_unacked: u32) {
+    self.fbb_.push_slot::<u32>(QueueFetch::VT_MAX_UNACKED, max_unacked, 65536);
+  }
+  #[inline]
+  pub fn add_initial_position(&mut self, initial_position: u8) {
+    self.fbb_.push_slot::<u8>(QueueFetch::VT_INITIAL_POSITION, initial_position, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> QueueFetchBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    QueueFetchBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<QueueFetch<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, QueueFetch::VT_TOPIC,"topic");
+    self.fbb_.required(o, QueueFetch::VT_SUBSCRIPTION,"subscription");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for QueueFetch<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("QueueFetch");
+      ds.field("topic", &self.topic());
+      ds.field("subscription", &self.subscription());
+      ds.field("partition", &self.partition());
+      ds.field("max_messages", &self.max_messages());
+      ds.field("max_wait_ms", &self.max_wait_ms());
+      ds.field("key_shared", &self.key_shared());
+      ds.field("ack_timeout_ms", &self.ack_timeout_ms());
+      ds.field("max_deliveries", &self.max_deliveries());
+      ds.field("dead_letter_topic", &self.dead_letter_topic());
+      ds.field("max_unacked", &self.max_unacked());
+      ds.field("initial_position", &self.initial_position());
+      ds.finish()
+  }
+}
+pub enum QueueMessageOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// A leased message.
+pub struct QueueMessage<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for QueueMessage<'a> {
+  type Inner = QueueMessage<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> QueueMessage<'a> {
+  pub const VT_OFFSET: ::flatbuffers::VOffsetT = 4;
+  pub const VT_DELIVERY_COUNT: ::flatbuffers::VOffsetT = 6;
+  pub const VT_TIMESTAMP_MS: ::flatbuffers::VOffsetT = 8;
+  pub const VT_KEY: ::flatbuffers::VOffsetT = 10;
+  pub const VT_VALUE: ::flatbuffers::VOffsetT = 12;
+  pub const VT_HEADERS: ::flatbuffers::VOffsetT = 14;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    QueueMessage { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args QueueMessageArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<QueueMessage<'bldr>> {
+    let mut builder = QueueMessageBuilder::new(_fbb);
+    builder.add_timestamp_ms(args.timestamp_ms);
+    builder.add_offset(args.offset);
+    if let Some(x) = args.headers { builder.add_headers(x); }
+    if let Some(x) = args.value { builder.add_value(x); }
+    if let Some(x) = args.key { builder.add_key(x); }
+    builder.add_delivery_count(args.delivery_count);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn offset(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(QueueMessage::VT_OFFSET, Some(0)).unwrap()}
+  }
+  /// 1 on first delivery.
+  #[inline]
+  pub fn delivery_count(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(QueueMessage::VT_DELIVERY_COUNT, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn timestamp_ms(&self) -> i64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<i64>(QueueMessage::VT_TIMESTAMP_MS, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn key(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(QueueMessage::VT_KEY, None)}
+  }
+  #[inline]
+  pub fn value(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(QueueMessage::VT_VALUE, None)}
+  }
+  #[inline]
+  pub fn headers(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Header<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Header>>>>(QueueMessage::VT_HEADERS, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for QueueMessage<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("offset", Self::VT_OFFSET, false)?
+     .visit_field::<u32>("delivery_count", Self::VT_DELIVERY_COUNT, false)?
+     .visit_field::<i64>("timestamp_ms", Self::VT_TIMESTAMP_MS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("key", Self::VT_KEY, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("value", Self::VT_VALUE, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<Header>>>>("headers", Self::VT_HEADERS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct QueueMessageArgs<'a> {
+    pub offset: u64,
+    pub delivery_count: u32,
+    pub timestamp_ms: i64,
+    pub key: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+    pub value: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+    pub headers: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Header<'a>>>>>,
+}
+impl<'a> Default for QueueMessageArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    QueueMessageArgs {
+      offset: 0,
+      delivery_count: 0,
+      timestamp_ms: 0,
+      key: None,
+      value: None,
+      headers: None,
+    }
+  }
+}
+
+pub struct QueueMessageBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> QueueMessageBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_offset(&mut self, offset: u64) {
+    self.fbb_.push_slot::<u64>(QueueMessage::VT_OFFSET, offset, 0);
+  }
+  #[inline]
+  pub fn add_delivery_count(&mut self, delivery_count: u32) {
+    self.fbb_.push_slot::<u32>(QueueMessage::VT_DELIVERY_COUNT, delivery_count, 0);
+  }
+  #[inline]
+  pub fn add_timestamp_ms(&mut self, timestamp_ms: i64) {
+    self.fbb_.push_slot::<i64>(QueueMessage::VT_TIMESTAMP_MS, timestamp_ms, 0);
+  }
+  #[inline]
+  pub fn add_key(&mut self, key: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(QueueMessage::VT_KEY, key);
+  }
+  #[inline]
+  pub fn add_value(&mut self, value: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(QueueMessage::VT_VALUE, value);
+  }
+  #[inline]
+  pub fn add_headers(&mut self, headers: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<Header<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(QueueMessage::VT_HEADERS, headers);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> QueueMessageBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    QueueMessageBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<QueueMessage<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for QueueMessage<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("QueueMessage");
+      ds.field("offset", &self.offset());
+      ds.field("delivery_count", &self.delivery_count());
+      ds.field("timestamp_ms", &self.timestamp_ms());
+      ds.field("key", &self.key());
+      ds.field("value", &self.value());
+      ds.field("headers", &self.headers());
+      ds.finish()
+  }
+}
+pub enum QueueFetchResponseOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct QueueFetchResponse<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for QueueFetchResponse<'a> {
+  type Inner = QueueFetchResponse<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> QueueFetchResponse<'a> {
+  pub const VT_PARTITION: ::flatbuffers::VOffsetT = 4;
+  pub const VT_MESSAGES: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    QueueFetchResponse { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args QueueFetchResponseArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<QueueFetchResponse<'bldr>> {
+    let mut builder = QueueFetchResponseBuilder::new(_fbb);
+    if let Some(x) = args.messages { builder.add_messages(x); }
+    builder.add_partition(args.partition);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn partition(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(QueueFetchResponse::VT_PARTITION, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn messages(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<QueueMessage<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<QueueMessage>>>>(QueueFetchResponse::VT_MESSAGES, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for QueueFetchResponse<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u32>("partition", Self::VT_PARTITION, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<QueueMessage>>>>("messages", Self::VT_MESSAGES, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct QueueFetchResponseArgs<'a> {
+    pub partition: u32,
+    pub messages: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<QueueMessage<'a>>>>>,
+}
+impl<'a> Default for QueueFetchResponseArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    QueueFetchResponseArgs {
+      partition: 0,
+      messages: None,
+    }
+  }
+}
+
+pub struct QueueFetchResponseBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> QueueFetchResponseBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_partition(&mut self, partition: u32) {
+    self.fbb_.push_slot::<u32>(QueueFetchResponse::VT_PARTITION, partition, 0);
+  }
+  #[inline]
+  pub fn add_messages(&mut self, messages: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<QueueMessage<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(QueueFetchResponse::VT_MESSAGES, messages);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> QueueFetchResponseBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    QueueFetchResponseBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<QueueFetchResponse<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for QueueFetchResponse<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("QueueFetchResponse");
+      ds.field("partition", &self.partition());
+      ds.field("messages", &self.messages());
+      ds.finish()
+  }
+}
+pub enum QueueSettleOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Settles leased messages: ack (done), nack (redeliver after `delay_ms`), or extend the
+/// lease by `delay_ms`.
+pub struct QueueSettle<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for QueueSettle<'a> {
+  type Inner = QueueSettle<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> QueueSettle<'a> {
+  pub const VT_TOPIC: ::flatbuffers::VOffsetT = 4;
+  pub const VT_SUBSCRIPTION: ::flatbuffers::VOffsetT = 6;
+  pub const VT_PARTITION: ::flatbuffers::VOffsetT = 8;
+  pub const VT_OFFSETS: ::flatbuffers::VOffsetT = 10;
+  pub const VT_ACTION: ::flatbuffers::VOffsetT = 12;
+  pub const VT_DELAY_MS: ::flatbuffers::VOffsetT = 14;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    QueueSettle { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args QueueSettleArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<QueueSettle<'bldr>> {
+    let mut builder = QueueSettleBuilder::new(_fbb);
+    builder.add_delay_ms(args.delay_ms);
+    if let Some(x) = args.offsets { builder.add_offsets(x); }
+    builder.add_partition(args.partition);
+    if let Some(x) = args.subscription { builder.add_subscription(x); }
+    if let Some(x) = args.topic { builder.add_topic(x); }
+    builder.add_action(args.action);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn topic(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(QueueSettle::VT_TOPIC, None).unwrap()}
+  }
+  #[inline]
+  pub fn subscription(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(QueueSettle::VT_SUBSCRIPTION, None).unwrap()}
+  }
+  #[inline]
+  pub fn partition(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(QueueSettle::VT_PARTITION, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn offsets(&self) -> ::flatbuffers::Vector<'a, u64> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u64>>>(QueueSettle::VT_OFFSETS, None).unwrap()}
+  }
+  /// 0 = ack, 1 = nack, 2 = extend.
+  #[inline]
+  pub fn action(&self) -> u8 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u8>(QueueSettle::VT_ACTION, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn delay_ms(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(QueueSettle::VT_DELAY_MS, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for QueueSettle<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("topic", Self::VT_TOPIC, true)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("subscription", Self::VT_SUBSCRIPTION, true)?
+     .visit_field::<u32>("partition", Self::VT_PARTITION, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u64>>>("offsets", Self::VT_OFFSETS, true)?
+     .visit_field::<u8>("action", Self::VT_ACTION, false)?
+     .visit_field::<u32>("delay_ms", Self::VT_DELAY_MS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct QueueSettleArgs<'a> {
+    pub topic: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub subscription: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub partition: u32,
+    pub offsets: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u64>>>,
+    pub action: u8,
+    pub delay_ms: u32,
+}
+impl<'a> Default for QueueSettleArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    QueueSettleArgs {
+      topic: None, // required field
+      subscription: None, // required field
+      partition: 0,
+      offsets: None, // required field
+      action: 0,
+      delay_ms: 0,
+    }
+  }
+}
+
+pub struct QueueSettleBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> QueueSettleBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_topic(&mut self, topic: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(QueueSettle::VT_TOPIC, topic);
+  }
+  #[inline]
+  pub fn add_subscription(&mut self, subscription: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(QueueSettle::VT_SUBSCRIPTION, subscription);
+  }
+  #[inline]
+  pub fn add_partition(&mut self, partition: u32) {
+    self.fbb_.push_slot::<u32>(QueueSettle::VT_PARTITION, partition, 0);
+  }
+  #[inline]
+  pub fn add_offsets(&mut self, offsets: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u64>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(QueueSettle::VT_OFFSETS, offsets);
+  }
+  #[inline]
+  pub fn add_action(&mut self, action: u8) {
+    self.fbb_.push_slot::<u8>(QueueSettle::VT_ACTION, action, 0);
+  }
+  #[inline]
+  pub fn add_delay_ms(&mut self, delay_ms: u32) {
+    self.fbb_.push_slot::<u32>(QueueSettle::VT_DELAY_MS, delay_ms, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> QueueSettleBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    QueueSettleBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<QueueSettle<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, QueueSettle::VT_TOPIC,"topic");
+    self.fbb_.required(o, QueueSettle::VT_SUBSCRIPTION,"subscription");
+    self.fbb_.required(o, QueueSettle::VT_OFFSETS,"offsets");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for QueueSettle<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("QueueSettle");
+      ds.field("topic", &self.topic());
+      ds.field("subscription", &self.subscription());
+      ds.field("partition", &self.partition());
+      ds.field("offsets", &self.offsets());
+      ds.field("action", &self.action());
+      ds.field("delay_ms", &self.delay_ms());
+      ds.finish()
+  }
+}
+pub enum QueueSettleResponseOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct QueueSettleResponse<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for QueueSettleResponse<'a> {
+  type Inner = QueueSettleResponse<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> QueueSettleResponse<'a> {
+  pub const VT_SETTLED: ::flatbuffers::VOffsetT = 4;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    QueueSettleResponse { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args QueueSettleResponseArgs
+  ) -> ::flatbuffers::WIPOffset<QueueSettleResponse<'bldr>> {
+    let mut builder = QueueSettleResponseBuilder::new(_fbb);
+    builder.add_settled(args.settled);
+    builder.finish()
+  }
+
+
+  /// How many of the offsets were settled (others were not leased or already acked).
+  #[inline]
+  pub fn settled(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(QueueSettleResponse::VT_SETTLED, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for QueueSettleResponse<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u32>("settled", Self::VT_SETTLED, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct QueueSettleResponseArgs {
+    pub settled: u32,
+}
+impl<'a> Default for QueueSettleResponseArgs {
+  #[inline]
+  fn default() -> Self {
+    QueueSettleResponseArgs {
+      settled: 0,
+    }
+  }
+}
+
+pub struct QueueSettleResponseBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> QueueSettleResponseBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_settled(&mut self, settled: u32) {
+    self.fbb_.push_slot::<u32>(QueueSettleResponse::VT_SETTLED, settled, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> QueueSettleResponseBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    QueueSettleResponseBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<QueueSettleResponse<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for QueueSettleResponse<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("QueueSettleResponse");
+      ds.field("settled", &self.settled());
+      ds.finish()
+  }
+}
+pub enum SubscriptionInfoOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Subscriptions of a topic with their counters; `subscription` empty = all.
+pub struct SubscriptionInfo<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for SubscriptionInfo<'a> {
+  type Inner = SubscriptionInfo<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> SubscriptionInfo<'a> {
+  pub const VT_TOPIC: ::flatbuffers::VOffsetT = 4;
+  pub const VT_SUBSCRIPTION: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    SubscriptionInfo { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args SubscriptionInfoArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<SubscriptionInfo<'bldr>> {
+    let mut builder = SubscriptionInfoBuilder::new(_fbb);
+    if let Some(x) = args.subscription { builder.add_subscription(x); }
+    if let Some(x) = args.topic { builder.add_topic(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn topic(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(SubscriptionInfo::VT_TOPIC, None).unwrap()}
+  }
+  #[inline]
+  pub fn subscription(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(SubscriptionInfo::VT_SUBSCRIPTION, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for SubscriptionInfo<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("topic", Self::VT_TOPIC, true)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("subscription", Self::VT_SUBSCRIPTION, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct SubscriptionInfoArgs<'a> {
+    pub topic: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub subscription: Option<::flatbuffers::WIPOffset<&'a str>>,
+}
+impl<'a> Default for SubscriptionInfoArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    SubscriptionInfoArgs {
+      topic: None, // required field
+      subscription: None,
+    }
+  }
+}
+
+pub struct SubscriptionInfoBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> SubscriptionInfoBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_topic(&mut self, topic: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(SubscriptionInfo::VT_TOPIC, topic);
+  }
+  #[inline]
+  pub fn add_subscription(&mut self, subscription: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(SubscriptionInfo::VT_SUBSCRIPTION, subscription);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> SubscriptionInfoBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    SubscriptionInfoBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<SubscriptionInfo<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, SubscriptionInfo::VT_TOPIC,"topic");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for SubscriptionInfo<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("SubscriptionInfo");
+      ds.field("topic", &self.topic());
+      ds.field("subscription", &self.subscription());
+      ds.finish()
+  }
+}
+pub enum SubscriptionStatsOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct SubscriptionStats<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for SubscriptionStats<'a> {
+  type Inner = SubscriptionStats<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> SubscriptionStats<'a> {
+  pub const VT_TOPIC: ::flatbuffers::VOffsetT = 4;
+  pub const VT_SUBSCRIPTION: ::flatbuffers::VOffsetT = 6;
+  pub const VT_KEY_SHARED: ::flatbuffers::VOffsetT = 8;
+  pub const VT_BACKLOG: ::flatbuffers::VOffsetT = 10;
+  pub const VT_IN_FLIGHT: ::flatbuffers::VOffsetT = 12;
+  pub const VT_REDELIVERIES: ::flatbuffers::VOffsetT = 14;
+  pub const VT_DEAD_LETTERED: ::flatbuffers::VOffsetT = 16;
+  pub const VT_ACKED: ::flatbuffers::VOffsetT = 18;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    SubscriptionStats { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args SubscriptionStatsArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<SubscriptionStats<'bldr>> {
+    let mut builder = SubscriptionStatsBuilder::new(_fbb);
+    builder.add_acked(args.acked);
+    builder.add_dead_lettered(args.dead_lettered);
+    builder.add_redeliveries(args.redeliveries);
+    builder.add_in_flight(args.in_flight);
+    builder.add_backlog(args.backlog);
+    if let Some(x) = args.subscription { builder.add_subscription(x); }
+    if let Some(x) = args.topic { builder.add_topic(x); }
+    builder.add_key_shared(args.key_shared);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn topic(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(SubscriptionStats::VT_TOPIC, None)}
+  }
+  #[inline]
+  pub fn subscription(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(SubscriptionStats::VT_SUBSCRIPTION, None)}
+  }
+  #[inline]
+  pub fn key_shared(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(SubscriptionStats::VT_KEY_SHARED, Some(false)).unwrap()}
+  }
+  /// Messages not yet acknowledged (including in flight).
+  #[inline]
+  pub fn backlog(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(SubscriptionStats::VT_BACKLOG, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn in_flight(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(SubscriptionStats::VT_IN_FLIGHT, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn redeliveries(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(SubscriptionStats::VT_REDELIVERIES, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn dead_lettered(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(SubscriptionStats::VT_DEAD_LETTERED, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn acked(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(SubscriptionStats::VT_ACKED, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for SubscriptionStats<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("topic", Self::VT_TOPIC, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("subscription", Self::VT_SUBSCRIPTION, false)?
+     .visit_field::<bool>("key_shared", Self::VT_KEY_SHARED, false)?
+     .visit_field::<u64>("backlog", Self::VT_BACKLOG, false)?
+     .visit_field::<u64>("in_flight", Self::VT_IN_FLIGHT, false)?
+     .visit_field::<u64>("redeliveries", Self::VT_REDELIVERIES, false)?
+     .visit_field::<u64>("dead_lettered", Self::VT_DEAD_LETTERED, false)?
+     .visit_field::<u64>("acked", Self::VT_ACKED, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct SubscriptionStatsArgs<'a> {
+    pub topic: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub subscription: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub key_shared: bool,
+    pub backlog: u64,
+    pub in_flight: u64,
+    pub redeliveries: u64,
+    pub dead_lettered: u64,
+    pub acked: u64,
+}
+impl<'a> Default for SubscriptionStatsArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    SubscriptionStatsArgs {
+      topic: None,
+      subscription: None,
+      key_shared: false,
+      backlog: 0,
+      in_flight: 0,
+      redeliveries: 0,
+      dead_lettered: 0,
+      acked: 0,
+    }
+  }
+}
+
+pub struct SubscriptionStatsBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> SubscriptionStatsBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_topic(&mut self, topic: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(SubscriptionStats::VT_TOPIC, topic);
+  }
+  #[inline]
+  pub fn add_subscription(&mut self, subscription: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(SubscriptionStats::VT_SUBSCRIPTION, subscription);
+  }
+  #[inline]
+  pub fn add_key_shared(&mut self, key_shared: bool) {
+    self.fbb_.push_slot::<bool>(SubscriptionStats::VT_KEY_SHARED, key_shared, false);
+  }
+  #[inline]
+  pub fn add_backlog(&mut self, backlog: u64) {
+    self.fbb_.push_slot::<u64>(SubscriptionStats::VT_BACKLOG, backlog, 0);
+  }
+  #[inline]
+  pub fn add_in_flight(&mut self, in_flight: u64) {
+    self.fbb_.push_slot::<u64>(SubscriptionStats::VT_IN_FLIGHT, in_flight, 0);
+  }
+  #[inline]
+  pub fn add_redeliveries(&mut self, redeliveries: u64) {
+    self.fbb_.push_slot::<u64>(SubscriptionStats::VT_REDELIVERIES, redeliveries, 0);
+  }
+  #[inline]
+  pub fn add_dead_lettered(&mut self, dead_lettered: u64) {
+    self.fbb_.push_slot::<u64>(SubscriptionStats::VT_DEAD_LETTERED, dead_lettered, 0);
+  }
+  #[inline]
+  pub fn add_acked(&mut self, acked: u64) {
+    self.fbb_.push_slot::<u64>(SubscriptionStats::VT_ACKED, acked, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> SubscriptionStatsBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    SubscriptionStatsBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<SubscriptionStats<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for SubscriptionStats<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("SubscriptionStats");
+      ds.field("topic", &self.topic());
+      ds.field("subscription", &self.subscription());
+      ds.field("key_shared", &self.key_shared());
+      ds.field("backlog", &self.backlog());
+      ds.field("in_flight", &self.in_flight());
+      ds.field("redeliveries", &self.redeliveries());
+      ds.field("dead_lettered", &self.dead_lettered());
+      ds.field("acked", &self.acked());
+      ds.finish()
+  }
+}
+pub enum SubscriptionInfoResponseOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct SubscriptionInfoResponse<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for SubscriptionInfoResponse<'a> {
+  type Inner = SubscriptionInfoResponse<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> SubscriptionInfoResponse<'a> {
+  pub const VT_SUBSCRIPTIONS: ::flatbuffers::VOffsetT = 4;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    SubscriptionInfoResponse { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args SubscriptionInfoResponseArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<SubscriptionInfoResponse<'bldr>> {
+    let mut builder = SubscriptionInfoResponseBuilder::new(_fbb);
+    if let Some(x) = args.subscriptions { builder.add_subscriptions(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn subscriptions(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<SubscriptionStats<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<SubscriptionStats>>>>(SubscriptionInfoResponse::VT_SUBSCRIPTIONS, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for SubscriptionInfoResponse<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<SubscriptionStats>>>>("subscriptions", Self::VT_SUBSCRIPTIONS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct SubscriptionInfoResponseArgs<'a> {
+    pub subscriptions: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<SubscriptionStats<'a>>>>>,
+}
+impl<'a> Default for SubscriptionInfoResponseArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    SubscriptionInfoResponseArgs {
+      subscriptions: None,
+    }
+  }
+}
+
+pub struct SubscriptionInfoResponseBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> SubscriptionInfoResponseBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_subscriptions(&mut self, subscriptions: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<SubscriptionStats<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(SubscriptionInfoResponse::VT_SUBSCRIPTIONS, subscriptions);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> SubscriptionInfoResponseBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    SubscriptionInfoResponseBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<SubscriptionInfoResponse<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for SubscriptionInfoResponse<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("SubscriptionInfoResponse");
+      ds.field("subscriptions", &self.subscriptions());
+      ds.finish()
+  }
+}
 pub enum FrameOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -6500,6 +7810,96 @@ impl<'a> Frame<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_queue_fetch(&self) -> Option<QueueFetch<'a>> {
+    if self.body_type() == Body::QueueFetch {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { QueueFetch::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_queue_fetch_response(&self) -> Option<QueueFetchResponse<'a>> {
+    if self.body_type() == Body::QueueFetchResponse {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { QueueFetchResponse::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_queue_settle(&self) -> Option<QueueSettle<'a>> {
+    if self.body_type() == Body::QueueSettle {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { QueueSettle::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_queue_settle_response(&self) -> Option<QueueSettleResponse<'a>> {
+    if self.body_type() == Body::QueueSettleResponse {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { QueueSettleResponse::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_subscription_info(&self) -> Option<SubscriptionInfo<'a>> {
+    if self.body_type() == Body::SubscriptionInfo {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { SubscriptionInfo::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_subscription_info_response(&self) -> Option<SubscriptionInfoResponse<'a>> {
+    if self.body_type() == Body::SubscriptionInfoResponse {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { SubscriptionInfoResponse::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for Frame<'_> {
@@ -6543,6 +7943,12 @@ impl ::flatbuffers::Verifiable for Frame<'_> {
           Body::MulticastProduceResponse => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<MulticastProduceResponse>>("Body::MulticastProduceResponse", pos),
           Body::Stats => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Stats>>("Body::Stats", pos),
           Body::StatsResponse => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<StatsResponse>>("Body::StatsResponse", pos),
+          Body::QueueFetch => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<QueueFetch>>("Body::QueueFetch", pos),
+          Body::QueueFetchResponse => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<QueueFetchResponse>>("Body::QueueFetchResponse", pos),
+          Body::QueueSettle => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<QueueSettle>>("Body::QueueSettle", pos),
+          Body::QueueSettleResponse => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<QueueSettleResponse>>("Body::QueueSettleResponse", pos),
+          Body::SubscriptionInfo => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<SubscriptionInfo>>("Body::SubscriptionInfo", pos),
+          Body::SubscriptionInfoResponse => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<SubscriptionInfoResponse>>("Body::SubscriptionInfoResponse", pos),
           _ => Ok(()),
         }
      })?
@@ -6823,6 +8229,48 @@ impl ::core::fmt::Debug for Frame<'_> {
         },
         Body::StatsResponse => {
           if let Some(x) = self.body_as_stats_response() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::QueueFetch => {
+          if let Some(x) = self.body_as_queue_fetch() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::QueueFetchResponse => {
+          if let Some(x) = self.body_as_queue_fetch_response() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::QueueSettle => {
+          if let Some(x) = self.body_as_queue_settle() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::QueueSettleResponse => {
+          if let Some(x) = self.body_as_queue_settle_response() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::SubscriptionInfo => {
+          if let Some(x) = self.body_as_subscription_info() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::SubscriptionInfoResponse => {
+          if let Some(x) = self.body_as_subscription_info_response() {
             ds.field("body", &x)
           } else {
             ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")

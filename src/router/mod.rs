@@ -24,8 +24,12 @@ pub enum Envelope {
         from: usize,
         req_id: u64,
         partition: u32,
+        /// The client connection (broker-wide id) the request came from; 0 = internal.
+        conn: u64,
         frame: Bytes,
     },
+    /// A client connection closed: release its queue leases. No reply.
+    ConnectionClosed { conn: u64 },
     /// The reply to a `Request`: a complete response frame, length prefix included.
     Response { req_id: u64, frame: Bytes },
     /// A metadata change from the controller; answered with `Ack`.
@@ -59,6 +63,7 @@ impl Envelope {
             | Self::Ack { req_id, .. }
             | Self::Multicast { req_id, .. }
             | Self::MulticastResult { req_id, .. } => *req_id,
+            Self::ConnectionClosed { .. } => 0,
         }
     }
 }
@@ -129,6 +134,16 @@ impl Router {
         bump(&self.copies.replies);
         // A closed mesh means shutdown; the requester is going away too.
         let _ = self.senders.send_to(to, env).await;
+    }
+
+    /// Tells every other shard that connection `conn` closed.
+    pub async fn broadcast_closed(&self, conn: u64) {
+        for s in (0..self.shard_count).filter(|&s| s != self.shard_id) {
+            let _ = self
+                .senders
+                .send_to(s, Envelope::ConnectionClosed { conn })
+                .await;
+        }
     }
 
     /// Hands a reply to the task awaiting it.

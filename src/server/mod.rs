@@ -95,6 +95,8 @@ impl Connection {
         let writer_task = glommio::spawn_local(write_loop(writer, outbox.clone()));
         let permits = Rc::new(Semaphore::new(shard.cfg.max_in_flight as u64));
         let mut handshaken = false;
+        let conn = shard.next_connection_id();
+        let mut used_queues = false;
         loop {
             let frame = match read_frame(&mut reader, &shard).await {
                 Ok(Some(f)) => f,
@@ -145,12 +147,18 @@ impl Connection {
                 );
                 continue;
             }
-            let pending = dispatch(&shard, corr, body, frame).await;
+            used_queues |= body == fb::Body::QueueFetch;
+            let pending = dispatch(&shard, corr, body, frame, conn).await;
             spawn_reply(&shard, pending, outbox.clone(), permit);
         }
         outbox.closed.set(true);
         outbox.ready.notify_all();
         writer_task.await;
+        if used_queues {
+            // Its leases return to their queues now, not at their visibility timeout.
+            shard.release_connection(conn);
+            shard.router.broadcast_closed(conn).await;
+        }
     }
 }
 
@@ -203,7 +211,13 @@ fn spawn_reply(shard: &Rc<Shard>, pending: Pending, outbox: Rc<Outbox>, permit: 
 }
 
 /// Routes a verified request. Awaited in arrival order: appends of one connection keep order.
-async fn dispatch(shard: &Rc<Shard>, corr: u64, body: fb::Body, frame: Bytes) -> Pending {
+async fn dispatch(
+    shard: &Rc<Shard>,
+    corr: u64,
+    body: fb::Body,
+    frame: Bytes,
+    conn: u64,
+) -> Pending {
     let route = {
         let f = proto::verify_frame(&frame).ok();
         match (body, f) {
@@ -256,6 +270,29 @@ async fn dispatch(shard: &Rc<Shard>, corr: u64, body: fb::Body, frame: Bytes) ->
             },
             (fb::Body::ListGroups, Some(_)) => return list_groups_fanout(shard, corr, frame).await,
             (fb::Body::Stats, Some(_)) => return stats_fanout(shard, corr, frame).await,
+            (fb::Body::SubscriptionInfo, Some(_)) => {
+                return subscriptions_fanout(shard, corr, frame).await
+            }
+            (fb::Body::QueueFetch, Some(f)) => match f.body_as_queue_fetch().map(|x| {
+                (
+                    shard.route_partition(corr, x.topic(), x.partition()),
+                    x.partition(),
+                )
+            }) {
+                Some((Ok(owner), p)) => Some((owner, p)),
+                Some((Err(e), _)) => return Box::pin(async move { e }),
+                None => None,
+            },
+            (fb::Body::QueueSettle, Some(f)) => match f.body_as_queue_settle().map(|x| {
+                (
+                    shard.route_partition(corr, x.topic(), x.partition()),
+                    x.partition(),
+                )
+            }) {
+                Some((Ok(owner), p)) => Some((owner, p)),
+                Some((Err(e), _)) => return Box::pin(async move { e }),
+                None => None,
+            },
             (fb::Body::MulticastProduce, Some(_)) => return multicast(shard, corr, frame).await,
             (
                 fb::Body::JoinGroup
@@ -281,19 +318,14 @@ async fn dispatch(shard: &Rc<Shard>, corr: u64, body: fb::Body, frame: Bytes) ->
         return Box::pin(async move { e });
     };
     if owner == shard.id() {
-        return shard.start(partition, frame).await;
+        return shard.start(partition, conn, frame).await;
     }
-    forward(shard, owner, partition, frame, corr).await
+    forward(shard, (owner, partition, conn), frame, corr).await
 }
 
 /// Sends a request to its owning shard; the returned future yields the owner's reply.
-async fn forward(
-    shard: &Rc<Shard>,
-    owner: usize,
-    partition: u32,
-    frame: Bytes,
-    corr: u64,
-) -> Pending {
+async fn forward(shard: &Rc<Shard>, to: (usize, u32, u64), frame: Bytes, corr: u64) -> Pending {
+    let (owner, partition, conn) = to;
     let from = shard.id();
     let rx = shard
         .router
@@ -301,6 +333,7 @@ async fn forward(
             from,
             req_id,
             partition,
+            conn,
             frame,
         })
         .await;
@@ -336,7 +369,7 @@ async fn metadata_fanout(shard: &Rc<Shard>, corr: u64, frame: Bytes) -> Pending 
     }
     let mut replies = Vec::new();
     for s in (0..shard.count()).filter(|&s| s != shard.id()) {
-        replies.push(forward(shard, s, 0, frame.clone(), corr).await);
+        replies.push(forward(shard, (s, 0, 0), frame.clone(), corr).await);
     }
     let local = shard.metadata_local(corr, &frame);
     Box::pin(async move {
@@ -356,6 +389,48 @@ async fn metadata_fanout(shard: &Rc<Shard>, corr: u64, frame: Bytes) -> Pending 
     })
 }
 
+/// Subscriptions live on every shard owning a partition of the topic: ask all, sum per name.
+async fn subscriptions_fanout(shard: &Rc<Shard>, corr: u64, frame: Bytes) -> Pending {
+    let mut replies = Vec::new();
+    for s in 0..shard.count() {
+        if s == shard.id() {
+            replies.push(shard.start(0, 0, frame.clone()).await);
+        } else {
+            replies.push(forward(shard, (s, 0, 0), frame.clone(), corr).await);
+        }
+    }
+    Box::pin(async move {
+        let mut by: std::collections::BTreeMap<String, proto::queue::SubStatsOut> =
+            Default::default();
+        for r in replies {
+            let bytes = r.await;
+            let Some(x) = proto::verify_frame(&bytes[proto::LEN_PREFIX_BYTES.min(bytes.len())..])
+                .ok()
+                .and_then(|f| f.body_as_subscription_info_response())
+            else {
+                continue;
+            };
+            for s in proto::queue::decode_subscription_info_response(x) {
+                let e =
+                    by.entry(s.subscription.clone())
+                        .or_insert_with(|| proto::queue::SubStatsOut {
+                            topic: s.topic.clone(),
+                            subscription: s.subscription.clone(),
+                            key_shared: s.key_shared,
+                            ..Default::default()
+                        });
+                e.backlog += s.backlog;
+                e.in_flight += s.in_flight;
+                e.redeliveries += s.redeliveries;
+                e.dead_lettered += s.dead_lettered;
+                e.acked += s.acked;
+            }
+        }
+        let v: Vec<_> = by.into_values().collect();
+        proto::queue::encode_subscription_info_response(corr, &v)
+    })
+}
+
 /// Every shard's counters, merged.
 async fn stats_fanout(shard: &Rc<Shard>, corr: u64, frame: Bytes) -> Pending {
     let mut replies = Vec::new();
@@ -364,7 +439,7 @@ async fn stats_fanout(shard: &Rc<Shard>, corr: u64, frame: Bytes) -> Pending {
             let local = shard.stats_local(corr);
             replies.push(Box::pin(async move { local }) as Pending);
         } else {
-            replies.push(forward(shard, s, 0, frame.clone(), corr).await);
+            replies.push(forward(shard, (s, 0, 0), frame.clone(), corr).await);
         }
     }
     Box::pin(async move {
@@ -497,9 +572,9 @@ async fn list_groups_fanout(shard: &Rc<Shard>, corr: u64, frame: Bytes) -> Pendi
     let mut replies = Vec::new();
     for s in 0..shard.count() {
         if s == shard.id() {
-            replies.push(shard.start(0, frame.clone()).await);
+            replies.push(shard.start(0, 0, frame.clone()).await);
         } else {
-            replies.push(forward(shard, s, 0, frame.clone(), corr).await);
+            replies.push(forward(shard, (s, 0, 0), frame.clone(), corr).await);
         }
     }
     Box::pin(async move {
@@ -581,13 +656,15 @@ pub async fn mesh_loop(
     while let Some(env) = rx.recv().await {
         match env {
             Envelope::Response { .. } | Envelope::Ack { .. } => shard.router.complete(env),
+            Envelope::ConnectionClosed { conn } => shard.release_connection(conn),
             Envelope::Request {
                 from,
                 req_id,
                 partition,
+                conn,
                 frame,
             } => {
-                let pending = shard.start(partition, frame).await;
+                let pending = shard.start(partition, conn, frame).await;
                 let s = shard.clone();
                 glommio::spawn_local(async move {
                     let frame = pending.await;

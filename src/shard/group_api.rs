@@ -48,13 +48,14 @@ impl Shard {
 
     /// Opens this shard's state log and restores the offsets of the groups it coordinates.
     pub async fn load_groups(&self, restored: &Restored) -> Result<(), String> {
-        let first_seq = restored.values().map(|(s, _)| *s).max().unwrap_or(0) + 1;
+        let first_seq = restored.max_seq + 1;
         let log = StateLog::open(&self.cfg.data_dir, self.id(), first_seq)
             .await
             .map_err(|e| format!("opening the state log of shard {}: {e}", self.id()))?;
         *self.state.borrow_mut() = Some(Rc::new(log));
+        *self.restored_queues.borrow_mut() = restored.queues.clone();
         let mut c = self.coordinator.borrow_mut();
-        for ((group, topic, p), (_, offset)) in restored {
+        for ((group, topic, p), (_, offset)) in &restored.offsets {
             if coordinator_of(group, self.count()) == self.id() {
                 c.restore_offset(group, (topic.clone(), *p), *offset);
             }
@@ -209,7 +210,8 @@ impl Shard {
         }
         self.coordinator.borrow_mut().apply_commit(&group, &offsets);
         let snapshot = self.coordinator.borrow().all_offsets();
-        if let Err(e) = state.maybe_compact(&snapshot).await {
+        let queues = self.queue_snapshot();
+        if let Err(e) = state.maybe_compact(&snapshot, &queues).await {
             eprintln!("ringmq: shard {}: state log compaction: {e}", self.id());
         }
         g::encode_commit_offsets_response(corr)

@@ -28,6 +28,8 @@ use crate::storage::{
 pub mod group_api;
 pub mod groups;
 pub mod pubsub;
+pub mod queue_api;
+pub mod queue_state;
 pub mod state_log;
 
 pub type PartitionLog = Log<DmaStorage>;
@@ -52,10 +54,15 @@ pub struct Shard {
     shutting_down: Cell<bool>,
     pub shutdown: Notify,
     pub connections: Cell<usize>,
+    connection_counter: Cell<u64>,
     pub requests_in_flight: Cell<usize>,
     coordinator: RefCell<groups::Coordinator>,
     /// Destination appends made here from multicasts.
     fanout_appends: Cell<u64>,
+    queues: RefCell<HashMap<queue_api::QKey, queue_state::QueueState>>,
+    restored_queues: RefCell<std::collections::BTreeMap<queue_api::QKey, state_log::QueueAcks>>,
+    /// Woken when queue state changes (acks, nacks, disconnects) for waiting queue fetches.
+    queue_changed: Notify,
     state: RefCell<Option<Rc<state_log::StateLog>>>,
     started: Instant,
 }
@@ -101,12 +108,23 @@ impl Shard {
             shutting_down: Cell::new(false),
             shutdown: Notify::new(),
             connections: Cell::new(0),
+            connection_counter: Cell::new(0),
             requests_in_flight: Cell::new(0),
             coordinator: RefCell::new(groups::Coordinator::new()),
             fanout_appends: Cell::new(0),
+            queues: RefCell::new(HashMap::new()),
+            restored_queues: RefCell::new(std::collections::BTreeMap::new()),
+            queue_changed: Notify::new(),
             state: RefCell::new(None),
             started: Instant::now(),
         }
+    }
+
+    /// A broker-wide connection id: the shard in the top 16 bits, a counter below.
+    pub fn next_connection_id(&self) -> u64 {
+        let n = self.connection_counter.get() + 1;
+        self.connection_counter.set(n);
+        ((self.id() as u64) << 48) | n
     }
 
     pub fn id(&self) -> usize {
@@ -315,7 +333,7 @@ impl Shard {
 
     /// Starts a request this shard owns. Awaited in arrival order (so appends keep the order of
     /// a connection); the returned future finishes it and is run as its own task.
-    pub async fn start(self: &Rc<Self>, partition: u32, frame: Bytes) -> Pending {
+    pub async fn start(self: &Rc<Self>, partition: u32, conn: u64, frame: Bytes) -> Pending {
         let f = parse(&frame);
         let corr = f.correlation_id();
         match f.body_type() {
@@ -326,6 +344,15 @@ impl Shard {
             }
             fb::Body::Metadata => ready(self.metadata_local(corr, &frame)),
             fb::Body::Stats => ready(self.stats_local(corr)),
+            fb::Body::SubscriptionInfo => ready(self.subscription_info_local(corr, &frame)),
+            fb::Body::QueueFetch => {
+                let me = self.clone();
+                Box::pin(async move { me.queue_fetch(corr, partition, conn, frame).await })
+            }
+            fb::Body::QueueSettle => {
+                let me = self.clone();
+                Box::pin(async move { me.queue_settle(corr, partition, frame).await })
+            }
             fb::Body::CreateTopic => {
                 let me = self.clone();
                 Box::pin(async move { me.create_topic(corr, frame).await })
@@ -627,6 +654,7 @@ impl Shard {
             {
                 last_expiry = now;
                 self.expire_members();
+                self.expire_leases();
             }
             if self.cfg.durability != storage::Durability::Always {
                 for log in self.logs() {

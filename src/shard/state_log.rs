@@ -1,15 +1,20 @@
-//! A shard's durable consumer state: committed group offsets, appended to the shard's own log
-//! (`<data>/state/shard-<id>`), replayed at boot, compacted by snapshot.
+//! A shard's durable consumer state — committed group offsets and queue acks — appended to the
+//! shard's own log (`<data>/state/shard-<id>`), replayed at boot, compacted by snapshot.
 //!
 //! Owns: the record format and the state log of this shard. Must not touch: partition logs.
 //!
-//! Record format: one batch per commit, text lines `C\t<seq>\t<group>\t<topic>\t<partition>\t<offset>`.
-//! `seq` grows across the broker's life; at replay the highest seq per (group, topic,
-//! partition) wins, so a group whose coordinator moved (after a `--cores` change) keeps its
-//! newest offsets. Group and topic names cannot hold tabs or newlines (validated at the edge).
+//! Records are text lines, one batch per durable change:
+//! - `C\t<seq>\t<group>\t<topic>\t<partition>\t<offset>`: a committed group offset;
+//! - `Q\t<seq>\t<topic>\t<subscription>\t<partition>\t<offset,offset,...>`: queue acks;
+//! - `QS\t<seq>\t<topic>\t<subscription>\t<partition>\t<floor>\t<offset,...>`: a queue snapshot
+//!   (everything below floor acked, plus the listed offsets).
+//!
+//! `seq` grows across the broker's life; at replay, records are applied in seq order across all
+//! shards' logs, so state whose owner moved (after a `--cores` change) keeps its newest value.
+//! Names cannot hold tabs or newlines (validated at the edge).
 
 use std::cell::Cell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use crate::limits;
@@ -18,8 +23,22 @@ use crate::storage::{
     self, BatchMeta, DmaStorage, Durability, FormatTag, Log, LogConfig, StorageError,
 };
 
-/// A restored offset: (group, topic, partition) → (seq, offset).
-pub type Restored = BTreeMap<(String, String, u32), (u64, i64)>;
+/// Acked state of one (topic, subscription, partition).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueAcks {
+    pub floor: u64,
+    pub acked: BTreeSet<u64>,
+}
+
+/// Everything replayed at boot.
+#[derive(Debug, Clone, Default)]
+pub struct Restored {
+    /// (group, topic, partition) → (seq, offset).
+    pub offsets: BTreeMap<(String, String, u32), (u64, i64)>,
+    /// (topic, subscription, partition) → acks.
+    pub queues: BTreeMap<(String, String, u32), QueueAcks>,
+    pub max_seq: u64,
+}
 
 pub struct StateLog {
     log: Log<DmaStorage>,
@@ -30,42 +49,76 @@ fn state_dir(data_dir: &Path) -> std::path::PathBuf {
     data_dir.join("state")
 }
 
+fn csv(offsets: impl IntoIterator<Item = u64>) -> String {
+    offsets
+        .into_iter()
+        .map(|o| o.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn parse_csv(s: &str) -> Vec<u64> {
+    s.split(',')
+        .filter(|x| !x.is_empty())
+        .filter_map(|x| x.parse().ok())
+        .collect()
+}
+
 /// Replays every shard's state log (read-only).
 pub fn load_all(data_dir: &Path) -> Result<Restored, String> {
-    let mut out = Restored::new();
+    let mut out = Restored::default();
     let dir = state_dir(data_dir);
     let entries = match std::fs::read_dir(&dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
         Err(e) => return Err(format!("reading {}: {e}", dir.display())),
     };
+    let mut queue_lines: Vec<(u64, Vec<String>)> = Vec::new();
     for e in entries.filter_map(|e| e.ok()) {
         for stored in storage::readonly::read_batches(&e.path())? {
             let payload = storage::readonly::payload(&stored);
             for line in String::from_utf8_lossy(&payload).lines() {
-                if let Some((key, val)) = parse_line(line) {
-                    if out.get(&key).is_none_or(|(s, _)| *s < val.0) {
-                        out.insert(key, val);
+                let f: Vec<&str> = line.split('\t').collect();
+                let Some(seq) = f.get(1).and_then(|s| s.parse::<u64>().ok()) else {
+                    continue;
+                };
+                out.max_seq = out.max_seq.max(seq);
+                match (f[0], f.len()) {
+                    ("C", 6) => {
+                        let (Ok(p), Ok(o)) = (f[4].parse::<u32>(), f[5].parse::<i64>()) else {
+                            continue;
+                        };
+                        let key = (f[2].to_string(), f[3].to_string(), p);
+                        if out.offsets.get(&key).is_none_or(|(s, _)| *s < seq) {
+                            out.offsets.insert(key, (seq, o));
+                        }
                     }
+                    ("Q", 6) | ("QS", 7) => {
+                        queue_lines.push((seq, f.iter().map(|s| s.to_string()).collect()))
+                    }
+                    _ => {}
                 }
             }
         }
     }
-    Ok(out)
-}
-
-/// ((group, topic, partition), (seq, offset)).
-type Entry = ((String, String, u32), (u64, i64));
-
-fn parse_line(line: &str) -> Option<Entry> {
-    let f: Vec<&str> = line.split('\t').collect();
-    if f.len() != 6 || f[0] != "C" {
-        return None;
+    queue_lines.sort_by_key(|(s, _)| *s);
+    for (_, f) in queue_lines {
+        let Ok(p) = f[4].parse::<u32>() else { continue };
+        let st = out
+            .queues
+            .entry((f[2].clone(), f[3].clone(), p))
+            .or_default();
+        if f[0] == "QS" {
+            st.floor = f[5].parse().unwrap_or(0);
+            st.acked = parse_csv(&f[6]).into_iter().collect();
+        } else {
+            st.acked.extend(parse_csv(&f[5]));
+        }
+        while st.acked.remove(&st.floor) {
+            st.floor += 1;
+        }
     }
-    Some((
-        (f[2].to_string(), f[3].to_string(), f[4].parse().ok()?),
-        (f[1].parse().ok()?, f[5].parse().ok()?),
-    ))
+    Ok(out)
 }
 
 impl StateLog {
@@ -87,46 +140,82 @@ impl StateLog {
         })
     }
 
-    fn encode(&self, records: &[(String, OffsetOut)]) -> String {
-        let mut text = String::new();
-        for (group, (t, p, o)) in records {
-            let seq = self.next_seq.get();
-            self.next_seq.set(seq + 1);
-            text.push_str(&format!("C\t{seq}\t{group}\t{t}\t{p}\t{o}\n"));
-        }
-        text
+    fn seq(&self) -> u64 {
+        let s = self.next_seq.get();
+        self.next_seq.set(s + 1);
+        s
     }
 
-    /// Appends commits durably (group commit with other appends of this shard).
-    pub async fn append(&self, records: &[(String, OffsetOut)]) -> Result<(), StorageError> {
-        if records.is_empty() {
+    async fn append_text(&self, text: String, lines: usize) -> Result<(), StorageError> {
+        if lines == 0 {
             return Ok(());
         }
-        let text = self.encode(records);
         let meta = BatchMeta {
             format: FormatTag::Opaque,
-            record_count: records.len() as u32,
+            record_count: lines as u32,
             first_timestamp_ms: crate::shard::now_ms(),
             max_timestamp_ms: crate::shard::now_ms(),
         };
         self.log.append(meta, text.as_bytes()).await.map(|_| ())
     }
 
+    /// Appends group commits durably (group commit with other appends of this shard).
+    pub async fn append(&self, records: &[(String, OffsetOut)]) -> Result<(), StorageError> {
+        let mut text = String::new();
+        for (group, (t, p, o)) in records {
+            text.push_str(&format!("C\t{}\t{group}\t{t}\t{p}\t{o}\n", self.seq()));
+        }
+        self.append_text(text, records.len()).await
+    }
+
+    /// Appends queue acks durably.
+    pub async fn append_acks(
+        &self,
+        topic: &str,
+        sub: &str,
+        partition: u32,
+        offsets: &[u64],
+    ) -> Result<(), StorageError> {
+        if offsets.is_empty() {
+            return Ok(());
+        }
+        let text = format!(
+            "Q\t{}\t{topic}\t{sub}\t{partition}\t{}\n",
+            self.seq(),
+            csv(offsets.iter().copied())
+        );
+        self.append_text(text, 1).await
+    }
+
     pub async fn sync(&self) -> Result<(), StorageError> {
         self.log.sync().await
     }
 
-    /// Past the size limit: writes `snapshot` (every live offset) and deletes older segments.
+    /// Past the size limit: writes a snapshot of every live offset and queue state, then
+    /// deletes the older segments.
     pub async fn maybe_compact(
         &self,
-        snapshot: &[(String, OffsetOut)],
+        offsets: &[(String, OffsetOut)],
+        queues: &[((String, String, u32), QueueAcks)],
     ) -> Result<bool, StorageError> {
         if self.log.size_bytes() < limits::STATE_LOG_COMPACT_BYTES {
             return Ok(false);
         }
         let before = self.log.end_offset();
-        for chunk in snapshot.chunks(10_000) {
+        for chunk in offsets.chunks(10_000) {
             self.append(chunk).await?;
+        }
+        for chunk in queues.chunks(1_000) {
+            let mut text = String::new();
+            for ((t, s, p), q) in chunk {
+                text.push_str(&format!(
+                    "QS\t{}\t{t}\t{s}\t{p}\t{}\t{}\n",
+                    self.seq(),
+                    q.floor,
+                    csv(q.acked.iter().copied())
+                ));
+            }
+            self.append_text(text, chunk.len()).await?;
         }
         self.log.delete_before(before).await?;
         Ok(true)
