@@ -310,7 +310,8 @@ impl Shard {
         }
         let ok = self.produce_internal(&dlq, &records).await;
         let offsets: Vec<u64> = dead.iter().map(|d| d.0).collect();
-        let durable = match (&ok, self.state.borrow().clone()) {
+        let state = self.state.borrow().clone();
+        let durable = match (&ok, state) {
             (Ok(()), Some(state)) => state
                 .append_acks(&key.0, &key.1, key.2, &offsets)
                 .await
