@@ -86,6 +86,10 @@ pub enum BenchScenario {
     /// request to N destinations (`--mode multicast`). Latency columns: publish→subscriber, or
     /// multicast request→ack.
     Fanout(crate::bench::FanoutBenchArgs),
+    /// Shared-subscription acked throughput with N competing consumers on a prepared backlog,
+    /// against one stream consumer of the same backlog in the same run. Latency columns: one
+    /// fetch+ack round.
+    Queue(crate::bench::QueueBenchArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -274,6 +278,9 @@ pub fn run(cli: Cli) -> Result<(), String> {
                 BenchScenario::Log(a) => crate::bench::run_log(a)?,
                 BenchScenario::Produce(a) => {
                     crate::bench::run_produce(server_given.then_some(cli.server.as_str()), a)?
+                }
+                BenchScenario::Queue(a) => {
+                    crate::bench::run_queue(server_given.then_some(cli.server.as_str()), a)?
                 }
                 BenchScenario::Fanout(a) => {
                     crate::bench::run_fanout(server_given.then_some(cli.server.as_str()), a)?

@@ -14,11 +14,22 @@ use ringmq::protocol::{PartitionChoice, RecordIn};
 
 fn produce_n(c: &mut Client, topic: &str, partitions: u32, n: usize) {
     for i in 0..n {
-        c.produce(topic, PartitionChoice::Explicit(i as u32 % partitions), &[rec(&format!("m{i}"))]).unwrap();
+        c.produce(
+            topic,
+            PartitionChoice::Explicit(i as u32 % partitions),
+            &[rec(&format!("m{i}"))],
+        )
+        .unwrap();
     }
 }
 
-fn fetch(c: &mut Client, topic: &str, sub: &str, p: u32, credit: u32) -> Vec<ringmq::protocol::queue::QueueMessageOut> {
+fn fetch(
+    c: &mut Client,
+    topic: &str,
+    sub: &str,
+    p: u32,
+    credit: u32,
+) -> Vec<ringmq::protocol::queue::QueueMessageOut> {
     let mut q = QueueFetchOut::new(topic, sub, p);
     q.max_messages = credit;
     q.max_wait_ms = 20;
@@ -49,8 +60,15 @@ fn four_competing_consumers_ack_every_message_exactly_once() {
                     }
                     any = true;
                     let offsets: Vec<u64> = msgs.iter().map(|m| m.offset).collect();
-                    deliveries.lock().unwrap().extend(msgs.iter().map(|m| (p, m.offset, m.delivery_count)));
-                    assert_eq!(c.queue_settle("q", "work", p, &offsets, Settle::Ack).unwrap() as usize, offsets.len());
+                    deliveries
+                        .lock()
+                        .unwrap()
+                        .extend(msgs.iter().map(|m| (p, m.offset, m.delivery_count)));
+                    assert_eq!(
+                        c.queue_settle("q", "work", p, &offsets, Settle::Ack)
+                            .unwrap() as usize,
+                        offsets.len()
+                    );
                 }
                 idle = if any { 0 } else { idle + 1 };
             }
@@ -61,7 +79,11 @@ fn four_competing_consumers_ack_every_message_exactly_once() {
     }
     let d = deliveries.lock().unwrap();
     let unique: BTreeSet<(u32, u64)> = d.iter().map(|x| (x.0, x.1)).collect();
-    assert_eq!(d.len(), 400, "each message delivered once: never in flight at two consumers");
+    assert_eq!(
+        d.len(),
+        400,
+        "each message delivered once: never in flight at two consumers"
+    );
     assert_eq!(unique.len(), 400, "every message");
     assert!(d.iter().all(|x| x.2 == 1));
     let info = c.subscription_info("q", Some("work")).unwrap();
@@ -76,16 +98,49 @@ fn a_consumer_that_exits_without_acking_hands_its_messages_to_others() {
     let mut c = b.client();
     c.create_topic("q", 1, -1, -1).unwrap();
     produce_n(&mut c, "q", 1, 10);
-    let (code, out, err) = b.cli(&["consume", "q", "--shared", "s", "--ack", "none", "--max", "4"], "");
+    let (code, out, err) = b.cli(
+        &[
+            "consume", "q", "--shared", "s", "--ack", "none", "--max", "4",
+        ],
+        "",
+    );
     assert_eq!(code, 0, "{err}");
     assert_eq!(out, "m0\nm1\nm2\nm3\n");
-    let (code, out, err) = b.cli(&["consume", "q", "--shared", "s", "--idle-ms", "500", "--format", "json"], "");
+    let (code, out, err) = b.cli(
+        &[
+            "consume",
+            "q",
+            "--shared",
+            "s",
+            "--idle-ms",
+            "500",
+            "--format",
+            "json",
+        ],
+        "",
+    );
     assert_eq!(code, 0, "{err}");
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 10, "{out}");
     for l in &lines {
-        let offset: u64 = l.split("\"offset\":").nth(1).unwrap().split(',').next().unwrap().parse().unwrap();
-        let count: u32 = l.split("\"delivery_count\":").nth(1).unwrap().split(',').next().unwrap().parse().unwrap();
+        let offset: u64 = l
+            .split("\"offset\":")
+            .nth(1)
+            .unwrap()
+            .split(',')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let count: u32 = l
+            .split("\"delivery_count\":")
+            .nth(1)
+            .unwrap()
+            .split(',')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
         assert_eq!(count, if offset < 4 { 2 } else { 1 }, "{l}");
     }
 }
@@ -96,14 +151,23 @@ fn nacked_until_max_deliveries_lands_in_the_dead_letter_topic_with_its_origin() 
     let b = Broker::start(&dir, 2, &[]);
     let mut c = b.client();
     c.create_topic("orders", 1, -1, -1).unwrap();
-    c.produce("orders", PartitionChoice::Explicit(0), &[rec("ok"), rec("poison")]).unwrap();
+    c.produce(
+        "orders",
+        PartitionChoice::Explicit(0),
+        &[rec("ok"), rec("poison")],
+    )
+    .unwrap();
     let mut q = QueueFetchOut::new("orders", "s", 0);
     q.max_deliveries = 3;
     q.max_wait_ms = 50;
     let mut seen = 0;
     for _ in 0..20 {
         for m in c.queue_fetch(&q).unwrap() {
-            let how = if m.value == b"poison" { Settle::Nack { delay_ms: 0 } } else { Settle::Ack };
+            let how = if m.value == b"poison" {
+                Settle::Nack { delay_ms: 0 }
+            } else {
+                Settle::Ack
+            };
             c.queue_settle("orders", "s", 0, &[m.offset], how).unwrap();
             if m.value == b"poison" {
                 seen += 1;
@@ -111,7 +175,10 @@ fn nacked_until_max_deliveries_lands_in_the_dead_letter_topic_with_its_origin() 
             }
         }
     }
-    assert_eq!(seen, 3, "delivered max_deliveries times, then dead-lettered");
+    assert_eq!(
+        seen, 3,
+        "delivered max_deliveries times, then dead-lettered"
+    );
     let f = c.fetch("orders.dlq", 0, 0, 1 << 20, 0).unwrap();
     assert_eq!(f.records.len(), 1);
     let h: BTreeMap<String, String> = f.records[0]
@@ -142,7 +209,11 @@ fn restart_with_a_partly_acked_backlog_redelivers_exactly_the_unacked() {
         let msgs = fetch(&mut c, "q", "s", p, 50);
         assert_eq!(msgs.len(), 50);
         // Ack every third message: acks out of order leave holes above the floor.
-        let offs: Vec<u64> = msgs.iter().map(|m| m.offset).filter(|o| o % 3 == 0).collect();
+        let offs: Vec<u64> = msgs
+            .iter()
+            .map(|m| m.offset)
+            .filter(|o| o % 3 == 0)
+            .collect();
         c.queue_settle("q", "s", p, &offs, Settle::Ack).unwrap();
         acked.extend(offs.iter().map(|o| (p, *o)));
     }
@@ -162,7 +233,10 @@ fn restart_with_a_partly_acked_backlog_redelivers_exactly_the_unacked() {
         }
     }
     let all: BTreeSet<(u32, u64)> = (0..2).flat_map(|p| (0..50).map(move |o| (p, o))).collect();
-    assert!(redelivered.is_disjoint(&acked), "no acked message is redelivered");
+    assert!(
+        redelivered.is_disjoint(&acked),
+        "no acked message is redelivered"
+    );
     let union: BTreeSet<_> = redelivered.union(&acked).copied().collect();
     assert_eq!(union, all, "no unacked message is lost");
 }
@@ -176,12 +250,21 @@ fn key_shared_keeps_per_key_order_with_joins_leaves_and_nacks() {
     // 8 keys × 25 messages; the value carries the per-key sequence number.
     for i in 0..200u32 {
         let key = format!("key{}", i % 8);
-        let r = RecordIn { key: Some(key.clone().into_bytes()), value: format!("{}", i / 8).into_bytes(), ..Default::default() };
-        c.produce("k", PartitionChoice::Key(key.as_bytes()), &[r]).unwrap();
+        let r = RecordIn {
+            key: Some(key.clone().into_bytes()),
+            value: format!("{}", i / 8).into_bytes(),
+            ..Default::default()
+        };
+        c.produce("k", PartitionChoice::Key(key.as_bytes()), &[r])
+            .unwrap();
     }
     // (key, seq) in the order messages were *processed* (recorded before acking).
     let processed: Arc<Mutex<Vec<(String, u32)>>> = Arc::new(Mutex::new(Vec::new()));
-    let worker = |addr: String, processed: Arc<Mutex<Vec<(String, u32)>>>, seed: u64, rounds: usize, leave_unacked: bool| {
+    let worker = |addr: String,
+                  processed: Arc<Mutex<Vec<(String, u32)>>>,
+                  seed: u64,
+                  rounds: usize,
+                  leave_unacked: bool| {
         std::thread::spawn(move || {
             let mut c = Client::connect(addr.as_str()).unwrap();
             let mut rng = ringmq::storage::mem::Rng::new(seed);
@@ -196,13 +279,15 @@ fn key_shared_keeps_per_key_order_with_joins_leaves_and_nacks() {
                             continue; // held until this consumer leaves
                         }
                         if rng.below(5) == 0 {
-                            c.queue_settle("k", "ks", p, &[m.offset], Settle::Nack { delay_ms: 5 }).unwrap();
+                            c.queue_settle("k", "ks", p, &[m.offset], Settle::Nack { delay_ms: 5 })
+                                .unwrap();
                             continue;
                         }
                         let key = String::from_utf8(m.key.clone().unwrap()).unwrap();
                         let seq: u32 = String::from_utf8_lossy(&m.value).parse().unwrap();
                         processed.lock().unwrap().push((key, seq));
-                        c.queue_settle("k", "ks", p, &[m.offset], Settle::Ack).unwrap();
+                        c.queue_settle("k", "ks", p, &[m.offset], Settle::Ack)
+                            .unwrap();
                     }
                 }
             }
@@ -223,7 +308,11 @@ fn key_shared_keeps_per_key_order_with_joins_leaves_and_nacks() {
     }
     assert_eq!(per_key.len(), 8);
     for (k, seqs) in &per_key {
-        assert_eq!(seqs, &(0..25).collect::<Vec<u32>>(), "key {k}: processed in order, each once");
+        assert_eq!(
+            seqs,
+            &(0..25).collect::<Vec<u32>>(),
+            "key {k}: processed in order, each once"
+        );
     }
 }
 
@@ -235,22 +324,34 @@ fn a_delayed_message_is_not_delivered_before_its_time() {
     c.create_topic("d", 1, -1, -1).unwrap();
     let (code, _, err) = b.cli(&["produce", "d", "--delay-ms", "700"], "later\n");
     assert_eq!(code, 0, "{err}");
-    c.produce("d", PartitionChoice::Explicit(0), &[rec("now")]).unwrap();
+    c.produce("d", PartitionChoice::Explicit(0), &[rec("now")])
+        .unwrap();
     let mut q = QueueFetchOut::new("d", "s", 0);
     q.max_wait_ms = 3000;
     let first = c.queue_fetch(&q).unwrap();
     assert_eq!(first.len(), 1);
-    assert_eq!(first[0].value, b"now", "the later message was produced first but waits");
-    c.queue_settle("d", "s", 0, &[first[0].offset], Settle::Ack).unwrap();
+    assert_eq!(
+        first[0].value, b"now",
+        "the later message was produced first but waits"
+    );
+    c.queue_settle("d", "s", 0, &[first[0].offset], Settle::Ack)
+        .unwrap();
     let deliver_at: i64 = {
         let f = c.fetch("d", 0, 0, 1 << 20, 0).unwrap();
-        let h = f.records[0].headers.iter().find(|(k, _)| k == "rq-deliver-at").unwrap();
+        let h = f.records[0]
+            .headers
+            .iter()
+            .find(|(k, _)| k == "rq-deliver-at")
+            .unwrap();
         String::from_utf8_lossy(&h.1).parse().unwrap()
     };
     let second = c.queue_fetch(&q).unwrap();
     let received_at = ringmq::shard::now_ms();
     assert_eq!(second[0].value, b"later");
-    assert!(received_at >= deliver_at, "delivered at {received_at}, due at {deliver_at}");
+    assert!(
+        received_at >= deliver_at,
+        "delivered at {received_at}, due at {deliver_at}"
+    );
 }
 
 #[test]
@@ -281,5 +382,9 @@ fn at_the_ack_state_limit_dispatch_pauses_and_resumes_without_forgetting() {
         rest.extend(offs);
         assert!(Instant::now() < deadline);
     }
-    assert_eq!(rest, (10..30).collect::<Vec<u64>>(), "resumed where it paused; nothing forgotten");
+    assert_eq!(
+        rest,
+        (10..30).collect::<Vec<u64>>(),
+        "resumed where it paused; nothing forgotten"
+    );
 }

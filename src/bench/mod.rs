@@ -9,11 +9,13 @@
 mod fanout_bench;
 mod log_bench;
 mod produce_bench;
+mod queue_bench;
 mod rebalance_bench;
 
 pub use fanout_bench::{run_fanout, FanoutBenchArgs};
 pub use log_bench::{run_log, LogBenchArgs};
 pub use produce_bench::{run_produce, ProduceBenchArgs};
+pub use queue_bench::{run_queue, QueueBenchArgs};
 pub use rebalance_bench::{run_rebalance, RebalanceBenchArgs};
 
 use hdrhistogram::Histogram;

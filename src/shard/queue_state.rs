@@ -116,6 +116,11 @@ impl QueueState {
         self.acked.iter()
     }
 
+    /// Messages read and waiting for dispatch.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
     pub fn in_flight(&self) -> usize {
         self.in_flight.len()
     }
