@@ -86,6 +86,12 @@ pub enum BenchScenario {
     /// request to N destinations (`--mode multicast`). Latency columns: publish→subscriber, or
     /// multicast request→ack.
     Fanout(crate::bench::FanoutBenchArgs),
+    /// Read a prepared backlog as fast as possible with N stream consumers.
+    Consume(crate::bench::ConsumeBenchArgs),
+    /// End to end: one producer at a fixed `--rate` (one message per request), one consumer
+    /// long-polling; produce→receive latency from the intended send time (corrected for
+    /// coordinated omission). Same options as `fanout --mode pattern`.
+    E2e(crate::bench::FanoutBenchArgs),
     /// Shared-subscription acked throughput with N competing consumers on a prepared backlog,
     /// against one stream consumer of the same backlog in the same run. Latency columns: one
     /// fetch+ack round.
@@ -278,6 +284,17 @@ pub fn run(cli: Cli) -> Result<(), String> {
                 BenchScenario::Log(a) => crate::bench::run_log(a)?,
                 BenchScenario::Produce(a) => {
                     crate::bench::run_produce(server_given.then_some(cli.server.as_str()), a)?
+                }
+                BenchScenario::Consume(a) => {
+                    crate::bench::run_consume(server_given.then_some(cli.server.as_str()), a)?
+                }
+                BenchScenario::E2e(mut a) => {
+                    a.mode = "pattern".into();
+                    a.reject_percent = 0;
+                    let mut r =
+                        crate::bench::run_fanout(server_given.then_some(cli.server.as_str()), a)?;
+                    r.scenario = "e2e".into();
+                    r
                 }
                 BenchScenario::Queue(a) => {
                     crate::bench::run_queue(server_given.then_some(cli.server.as_str()), a)?

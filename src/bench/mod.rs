@@ -6,12 +6,14 @@
 //! temporary directory when `--server` is not given); the `log` scenario drives one
 //! `storage::Log` directly, without a broker.
 
+mod consume_bench;
 mod fanout_bench;
 mod log_bench;
 mod produce_bench;
 mod queue_bench;
 mod rebalance_bench;
 
+pub use consume_bench::{run_consume, ConsumeBenchArgs};
 pub use fanout_bench::{run_fanout, FanoutBenchArgs};
 pub use log_bench::{run_log, LogBenchArgs};
 pub use produce_bench::{run_produce, ProduceBenchArgs};
