@@ -65,3 +65,18 @@ run $P --producers 1 --message-bytes 100 --batch 1 --window 1 --partitions 1 --f
 run $P --producers 1 --message-bytes 100 --batch 1 --window 1 --partitions 1 --fsync always --rate 1000
 run $P --producers 4 --message-bytes 100 --batch 1000 --partitions 4 --fsync never --cores 1
 run $P --producers 4 --message-bytes 100 --batch 1000 --partitions 4 --fsync never --cores 2
+run $P --producers 8 --message-bytes 1024 --batch 64 --partitions 4 --fsync never --cores 1
+run $P --producers 8 --message-bytes 1024 --batch 64 --partitions 4 --fsync never --cores 2
+
+echo; echo "## consume, e2e, queue, fan-out, rebalance"
+B="$R bench"
+D="--data $SCRATCH/data"
+run $B consume $D --consumers 1 --partitions 4 --messages 2000000
+run $B consume $D --consumers 2 --partitions 4 --messages 2000000
+run $B e2e $D --rate 10000 --seconds "$SECS"
+run $B e2e $D --rate 10000 --seconds "$SECS" --fsync always
+for n in 1 2 4; do run $B queue $D --consumers $n; done
+run $B fanout $D --mode pattern --rate 10000 --seconds "$SECS"
+run $B fanout $D --mode pattern --rate 10000 --reject-percent 90 --seconds "$SECS"
+for n in 1 10 100; do run $B fanout $D --mode multicast --destinations $n --seconds "$SECS"; done
+run $B rebalance $D
