@@ -48,6 +48,9 @@ pub enum Command {
     Consume(ConsumeArgs),
     /// Cross-core batch copy counters per shard (forward, multicast, fan-out).
     Stats,
+    /// Health of every partition: `TOPIC PARTITION SHARD ok|UNAVAILABLE MESSAGE`; exits 1 if
+    /// any partition is unavailable or failed.
+    Status,
     /// Shared subscriptions of a topic: list, describe.
     Subscription {
         #[command(subcommand)]
@@ -274,6 +277,7 @@ pub fn run(cli: Cli) -> Result<(), String> {
         Command::Produce(a) => produce(&cli.server, a),
         Command::Consume(a) => crate::cli_consume::consume(&cli.server, &a),
         Command::Stats => crate::cli_consume::stats(&cli.server),
+        Command::Status => crate::cli_consume::status(&cli.server),
         Command::Subscription { command } => crate::cli_queue::subscription(&cli.server, command),
         Command::Group { command } => crate::cli_group::group(&cli.server, command),
         Command::Bench { json, scenario } => {

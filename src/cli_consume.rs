@@ -189,3 +189,21 @@ pub fn stats(server: &str) -> Result<(), String> {
     }
     Ok(())
 }
+
+pub fn status(server: &str) -> Result<(), String> {
+    let mut c = connect(server)?;
+    let parts = c.status().map_err(|e| format!("reading status: {e}"))?;
+    let mut out = std::io::stdout().lock();
+    let mut bad = 0;
+    for p in &parts {
+        if !p.healthy {
+            bad += 1;
+        }
+        writeln!(out, "{} {} {} {} {}", p.topic, p.partition, p.shard, if p.healthy { "ok" } else { "UNAVAILABLE" }, p.message)
+            .map_err(|e| e.to_string())?;
+    }
+    if bad > 0 {
+        return Err(format!("{bad} of {} partitions unavailable", parts.len()));
+    }
+    Ok(())
+}

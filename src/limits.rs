@@ -99,3 +99,10 @@ pub const GROUP_EXPIRY_CHECK_MS: u64 = 50;
 /// Upper bound of a subscription's `max_unacked` (tracked unacked + acked-out-of-order offsets
 /// per partition). At a subscription's limit, dispatch of new messages pauses.
 pub const QUEUE_UNACKED_MAX: usize = 1 << 20;
+
+/// Largest `max_bytes` a fetch may ask for (16 MiB); larger requests are capped.
+pub const FETCH_BYTES_MAX: u32 = 16 << 20;
+
+/// Response bytes a connection may have queued for its writer (a consumer that stops reading).
+/// At the limit the server stops reading that connection's requests (backpressure).
+pub const OUTBOX_BYTES_MAX: usize = 32 << 20;

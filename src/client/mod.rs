@@ -409,6 +409,16 @@ impl Client {
         Ok(proto::multicast::decode_multicast_response(m))
     }
 
+    /// Health of every partition.
+    pub fn status(&mut self) -> Result<Vec<proto::multicast::PartitionStatusOut>, ClientError> {
+        let r = self.call(proto::multicast::encode_status)?;
+        let s = r
+            .frame()
+            .body_as_status_response()
+            .ok_or_else(|| ClientError::Protocol("expected a StatusResponse".into()))?;
+        Ok(proto::multicast::decode_status_response(s))
+    }
+
     /// Every shard's cross-core copy counters.
     pub fn stats(&mut self) -> Result<Vec<proto::multicast::ShardStatsOut>, ClientError> {
         let r = self.call(proto::multicast::encode_stats)?;

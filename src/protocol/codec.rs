@@ -80,6 +80,7 @@ pub fn is_request(t: fb::Body) -> bool {
             | fb::Body::QueueFetch
             | fb::Body::QueueSettle
             | fb::Body::SubscriptionInfo
+            | fb::Body::Status
     )
 }
 

@@ -166,3 +166,53 @@ pub fn decode_stats_response(r: fb::StatsResponse<'_>) -> Vec<ShardStatsOut> {
         })
         .unwrap_or_default()
 }
+
+/// Health of one partition.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PartitionStatusOut {
+    pub topic: String,
+    pub partition: u32,
+    pub shard: u32,
+    pub healthy: bool,
+    pub message: String,
+}
+
+pub fn encode_status(corr: u64) -> Bytes {
+    let mut b = FlatBufferBuilder::with_capacity(64);
+    let s = fb::Status::create(&mut b, &fb::StatusArgs {});
+    finish(b, corr, fb::Body::Status, s.as_union_value())
+}
+
+pub fn encode_status_response(corr: u64, parts: &[PartitionStatusOut]) -> Bytes {
+    let mut b = FlatBufferBuilder::with_capacity(128 * parts.len() + 64);
+    let v: Vec<_> = parts
+        .iter()
+        .map(|p| {
+            let t = b.create_string(&p.topic);
+            let m = b.create_string(&p.message);
+            fb::PartitionStatus::create(
+                &mut b,
+                &fb::PartitionStatusArgs { topic: Some(t), partition: p.partition, shard: p.shard, healthy: p.healthy, message: Some(m) },
+            )
+        })
+        .collect();
+    let v = b.create_vector(&v);
+    let r = fb::StatusResponse::create(&mut b, &fb::StatusResponseArgs { partitions: Some(v) });
+    finish(b, corr, fb::Body::StatusResponse, r.as_union_value())
+}
+
+pub fn decode_status_response(r: fb::StatusResponse<'_>) -> Vec<PartitionStatusOut> {
+    r.partitions()
+        .map(|v| {
+            v.iter()
+                .map(|p| PartitionStatusOut {
+                    topic: p.topic().unwrap_or_default().to_string(),
+                    partition: p.partition(),
+                    shard: p.shard(),
+                    healthy: p.healthy(),
+                    message: p.message().unwrap_or_default().to_string(),
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -72,12 +72,32 @@ struct Outbox {
     queue: RefCell<VecDeque<(Bytes, Option<StaticPermit>)>>,
     ready: Notify,
     closed: Cell<bool>,
+    /// Bytes queued and not yet written (bounded by `OUTBOX_BYTES_MAX` via the reader).
+    bytes: Cell<usize>,
+    drained: Notify,
 }
 
 impl Outbox {
     fn push(&self, frame: Bytes, permit: Option<StaticPermit>) {
+        self.bytes.set(self.bytes.get() + frame.len());
         self.queue.borrow_mut().push_back((frame, permit));
         self.ready.notify_all();
+    }
+
+    fn written(&self, n: usize) {
+        self.bytes.set(self.bytes.get().saturating_sub(n));
+        self.drained.notify_all();
+    }
+
+    /// Backpressure on a client that does not read its responses.
+    async fn wait_for_room(&self) {
+        while self.bytes.get() >= limits::OUTBOX_BYTES_MAX && !self.closed.get() {
+            let w = self.drained.wait();
+            if self.bytes.get() < limits::OUTBOX_BYTES_MAX || self.closed.get() {
+                break;
+            }
+            w.await;
+        }
     }
 }
 
@@ -91,6 +111,8 @@ impl Connection {
             queue: RefCell::new(VecDeque::new()),
             ready: Notify::new(),
             closed: Cell::new(false),
+            bytes: Cell::new(0),
+            drained: Notify::new(),
         });
         let writer_task = glommio::spawn_local(write_loop(writer, outbox.clone()));
         let permits = Rc::new(Semaphore::new(shard.cfg.max_in_flight as u64));
@@ -98,6 +120,7 @@ impl Connection {
         let conn = shard.next_connection_id();
         let mut used_queues = false;
         loop {
+            outbox.wait_for_room().await;
             let frame = match read_frame(&mut reader, &shard).await {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
@@ -270,6 +293,7 @@ async fn dispatch(
             },
             (fb::Body::ListGroups, Some(_)) => return list_groups_fanout(shard, corr, frame).await,
             (fb::Body::Stats, Some(_)) => return stats_fanout(shard, corr, frame).await,
+            (fb::Body::Status, Some(_)) => return status_fanout(shard, corr, frame).await,
             (fb::Body::SubscriptionInfo, Some(_)) => {
                 return subscriptions_fanout(shard, corr, frame).await
             }
@@ -428,6 +452,33 @@ async fn subscriptions_fanout(shard: &Rc<Shard>, corr: u64, frame: Bytes) -> Pen
         }
         let v: Vec<_> = by.into_values().collect();
         proto::queue::encode_subscription_info_response(corr, &v)
+    })
+}
+
+/// Every shard's partition health, merged.
+async fn status_fanout(shard: &Rc<Shard>, corr: u64, frame: Bytes) -> Pending {
+    let mut replies = Vec::new();
+    for s in 0..shard.count() {
+        if s == shard.id() {
+            let local = shard.status_local(corr);
+            replies.push(Box::pin(async move { local }) as Pending);
+        } else {
+            replies.push(forward(shard, (s, 0, 0), frame.clone(), corr).await);
+        }
+    }
+    Box::pin(async move {
+        let mut all = Vec::new();
+        for r in replies {
+            let bytes = r.await;
+            if let Some(x) = proto::verify_frame(&bytes[proto::LEN_PREFIX_BYTES.min(bytes.len())..])
+                .ok()
+                .and_then(|f| f.body_as_status_response())
+            {
+                all.extend(proto::multicast::decode_status_response(x));
+            }
+        }
+        all.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+        proto::multicast::encode_status_response(corr, &all)
     })
 }
 
@@ -636,11 +687,14 @@ async fn write_loop(mut writer: futures_lite::io::WriteHalf<TcpStream>, outbox: 
             }
             writer.write_all(&buf).await.is_ok()
         };
+        let n: usize = batch.iter().map(|(f, _)| f.len()).sum();
         drop(batch);
+        outbox.written(n);
         if !ok || writer.flush().await.is_err() {
             // The peer is gone: drop what is queued so permits are released.
             outbox.queue.borrow_mut().clear();
             outbox.closed.set(true);
+            outbox.written(usize::MAX);
             break;
         }
     }

@@ -344,6 +344,7 @@ impl Shard {
             }
             fb::Body::Metadata => ready(self.metadata_local(corr, &frame)),
             fb::Body::Stats => ready(self.stats_local(corr)),
+            fb::Body::Status => ready(self.status_local(corr)),
             fb::Body::SubscriptionInfo => ready(self.subscription_info_local(corr, &frame)),
             fb::Body::QueueFetch => {
                 let me = self.clone();
@@ -447,7 +448,7 @@ impl Shard {
         let Some(f) = parse(&frame).body_as_fetch() else {
             return proto::encode_error(corr, fb::ErrorCode::Internal, "not a fetch");
         };
-        let (topic, offset, max_bytes) = (f.topic().to_string(), f.offset(), f.max_bytes());
+        let (topic, offset, max_bytes) = (f.topic().to_string(), f.offset(), f.max_bytes().min(limits::FETCH_BYTES_MAX));
         let wait_ms = f.max_wait_ms().min(limits::FETCH_WAIT_MS_MAX);
         let filter = f.filter().map(String::from);
         let log = match self.log(corr, &topic, partition) {
@@ -522,6 +523,32 @@ impl Shard {
             });
         }
         proto::encode_metadata_response(corr, &out)
+    }
+
+    /// Health of this shard's partitions.
+    pub fn status_local(&self, corr: u64) -> Bytes {
+        let parts = self.partitions.borrow();
+        let mut out: Vec<proto::multicast::PartitionStatusOut> = parts
+            .iter()
+            .map(|((t, p), slot)| {
+                let (healthy, message) = match slot {
+                    Slot::Ready(log) => (
+                        true,
+                        log.recovery_report()
+                            .truncated
+                            .as_ref()
+                            .map(|x| format!("recovered: cut {} bytes at byte {} of {}: {}", x.cut_bytes, x.at_pos, x.segment.display(), x.reason))
+                            .or_else(|| log.failure().map(|f| format!("failed: {f}")))
+                            .unwrap_or_default(),
+                    ),
+                    Slot::Failed(why) => (false, why.clone()),
+                };
+                let healthy = healthy && !message.starts_with("failed:");
+                proto::multicast::PartitionStatusOut { topic: t.clone(), partition: *p, shard: self.id() as u32, healthy, message }
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+        proto::multicast::encode_status_response(corr, &out)
     }
 
     /// Names of requested topics that do not exist.

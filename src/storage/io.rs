@@ -46,6 +46,22 @@ pub struct DmaStorage;
 pub struct DmaStorageFile {
     file: glommio::io::DmaFile,
     path: PathBuf,
+    /// Test hook (only with `RINGMQ_FAULT_FILES=1` in the environment): the directory in which
+    /// files `.fault-write` / `.fault-sync` make writes / fdatasyncs fail; their content
+    /// `enospc` gives ENOSPC, anything else EIO.
+    fault_dir: Option<PathBuf>,
+}
+
+/// The env var that arms the fault-file hook (tests of disk errors through a real broker).
+pub const FAULT_FILES_ENV: &str = "RINGMQ_FAULT_FILES";
+
+fn injected(dir: &Option<PathBuf>, name: &str) -> io::Result<()> {
+    let Some(dir) = dir else { return Ok(()) };
+    match std::fs::read_to_string(dir.join(name)) {
+        Ok(kind) if kind.trim() == "enospc" => Err(io::Error::from_raw_os_error(libc::ENOSPC)),
+        Ok(_) => Err(io::Error::from_raw_os_error(libc::EIO)),
+        Err(_) => Ok(()),
+    }
 }
 
 impl Storage for DmaStorage {
@@ -84,9 +100,13 @@ impl Storage for DmaStorage {
                 file.alignment()
             )));
         }
+        let fault_dir = std::env::var_os(FAULT_FILES_ENV)
+            .filter(|v| v == "1")
+            .and_then(|_| path.parent().map(Path::to_path_buf));
         Ok(DmaStorageFile {
             file,
             path: path.to_path_buf(),
+            fault_dir,
         })
     }
 
@@ -131,6 +151,7 @@ async fn probe_iopoll_with_data(dir: &Path) -> io::Result<()> {
 
 impl StorageFile for DmaStorageFile {
     async fn write_at(&self, pos: u64, data: &[u8]) -> io::Result<()> {
+        injected(&self.fault_dir, ".fault-write")?;
         debug_assert_eq!(pos % LOG_BLOCK_BYTES, 0);
         debug_assert_eq!(data.len() as u64 % LOG_BLOCK_BYTES, 0);
         let mut done = 0usize;
@@ -161,6 +182,7 @@ impl StorageFile for DmaStorageFile {
     }
 
     async fn sync_data(&self) -> io::Result<()> {
+        injected(&self.fault_dir, ".fault-sync")?;
         self.file.fdatasync().await.map_err(io::Error::from)
     }
 
