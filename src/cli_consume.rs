@@ -199,8 +199,16 @@ pub fn status(server: &str) -> Result<(), String> {
         if !p.healthy {
             bad += 1;
         }
-        writeln!(out, "{} {} {} {} {}", p.topic, p.partition, p.shard, if p.healthy { "ok" } else { "UNAVAILABLE" }, p.message)
-            .map_err(|e| e.to_string())?;
+        writeln!(
+            out,
+            "{} {} {} {} {}",
+            p.topic,
+            p.partition,
+            p.shard,
+            if p.healthy { "ok" } else { "UNAVAILABLE" },
+            p.message
+        )
+        .map_err(|e| e.to_string())?;
     }
     if bad > 0 {
         return Err(format!("{bad} of {} partitions unavailable", parts.len()));

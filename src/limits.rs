@@ -106,3 +106,9 @@ pub const FETCH_BYTES_MAX: u32 = 16 << 20;
 /// Response bytes a connection may have queued for its writer (a consumer that stops reading).
 /// At the limit the server stops reading that connection's requests (backpressure).
 pub const OUTBOX_BYTES_MAX: usize = 32 << 20;
+
+/// Memory budget of one connection (64 MiB): request bodies being processed plus the bytes
+/// reserved for their responses (a fetch reserves its capped `max_bytes`). At the limit the
+/// server stops reading the connection (backpressure). Raised automatically to fit
+/// `--max-frame-bytes` plus one maximal fetch.
+pub const CONNECTION_BYTES_MAX: usize = 64 << 20;

@@ -192,12 +192,23 @@ pub fn encode_status_response(corr: u64, parts: &[PartitionStatusOut]) -> Bytes 
             let m = b.create_string(&p.message);
             fb::PartitionStatus::create(
                 &mut b,
-                &fb::PartitionStatusArgs { topic: Some(t), partition: p.partition, shard: p.shard, healthy: p.healthy, message: Some(m) },
+                &fb::PartitionStatusArgs {
+                    topic: Some(t),
+                    partition: p.partition,
+                    shard: p.shard,
+                    healthy: p.healthy,
+                    message: Some(m),
+                },
             )
         })
         .collect();
     let v = b.create_vector(&v);
-    let r = fb::StatusResponse::create(&mut b, &fb::StatusResponseArgs { partitions: Some(v) });
+    let r = fb::StatusResponse::create(
+        &mut b,
+        &fb::StatusResponseArgs {
+            partitions: Some(v),
+        },
+    );
     finish(b, corr, fb::Body::StatusResponse, r.as_union_value())
 }
 

@@ -67,9 +67,30 @@ async fn refuse(mut stream: TcpStream) {
     let _ = stream.close().await;
 }
 
+/// What a request holds until its response is written: its in-flight slot and the bytes it
+/// reserved from the connection's memory budget (request body + response reservation).
+pub struct Held {
+    _slot: StaticPermit,
+    _bytes: Vec<StaticPermit>,
+}
+
+/// Bytes reserved for the response of a request before it is dispatched.
+fn response_reservation(f: &fb::Frame<'_>) -> u64 {
+    match f.body_type() {
+        fb::Body::Fetch => {
+            f.body_as_fetch()
+                .map(|x| u64::from(x.max_bytes().min(limits::FETCH_BYTES_MAX)))
+                .unwrap_or(0)
+                + 4096
+        }
+        fb::Body::QueueFetch => 1 << 20,
+        _ => 4096,
+    }
+}
+
 /// Responses waiting for the writer, each holding its in-flight permit until written.
 struct Outbox {
-    queue: RefCell<VecDeque<(Bytes, Option<StaticPermit>)>>,
+    queue: RefCell<VecDeque<(Bytes, Option<Held>)>>,
     ready: Notify,
     closed: Cell<bool>,
     /// Bytes queued and not yet written (bounded by `OUTBOX_BYTES_MAX` via the reader).
@@ -78,7 +99,7 @@ struct Outbox {
 }
 
 impl Outbox {
-    fn push(&self, frame: Bytes, permit: Option<StaticPermit>) {
+    fn push(&self, frame: Bytes, permit: Option<Held>) {
         self.bytes.set(self.bytes.get() + frame.len());
         self.queue.borrow_mut().push_back((frame, permit));
         self.ready.notify_all();
@@ -116,12 +137,17 @@ impl Connection {
         });
         let writer_task = glommio::spawn_local(write_loop(writer, outbox.clone()));
         let permits = Rc::new(Semaphore::new(shard.cfg.max_in_flight as u64));
+        // Memory budget of this connection: request bodies being processed plus reserved
+        // response bytes. At the limit the connection is not read (backpressure).
+        let budget_bytes = (limits::CONNECTION_BYTES_MAX as u64)
+            .max(shard.cfg.max_frame_bytes as u64 + u64::from(limits::FETCH_BYTES_MAX) + (1 << 20));
+        let budget = Rc::new(Semaphore::new(budget_bytes));
         let mut handshaken = false;
         let conn = shard.next_connection_id();
         let mut used_queues = false;
         loop {
             outbox.wait_for_room().await;
-            let frame = match read_frame(&mut reader, &shard).await {
+            let (frame, body_permit) = match read_frame(&mut reader, &shard, &budget).await {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
                 Err(FrameOrIo::Io) => break,
@@ -130,10 +156,10 @@ impl Connection {
                     break;
                 }
             };
-            let Ok(permit) = permits.acquire_static_permit(1).await else {
+            let Ok(slot) = permits.acquire_static_permit(1).await else {
                 break;
             };
-            let (corr, body) = {
+            let (corr, body, reserve) = {
                 let f = match proto::verify_frame(&frame) {
                     Ok(f) => f,
                     Err(e) => {
@@ -141,7 +167,7 @@ impl Connection {
                         break;
                     }
                 };
-                (f.correlation_id(), f.body_type())
+                (f.correlation_id(), f.body_type(), response_reservation(&f))
             };
             if !proto::is_request(body) {
                 let msg = format!("body type {} is not a request", body.0);
@@ -162,6 +188,13 @@ impl Connection {
                 }
                 handshaken = true;
             }
+            let Ok(reply_permit) = budget.acquire_static_permit(reserve).await else {
+                break;
+            };
+            let permit = Held {
+                _slot: slot,
+                _bytes: vec![body_permit, reply_permit],
+            };
             if shard.is_shutting_down() {
                 let msg = "the broker is shutting down";
                 outbox.push(
@@ -194,7 +227,8 @@ enum FrameOrIo {
 async fn read_frame(
     reader: &mut futures_lite::io::ReadHalf<TcpStream>,
     shard: &Shard,
-) -> Result<Option<Bytes>, FrameOrIo> {
+    budget: &Rc<Semaphore>,
+) -> Result<Option<(Bytes, StaticPermit)>, FrameOrIo> {
     let mut prefix = [0u8; 4];
     let mut got = 0;
     while got < 4 {
@@ -210,9 +244,13 @@ async fn read_frame(
         }
     }
     let len = proto::frame_len(prefix, shard.cfg.max_frame_bytes).map_err(FrameOrIo::Frame)?;
+    let permit = budget
+        .acquire_static_permit(len as u64)
+        .await
+        .map_err(|_| FrameOrIo::Io)?;
     let mut body = vec![0u8; len];
     match reader.read_exact(&mut body).await {
-        Ok(()) => Ok(Some(Bytes::from(body))),
+        Ok(()) => Ok(Some((Bytes::from(body), permit))),
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
             Err(FrameOrIo::Frame(FrameError::Malformed(format!(
                 "truncated frame: connection closed before {len} bytes"
@@ -222,7 +260,7 @@ async fn read_frame(
     }
 }
 
-fn spawn_reply(shard: &Rc<Shard>, pending: Pending, outbox: Rc<Outbox>, permit: StaticPermit) {
+fn spawn_reply(shard: &Rc<Shard>, pending: Pending, outbox: Rc<Outbox>, permit: Held) {
     let s = shard.clone();
     s.requests_in_flight.set(s.requests_in_flight.get() + 1);
     glommio::spawn_local(async move {
@@ -656,7 +694,7 @@ async fn write_loop(mut writer: futures_lite::io::WriteHalf<TcpStream>, outbox: 
     let mut buf: Vec<u8> = Vec::with_capacity(limits::WRITE_COALESCE_BYTES);
     loop {
         let wait = outbox.ready.wait();
-        let batch: Vec<(Bytes, Option<StaticPermit>)> = {
+        let batch: Vec<(Bytes, Option<Held>)> = {
             let mut q = outbox.queue.borrow_mut();
             let mut bytes = 0;
             let mut out = Vec::new();

@@ -448,7 +448,11 @@ impl Shard {
         let Some(f) = parse(&frame).body_as_fetch() else {
             return proto::encode_error(corr, fb::ErrorCode::Internal, "not a fetch");
         };
-        let (topic, offset, max_bytes) = (f.topic().to_string(), f.offset(), f.max_bytes().min(limits::FETCH_BYTES_MAX));
+        let (topic, offset, max_bytes) = (
+            f.topic().to_string(),
+            f.offset(),
+            f.max_bytes().min(limits::FETCH_BYTES_MAX),
+        );
         let wait_ms = f.max_wait_ms().min(limits::FETCH_WAIT_MS_MAX);
         let filter = f.filter().map(String::from);
         let log = match self.log(corr, &topic, partition) {
@@ -537,14 +541,28 @@ impl Shard {
                         log.recovery_report()
                             .truncated
                             .as_ref()
-                            .map(|x| format!("recovered: cut {} bytes at byte {} of {}: {}", x.cut_bytes, x.at_pos, x.segment.display(), x.reason))
+                            .map(|x| {
+                                format!(
+                                    "recovered: cut {} bytes at byte {} of {}: {}",
+                                    x.cut_bytes,
+                                    x.at_pos,
+                                    x.segment.display(),
+                                    x.reason
+                                )
+                            })
                             .or_else(|| log.failure().map(|f| format!("failed: {f}")))
                             .unwrap_or_default(),
                     ),
                     Slot::Failed(why) => (false, why.clone()),
                 };
                 let healthy = healthy && !message.starts_with("failed:");
-                proto::multicast::PartitionStatusOut { topic: t.clone(), partition: *p, shard: self.id() as u32, healthy, message }
+                proto::multicast::PartitionStatusOut {
+                    topic: t.clone(),
+                    partition: *p,
+                    shard: self.id() as u32,
+                    healthy,
+                    message,
+                }
             })
             .collect();
         out.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
