@@ -10,16 +10,24 @@ use std::path::PathBuf;
 
 use bytes::Bytes;
 use ringmq::filter::{Filter, MapFields};
-use ringmq::protocol::{self as proto, fb, groups as g, multicast as mc, queue as q, PartitionChoice, RecordIn};
+use ringmq::protocol::{
+    self as proto, fb, groups as g, multicast as mc, queue as q, PartitionChoice, RecordIn,
+};
 use ringmq::storage::mem::Rng;
 use ringmq::storage::{batch, BatchMeta, FormatTag, Log, LogConfig, MemStorage, Storage};
 
 fn iters(default: u64) -> u64 {
-    std::env::var("RINGMQ_FUZZ_ITERS").ok().and_then(|s| s.parse().ok()).unwrap_or(default)
+    std::env::var("RINGMQ_FUZZ_ITERS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
 }
 
 fn seed() -> u64 {
-    std::env::var("RINGMQ_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0xF022)
+    std::env::var("RINGMQ_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0xF022)
 }
 
 fn mutate(r: &mut Rng, input: &[u8]) -> Vec<u8> {
@@ -59,19 +67,47 @@ fn mutate(r: &mut Rng, input: &[u8]) -> Vec<u8> {
 
 fn corpus() -> Vec<Vec<u8>> {
     let recs = vec![
-        RecordIn { key: Some(b"k".to_vec()), value: b"value".to_vec(), headers: vec![("h".into(), b"1".to_vec())], timestamp_ms: 5 },
-        RecordIn { value: b"x".to_vec(), ..Default::default() },
+        RecordIn {
+            key: Some(b"k".to_vec()),
+            value: b"value".to_vec(),
+            headers: vec![("h".into(), b"1".to_vec())],
+            timestamp_ms: 5,
+        },
+        RecordIn {
+            value: b"x".to_vec(),
+            ..Default::default()
+        },
     ];
     let batch_bytes = proto::encode_record_batch(&recs);
-    let meta = BatchMeta { format: FormatTag::RingmqFlatbuffers, record_count: 2, first_timestamp_ms: 5, max_timestamp_ms: 5 };
+    let meta = BatchMeta {
+        format: FormatTag::RingmqFlatbuffers,
+        record_count: 2,
+        first_timestamp_ms: 5,
+        max_timestamp_ms: 5,
+    };
     let stored = Bytes::from(batch::encode(&meta, 3, &batch_bytes));
-    let pos = proto::FetchPosition { partition: 0, log_start: 0, log_end: 5, next_offset: 5 };
+    let pos = proto::FetchPosition {
+        partition: 0,
+        log_start: 0,
+        log_end: 5,
+        next_offset: 5,
+    };
     let frames: Vec<Bytes> = vec![
         proto::encode_handshake(1, "c"),
         proto::encode_create_topic(2, "t", 3, -1, 100),
         proto::encode_metadata(3, &["a", "b"]),
         proto::encode_produce(4, "t", PartitionChoice::Key(b"key"), &batch_bytes),
-        proto::encode_fetch(5, &proto::FetchArgsOut { topic: "t", partition: 1, offset: 2, max_bytes: 100, max_wait_ms: 0, filter: Some("a == 1") }),
+        proto::encode_fetch(
+            5,
+            &proto::FetchArgsOut {
+                topic: "t",
+                partition: 1,
+                offset: 2,
+                max_bytes: 100,
+                max_wait_ms: 0,
+                filter: Some("a == 1"),
+            },
+        ),
         proto::encode_fetch_response(6, pos, std::slice::from_ref(&stored)),
         proto::encode_error(7, fb::ErrorCode::UnknownTopic, "no"),
         g::encode_join_group(8, "g", &["t".into()], "", "c", 1000),
@@ -85,7 +121,9 @@ fn corpus() -> Vec<Vec<u8>> {
 
 /// Everything a server or client does with a frame after verification.
 fn exercise(bytes: &[u8]) {
-    let Ok(f) = proto::verify_frame(bytes) else { return };
+    let Ok(f) = proto::verify_frame(bytes) else {
+        return;
+    };
     let _ = f.correlation_id();
     if let Some(p) = f.body_as_produce() {
         let _ = p.topic();
@@ -137,7 +175,10 @@ fn fuzz_frame_decoder() {
         }))
         .is_err()
         {
-            panic!("frame decoder panicked: seed {} iteration {i} input {input:02x?}", seed());
+            panic!(
+                "frame decoder panicked: seed {} iteration {i} input {input:02x?}",
+                seed()
+            );
         }
     }
     eprintln!("fuzz_frame_decoder: {n} inputs");
@@ -151,16 +192,26 @@ fn fuzz_filter_parser() {
         "EXISTS b AND c.d-e != -1.5e3",
         "((a < b) || !(c >= 'q'))",
     ];
-    let alphabet: Vec<&str> = vec!["(", ")", " ", "==", "!=", "<", ">=", "&&", "||", "!", "AND", "or", "NOT", "IN", "EXISTS", "STARTS", "WITH", "$key", "a", "b.c", "\"s\"", "'t'", "1", "-2.5", "1e308", "1e999", ",", "\"", "\\", "é", "$", "=", "&"];
+    let alphabet: Vec<&str> = vec![
+        "(", ")", " ", "==", "!=", "<", ">=", "&&", "||", "!", "AND", "or", "NOT", "IN", "EXISTS",
+        "STARTS", "WITH", "$key", "a", "b.c", "\"s\"", "'t'", "1", "-2.5", "1e308", "1e999", ",",
+        "\"", "\\", "é", "$", "=", "&",
+    ];
     let mut r = Rng::new(seed());
     let n = iters(20_000);
-    let m = MapFields { key: Some(b"k".to_vec()), headers: vec![("a".into(), b"1".to_vec()), ("b.c".into(), b"x".to_vec())] };
+    let m = MapFields {
+        key: Some(b"k".to_vec()),
+        headers: vec![("a".into(), b"1".to_vec()), ("b.c".into(), b"x".to_vec())],
+    };
     for i in 0..n {
         let src: String = if r.below(2) == 0 {
             let base = valid[r.below(valid.len() as u64) as usize];
             String::from_utf8_lossy(&mutate(&mut r, base.as_bytes())).into_owned()
         } else {
-            (0..r.below(24)).map(|_| alphabet[r.below(alphabet.len() as u64) as usize]).collect::<Vec<_>>().join(if r.below(2) == 0 { " " } else { "" })
+            (0..r.below(24))
+                .map(|_| alphabet[r.below(alphabet.len() as u64) as usize])
+                .collect::<Vec<_>>()
+                .join(if r.below(2) == 0 { " " } else { "" })
         };
         if catch_unwind(AssertUnwindSafe(|| {
             if let Ok(f) = Filter::compile(&src) {
@@ -169,7 +220,10 @@ fn fuzz_filter_parser() {
         }))
         .is_err()
         {
-            panic!("filter parser panicked: seed {} iteration {i} input {src:?}", seed());
+            panic!(
+                "filter parser panicked: seed {} iteration {i} input {src:?}",
+                seed()
+            );
         }
     }
     eprintln!("fuzz_filter_parser: {n} inputs");
@@ -187,13 +241,24 @@ fn fuzz_log_recovery() {
             for i in 0..n {
                 let st = MemStorage::new();
                 let dir = PathBuf::from("/mem/fuzz");
-                let cfg = LogConfig { segment_bytes_max: 8192 + r.below(16384), index_interval_bytes: 512, ..LogConfig::default() };
+                let cfg = LogConfig {
+                    segment_bytes_max: 8192 + r.below(16384),
+                    index_interval_bytes: 512,
+                    ..LogConfig::default()
+                };
                 let mut written = Vec::new();
                 {
-                    let log = Log::open(st.clone(), &dir, cfg.clone()).await.expect("open fresh");
+                    let log = Log::open(st.clone(), &dir, cfg.clone())
+                        .await
+                        .expect("open fresh");
                     for k in 0..1 + r.below(30) {
                         let p: Vec<u8> = (0..1 + r.below(900)).map(|j| (k * 7 + j) as u8).collect();
-                        let meta = BatchMeta { format: FormatTag::Opaque, record_count: 1, first_timestamp_ms: k as i64, max_timestamp_ms: k as i64 };
+                        let meta = BatchMeta {
+                            format: FormatTag::Opaque,
+                            record_count: 1,
+                            first_timestamp_ms: k as i64,
+                            max_timestamp_ms: k as i64,
+                        };
                         log.append(meta, &p).await.expect("append");
                         written.push(p);
                     }
@@ -208,7 +273,9 @@ fn fuzz_log_recovery() {
                     let mut padded = damaged.clone();
                     padded.resize(padded.len().div_ceil(4096) * 4096, 0);
                     if !padded.is_empty() {
-                        ringmq::storage::StorageFile::write_at(&f, 0, &padded).await.expect("write");
+                        ringmq::storage::StorageFile::write_at(&f, 0, &padded)
+                            .await
+                            .expect("write");
                         st.cut(path, damaged.len());
                     }
                 }
@@ -220,10 +287,18 @@ fn fuzz_log_recovery() {
                             match log.read(at, 4096).await {
                                 Ok(rb) if !rb.batches.is_empty() => {
                                     for b in &rb.batches {
-                                        let h = batch::decode_verified(b).expect("reads are verified");
+                                        let h =
+                                            batch::decode_verified(b).expect("reads are verified");
                                         let o = h.base_offset as usize;
-                                        assert!(o < written.len(), "seed {s} case {i}: offset {o} was never written");
-                                        assert_eq!(batch::payload(b), &written[o][..], "seed {s} case {i}: offset {o} differs");
+                                        assert!(
+                                            o < written.len(),
+                                            "seed {s} case {i}: offset {o} was never written"
+                                        );
+                                        assert_eq!(
+                                            batch::payload(b),
+                                            &written[o][..],
+                                            "seed {s} case {i}: offset {o} differs"
+                                        );
                                     }
                                     at = rb.next_offset;
                                 }
