@@ -137,6 +137,9 @@ pub struct ServeArgs {
     /// How often retention deletes old segments.
     #[arg(long, default_value_t = limits::RETENTION_CHECK_MS)]
     pub retention_check_ms: u64,
+    /// Compact a shard's state log (consumer offsets, queue acks) past this size.
+    #[arg(long, default_value_t = limits::STATE_LOG_COMPACT_BYTES)]
+    pub state_compact_bytes: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -330,6 +333,7 @@ fn serve_config(a: ServeArgs) -> Result<ServeConfig, String> {
         spin_before_park_us: a.spin_before_park_us,
         segment_bytes_max: a.segment_bytes,
         retention_check_ms: a.retention_check_ms,
+        state_compact_bytes: a.state_compact_bytes,
     })
 }
 

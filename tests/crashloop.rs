@@ -143,7 +143,8 @@ fn crash_loop_loses_nothing_acknowledged() {
         .unwrap_or(7);
     let mut rng = ringmq::storage::mem::Rng::new(seed);
     let dir = temp_dir("crashloop");
-    let mut b = Broker::start(&dir, 2, &[]);
+    // A small state-log compaction size: snapshots happen while acks and commits are in flight.
+    let mut b = Broker::start(&dir, 2, &["--state-compact-bytes", "262144"]);
     b.client().create_topic("c", 2, -1, -1).unwrap();
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     for cycle in 0..cycles {

@@ -21,6 +21,7 @@ pub struct ServeConfig {
     pub spin_before_park_us: u64,
     pub segment_bytes_max: u64,
     pub retention_check_ms: u64,
+    pub state_compact_bytes: u64,
 }
 
 impl Default for ServeConfig {
@@ -39,6 +40,7 @@ impl Default for ServeConfig {
             spin_before_park_us: 0,
             segment_bytes_max: limits::SEGMENT_BYTES_MAX_DEFAULT,
             retention_check_ms: limits::RETENTION_CHECK_MS,
+            state_compact_bytes: limits::STATE_LOG_COMPACT_BYTES,
         }
     }
 }
@@ -84,6 +86,9 @@ impl ServeConfig {
         }
         if self.segment_bytes_max < 64 * 1024 {
             return Err("--segment-bytes must be at least 64 KiB".into());
+        }
+        if self.state_compact_bytes < 64 * 1024 {
+            return Err("--state-compact-bytes must be at least 64 KiB".into());
         }
         if self.retention_check_ms == 0 {
             return Err("--retention-check-ms must be at least 1".into());

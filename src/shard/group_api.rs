@@ -49,9 +49,14 @@ impl Shard {
     /// Opens this shard's state log and restores the offsets of the groups it coordinates.
     pub async fn load_groups(&self, restored: &Restored) -> Result<(), String> {
         let first_seq = restored.max_seq + 1;
-        let log = StateLog::open(&self.cfg.data_dir, self.id(), first_seq)
-            .await
-            .map_err(|e| format!("opening the state log of shard {}: {e}", self.id()))?;
+        let log = StateLog::open(
+            &self.cfg.data_dir,
+            self.id(),
+            first_seq,
+            self.cfg.state_compact_bytes,
+        )
+        .await
+        .map_err(|e| format!("opening the state log of shard {}: {e}", self.id()))?;
         *self.state.borrow_mut() = Some(Rc::new(log));
         *self.restored_queues.borrow_mut() = restored.queues.clone();
         let mut c = self.coordinator.borrow_mut();
@@ -61,6 +66,24 @@ impl Shard {
             }
         }
         Ok(())
+    }
+
+    /// Past its size limit, snapshots and compacts this shard's state log (one at a time).
+    pub(super) async fn maybe_compact_state(&self) {
+        let Some(state) = self.state.borrow().clone() else {
+            return;
+        };
+        if self.compacting.get() || !state.needs_compaction() {
+            return;
+        }
+        self.compacting.set(true);
+        let offsets = self.coordinator.borrow().all_offsets();
+        let queues = self.queue_snapshot();
+        let (chunks, before) = state.snapshot(&offsets, &queues);
+        if let Err(e) = state.compact(chunks, before).await {
+            eprintln!("ringmq: shard {}: state log compaction: {e}", self.id());
+        }
+        self.compacting.set(false);
     }
 
     /// Expires members whose session timed out (called by the ticker).
@@ -201,6 +224,8 @@ impl Shard {
         };
         let records: Vec<(String, g::OffsetOut)> =
             offsets.iter().map(|o| (group.clone(), o.clone())).collect();
+        // Apply, then append: a compaction snapshot taken meanwhile must include it.
+        self.coordinator.borrow_mut().apply_commit(&group, &offsets);
         if let Err(e) = state.append(&records).await {
             return proto::encode_error(
                 corr,
@@ -208,12 +233,7 @@ impl Shard {
                 &format!("state log: {e}"),
             );
         }
-        self.coordinator.borrow_mut().apply_commit(&group, &offsets);
-        let snapshot = self.coordinator.borrow().all_offsets();
-        let queues = self.queue_snapshot();
-        if let Err(e) = state.maybe_compact(&snapshot, &queues).await {
-            eprintln!("ringmq: shard {}: state log compaction: {e}", self.id());
-        }
+        self.maybe_compact_state().await;
         g::encode_commit_offsets_response(corr)
     }
 

@@ -63,6 +63,8 @@ pub struct Shard {
     restored_queues: RefCell<std::collections::BTreeMap<queue_api::QKey, state_log::QueueAcks>>,
     /// Woken when queue state changes (acks, nacks, disconnects) for waiting queue fetches.
     queue_changed: Notify,
+    /// A state-log compaction is running.
+    compacting: Cell<bool>,
     state: RefCell<Option<Rc<state_log::StateLog>>>,
     started: Instant,
 }
@@ -115,6 +117,7 @@ impl Shard {
             queues: RefCell::new(HashMap::new()),
             restored_queues: RefCell::new(std::collections::BTreeMap::new()),
             queue_changed: Notify::new(),
+            compacting: Cell::new(false),
             state: RefCell::new(None),
             started: Instant::now(),
         }

@@ -343,26 +343,24 @@ impl Shard {
         }
         let ok = self.produce_internal(&dlq, &records).await;
         let offsets: Vec<u64> = dead.iter().map(|d| d.0).collect();
-        let state = self.state.borrow().clone();
-        let durable = match (&ok, state) {
-            (Ok(()), Some(state)) => state
-                .append_acks(&key.0, &key.1, key.2, &offsets)
-                .await
-                .is_ok(),
-            _ => false,
-        };
         let now = now_ms() as u64;
-        let mut qs = self.queues.borrow_mut();
-        if let Some(s) = qs.get_mut(key) {
-            if durable {
-                s.apply_ack(&offsets);
-            } else {
-                if let Err(e) = &ok {
-                    eprintln!("ringmq: dead-lettering to {dlq}: {e}");
-                }
+        if let Err(e) = &ok {
+            eprintln!("ringmq: dead-lettering to {dlq}: {e}");
+            if let Some(s) = self.queues.borrow_mut().get_mut(key) {
                 for o in offsets {
                     s.dead_letter_failed(o, now);
                 }
+            }
+            return;
+        }
+        // Stored in the dead-letter topic: ack on the source (apply, then append).
+        if let Some(s) = self.queues.borrow_mut().get_mut(key) {
+            s.apply_ack(&offsets);
+        }
+        let state = self.state.borrow().clone();
+        if let Some(state) = state {
+            if let Err(e) = state.append_acks(&key.0, &key.1, key.2, &offsets).await {
+                eprintln!("ringmq: recording dead-letter acks: {e}");
             }
         }
     }
@@ -466,6 +464,15 @@ impl Shard {
                         "state log not open",
                     );
                 };
+                // Apply, then append: a compaction snapshot taken meanwhile must include it.
+                // If the append fails the client gets an error; the messages come back after
+                // a restart (the ack was never durable).
+                let n = self
+                    .queues
+                    .borrow_mut()
+                    .get_mut(&key)
+                    .map(|s| s.apply_ack(&ackable))
+                    .unwrap_or(0);
                 if let Err(e) = state.append_acks(&key.0, &key.1, partition, &ackable).await {
                     return proto::encode_error(
                         corr,
@@ -473,11 +480,8 @@ impl Shard {
                         &format!("state log: {e}"),
                     );
                 }
-                self.queues
-                    .borrow_mut()
-                    .get_mut(&key)
-                    .map(|s| s.apply_ack(&ackable))
-                    .unwrap_or(0)
+                self.maybe_compact_state().await;
+                n
             }
             1 => self
                 .queues

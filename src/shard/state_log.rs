@@ -43,6 +43,7 @@ pub struct Restored {
 pub struct StateLog {
     log: Log<DmaStorage>,
     next_seq: Cell<u64>,
+    compact_bytes: u64,
 }
 
 fn state_dir(data_dir: &Path) -> std::path::PathBuf {
@@ -122,9 +123,17 @@ pub fn load_all(data_dir: &Path) -> Result<Restored, String> {
 }
 
 impl StateLog {
-    pub async fn open(data_dir: &Path, shard: usize, first_seq: u64) -> Result<Self, StorageError> {
+    pub async fn open(
+        data_dir: &Path,
+        shard: usize,
+        first_seq: u64,
+        compact_bytes: u64,
+    ) -> Result<Self, StorageError> {
         let cfg = LogConfig {
-            segment_bytes_max: limits::STATE_LOG_SEGMENT_BYTES,
+            // Several segments per compaction interval, so compaction can delete whole ones.
+            segment_bytes_max: limits::STATE_LOG_SEGMENT_BYTES
+                .min(compact_bytes / 4)
+                .max(16 * 1024),
             durability: Durability::Always,
             ..LogConfig::default()
         };
@@ -137,6 +146,7 @@ impl StateLog {
         Ok(Self {
             log,
             next_seq: Cell::new(first_seq),
+            compact_bytes,
         })
     }
 
@@ -191,19 +201,28 @@ impl StateLog {
         self.log.sync().await
     }
 
-    /// Past the size limit: writes a snapshot of every live offset and queue state, then
-    /// deletes the older segments.
-    pub async fn maybe_compact(
+    /// Whether the log is past its compaction size.
+    pub fn needs_compaction(&self) -> bool {
+        self.log.size_bytes() >= self.compact_bytes
+    }
+
+    /// Encodes a snapshot of every live offset and queue state *now*, taking their sequence
+    /// numbers now: any record appended later has a higher sequence and wins at replay. The
+    /// caller must have applied to memory everything it appended before (apply, then append).
+    /// Returns the batches to append and the log offset below which segments may go.
+    pub fn snapshot(
         &self,
         offsets: &[(String, OffsetOut)],
         queues: &[((String, String, u32), QueueAcks)],
-    ) -> Result<bool, StorageError> {
-        if self.log.size_bytes() < limits::STATE_LOG_COMPACT_BYTES {
-            return Ok(false);
-        }
+    ) -> (Vec<(String, usize)>, u64) {
         let before = self.log.end_offset();
+        let mut chunks = Vec::new();
         for chunk in offsets.chunks(10_000) {
-            self.append(chunk).await?;
+            let mut text = String::new();
+            for (group, (t, p, o)) in chunk {
+                text.push_str(&format!("C\t{}\t{group}\t{t}\t{p}\t{o}\n", self.seq()));
+            }
+            chunks.push((text, chunk.len()));
         }
         for chunk in queues.chunks(1_000) {
             let mut text = String::new();
@@ -215,9 +234,21 @@ impl StateLog {
                     csv(q.acked.iter().copied())
                 ));
             }
-            self.append_text(text, chunk.len()).await?;
+            chunks.push((text, chunk.len()));
+        }
+        (chunks, before)
+    }
+
+    /// Appends a snapshot made by [`StateLog::snapshot`], then deletes the segments below it.
+    pub async fn compact(
+        &self,
+        chunks: Vec<(String, usize)>,
+        before: u64,
+    ) -> Result<(), StorageError> {
+        for (text, lines) in chunks {
+            self.append_text(text, lines).await?;
         }
         self.log.delete_before(before).await?;
-        Ok(true)
+        Ok(())
     }
 }
