@@ -272,6 +272,46 @@ pub struct ConsumeArgs {
     pub format: String,
 }
 
+/// A progress line on stderr (elapsed seconds) while a benchmark runs; off with `--json`.
+struct Progress {
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Progress {
+    fn start(quiet: bool) -> Self {
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let d = done.clone();
+        let thread = (!quiet).then(|| {
+            std::thread::spawn(move || {
+                let start = std::time::Instant::now();
+                let mut shown = false;
+                while !d.load(std::sync::atomic::Ordering::SeqCst) {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    let s = start.elapsed().as_secs();
+                    if s >= 1 && start.elapsed().subsec_millis() < 100 {
+                        eprint!("\rbench running: {s} s");
+                        shown = true;
+                    }
+                }
+                if shown {
+                    eprintln!();
+                }
+            })
+        });
+        Self { done, thread }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.done.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Runs the parsed command; `Err` is the one-line message to print.
 pub fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
@@ -284,6 +324,7 @@ pub fn run(cli: Cli) -> Result<(), String> {
         Command::Subscription { command } => crate::cli_queue::subscription(&cli.server, command),
         Command::Group { command } => crate::cli_group::group(&cli.server, command),
         Command::Bench { json, scenario } => {
+            let progress = Progress::start(json);
             let server_given = std::env::args()
                 .any(|a| a == "--server" || a.starts_with("--server="))
                 || std::env::var_os("RINGMQ_SERVER").is_some();
@@ -313,6 +354,7 @@ pub fn run(cli: Cli) -> Result<(), String> {
                     crate::bench::run_rebalance(server_given.then_some(cli.server.as_str()), a)?
                 }
             };
+            drop(progress);
             report.print(json);
             Ok(())
         }
