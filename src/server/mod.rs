@@ -429,21 +429,24 @@ async fn metadata_fanout(shard: &Rc<Shard>, corr: u64, frame: Bytes) -> Pending 
         );
         return Box::pin(async move { e });
     }
-    let mut replies = Vec::new();
-    for s in (0..shard.count()).filter(|&s| s != shard.id()) {
-        replies.push(forward(shard, (s, 0, 0), frame.clone(), corr).await);
-    }
-    let local = shard.metadata_local(corr, &frame);
+    let replies = ask_all(shard, corr, frame).await;
     Box::pin(async move {
-        let mut merged: Vec<proto::TopicMetaOut> = decode_meta(&local);
+        let mut merged: Vec<proto::TopicMetaOut> = Vec::new();
         for r in replies {
-            let other = decode_meta(&r.await);
-            for t in other {
-                if let Some(m) = merged.iter_mut().find(|m| m.name == t.name) {
-                    m.partitions.extend(t.partitions);
+            let Some(x) = reply_body(&r.await, |f| {
+                f.body_as_metadata_response()
+                    .map(proto::decode_metadata_response)
+            }) else {
+                continue;
+            };
+            for t in x {
+                match merged.iter_mut().find(|m| m.name == t.name) {
+                    Some(m) => m.partitions.extend(t.partitions),
+                    None => merged.push(t),
                 }
             }
         }
+        merged.sort_by(|a, b| a.name.cmp(&b.name));
         for m in &mut merged {
             m.partitions.sort_by_key(|p| p.partition);
         }
@@ -451,9 +454,9 @@ async fn metadata_fanout(shard: &Rc<Shard>, corr: u64, frame: Bytes) -> Pending 
     })
 }
 
-/// Subscriptions live on every shard owning a partition of the topic: ask all, sum per name.
-async fn subscriptions_fanout(shard: &Rc<Shard>, corr: u64, frame: Bytes) -> Pending {
-    let mut replies = Vec::new();
+/// Asks every shard (this one directly, the others over the mesh) and returns their replies.
+async fn ask_all(shard: &Rc<Shard>, corr: u64, frame: Bytes) -> Vec<Pending> {
+    let mut replies = Vec::with_capacity(shard.count());
     for s in 0..shard.count() {
         if s == shard.id() {
             replies.push(shard.start(0, 0, frame.clone()).await);
@@ -461,18 +464,28 @@ async fn subscriptions_fanout(shard: &Rc<Shard>, corr: u64, frame: Bytes) -> Pen
             replies.push(forward(shard, (s, 0, 0), frame.clone(), corr).await);
         }
     }
+    replies
+}
+
+/// Reads a value out of a shard's reply frame (length prefix included).
+fn reply_body<T>(bytes: &Bytes, read: impl FnOnce(fb::Frame<'_>) -> Option<T>) -> Option<T> {
+    proto::verify_frame(&bytes[proto::LEN_PREFIX_BYTES.min(bytes.len())..])
+        .ok()
+        .and_then(read)
+}
+
+/// Subscriptions live on every shard owning a partition of the topic: ask all, sum per name.
+async fn subscriptions_fanout(shard: &Rc<Shard>, corr: u64, frame: Bytes) -> Pending {
+    let replies = ask_all(shard, corr, frame).await;
     Box::pin(async move {
         let mut by: std::collections::BTreeMap<String, proto::queue::SubStatsOut> =
             Default::default();
         for r in replies {
-            let bytes = r.await;
-            let Some(x) = proto::verify_frame(&bytes[proto::LEN_PREFIX_BYTES.min(bytes.len())..])
-                .ok()
-                .and_then(|f| f.body_as_subscription_info_response())
-            else {
-                continue;
-            };
-            for s in proto::queue::decode_subscription_info_response(x) {
+            let subs = reply_body(&r.await, |f| {
+                f.body_as_subscription_info_response()
+                    .map(proto::queue::decode_subscription_info_response)
+            });
+            for s in subs.unwrap_or_default() {
                 let e =
                     by.entry(s.subscription.clone())
                         .or_insert_with(|| proto::queue::SubStatsOut {
@@ -495,25 +508,17 @@ async fn subscriptions_fanout(shard: &Rc<Shard>, corr: u64, frame: Bytes) -> Pen
 
 /// Every shard's partition health, merged.
 async fn status_fanout(shard: &Rc<Shard>, corr: u64, frame: Bytes) -> Pending {
-    let mut replies = Vec::new();
-    for s in 0..shard.count() {
-        if s == shard.id() {
-            let local = shard.status_local(corr);
-            replies.push(Box::pin(async move { local }) as Pending);
-        } else {
-            replies.push(forward(shard, (s, 0, 0), frame.clone(), corr).await);
-        }
-    }
+    let replies = ask_all(shard, corr, frame).await;
     Box::pin(async move {
         let mut all = Vec::new();
         for r in replies {
-            let bytes = r.await;
-            if let Some(x) = proto::verify_frame(&bytes[proto::LEN_PREFIX_BYTES.min(bytes.len())..])
-                .ok()
-                .and_then(|f| f.body_as_status_response())
-            {
-                all.extend(proto::multicast::decode_status_response(x));
-            }
+            all.extend(
+                reply_body(&r.await, |f| {
+                    f.body_as_status_response()
+                        .map(proto::multicast::decode_status_response)
+                })
+                .unwrap_or_default(),
+            );
         }
         all.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
         proto::multicast::encode_status_response(corr, &all)
@@ -522,28 +527,39 @@ async fn status_fanout(shard: &Rc<Shard>, corr: u64, frame: Bytes) -> Pending {
 
 /// Every shard's counters, merged.
 async fn stats_fanout(shard: &Rc<Shard>, corr: u64, frame: Bytes) -> Pending {
-    let mut replies = Vec::new();
-    for s in 0..shard.count() {
-        if s == shard.id() {
-            let local = shard.stats_local(corr);
-            replies.push(Box::pin(async move { local }) as Pending);
-        } else {
-            replies.push(forward(shard, (s, 0, 0), frame.clone(), corr).await);
-        }
-    }
+    let replies = ask_all(shard, corr, frame).await;
     Box::pin(async move {
         let mut all = Vec::new();
         for r in replies {
-            let bytes = r.await;
-            if let Some(x) = proto::verify_frame(&bytes[proto::LEN_PREFIX_BYTES.min(bytes.len())..])
-                .ok()
-                .and_then(|f| f.body_as_stats_response())
-            {
-                all.extend(proto::multicast::decode_stats_response(x));
-            }
+            all.extend(
+                reply_body(&r.await, |f| {
+                    f.body_as_stats_response()
+                        .map(proto::multicast::decode_stats_response)
+                })
+                .unwrap_or_default(),
+            );
         }
         all.sort_by_key(|s| s.shard);
         proto::multicast::encode_stats_response(corr, &all)
+    })
+}
+
+/// Every shard coordinates some groups: ask all, merge the names.
+async fn list_groups_fanout(shard: &Rc<Shard>, corr: u64, frame: Bytes) -> Pending {
+    let replies = ask_all(shard, corr, frame).await;
+    Box::pin(async move {
+        let mut names = Vec::new();
+        for r in replies {
+            names.extend(
+                reply_body(&r.await, |f| {
+                    f.body_as_list_groups_response()
+                        .map(|l| proto::groups::decode_strings(l.groups()))
+                })
+                .unwrap_or_default(),
+            );
+        }
+        names.sort();
+        proto::groups::encode_list_groups_response(corr, &names)
     })
 }
 
@@ -654,40 +670,6 @@ fn group_of<'a>(f: &fb::Frame<'a>) -> Option<&'a str> {
         .or_else(|| f.body_as_commit_offsets().map(|x| x.group()))
         .or_else(|| f.body_as_fetch_offsets().map(|x| x.group()))
         .or_else(|| f.body_as_describe_group().map(|x| x.group()))
-}
-
-/// Every shard coordinates some groups: ask all, merge the names.
-async fn list_groups_fanout(shard: &Rc<Shard>, corr: u64, frame: Bytes) -> Pending {
-    let mut replies = Vec::new();
-    for s in 0..shard.count() {
-        if s == shard.id() {
-            replies.push(shard.start(0, 0, frame.clone()).await);
-        } else {
-            replies.push(forward(shard, (s, 0, 0), frame.clone(), corr).await);
-        }
-    }
-    Box::pin(async move {
-        let mut names = Vec::new();
-        for r in replies {
-            let bytes = r.await;
-            if let Some(l) = proto::verify_frame(&bytes[proto::LEN_PREFIX_BYTES.min(bytes.len())..])
-                .ok()
-                .and_then(|f| f.body_as_list_groups_response())
-            {
-                names.extend(proto::groups::decode_strings(l.groups()));
-            }
-        }
-        names.sort();
-        proto::groups::encode_list_groups_response(corr, &names)
-    })
-}
-
-fn decode_meta(frame: &Bytes) -> Vec<proto::TopicMetaOut> {
-    proto::verify_frame(&frame[proto::LEN_PREFIX_BYTES.min(frame.len())..])
-        .ok()
-        .and_then(|f| f.body_as_metadata_response())
-        .map(proto::decode_metadata_response)
-        .unwrap_or_default()
 }
 
 async fn write_loop(mut writer: futures_lite::io::WriteHalf<TcpStream>, outbox: Rc<Outbox>) {
