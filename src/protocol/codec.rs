@@ -605,25 +605,67 @@ pub fn decode_fetched_records(bytes: &[u8], from_offset: u64) -> Result<Vec<Reco
                 offset,
                 key: r.key().map(|k| k.bytes().to_vec()),
                 value: r.value().map(|v| v.bytes().to_vec()).unwrap_or_default(),
-                headers: r
-                    .headers()
-                    .map(|hs| {
-                        hs.iter()
-                            .map(|h| {
-                                (
-                                    h.key().to_string(),
-                                    h.value().map(|v| v.bytes().to_vec()).unwrap_or_default(),
-                                )
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default(),
+                headers: owned_headers(r.headers()),
                 timestamp_ms: ts,
             });
         }
         at += h.stored_len();
     }
     Ok(out)
+}
+
+/// Offsets of a record's key, value and headers copied into `b` (filtered and queue fetches).
+pub(crate) type RecordParts<'a> = (
+    Option<flatbuffers::WIPOffset<flatbuffers::Vector<'a, u8>>>,
+    Option<flatbuffers::WIPOffset<flatbuffers::Vector<'a, u8>>>,
+    Option<
+        flatbuffers::WIPOffset<
+            flatbuffers::Vector<'a, flatbuffers::ForwardsUOffset<fb::Header<'a>>>,
+        >,
+    >,
+);
+
+pub(crate) fn copy_record_parts<'a>(
+    b: &mut FlatBufferBuilder<'a>,
+    r: &fb::Record<'_>,
+) -> RecordParts<'a> {
+    let key = r.key().map(|k| b.create_vector(k.bytes()));
+    let value = r.value().map(|v| b.create_vector(v.bytes()));
+    let headers = r.headers().map(|hs| {
+        let hs: Vec<_> = hs
+            .iter()
+            .map(|h| {
+                let k = b.create_string(h.key());
+                let v = h.value().map(|v| b.create_vector(v.bytes()));
+                fb::Header::create(
+                    b,
+                    &fb::HeaderArgs {
+                        key: Some(k),
+                        value: v,
+                    },
+                )
+            })
+            .collect();
+        b.create_vector(&hs)
+    });
+    (key, value, headers)
+}
+
+/// Owned headers of a record.
+pub(crate) fn owned_headers(
+    hs: Option<flatbuffers::Vector<'_, flatbuffers::ForwardsUOffset<fb::Header<'_>>>>,
+) -> Vec<(String, Vec<u8>)> {
+    hs.map(|hs| {
+        hs.iter()
+            .map(|h| {
+                (
+                    h.key().to_string(),
+                    h.value().map(|v| v.bytes().to_vec()).unwrap_or_default(),
+                )
+            })
+            .collect()
+    })
+    .unwrap_or_default()
 }
 
 /// Encodes a filtered fetch response: the matching records with their offsets and timestamps.
@@ -639,25 +681,7 @@ pub fn encode_filtered_fetch_response(
     let mut b = FlatBufferBuilder::with_capacity(size + 128);
     let mut offs = Vec::with_capacity(records.len());
     for (offset, ts, r) in records {
-        let key = r.key().map(|k| b.create_vector(k.bytes()));
-        let value = r.value().map(|v| b.create_vector(v.bytes()));
-        let headers = r.headers().map(|hs| {
-            let hs: Vec<_> = hs
-                .iter()
-                .map(|h| {
-                    let k = b.create_string(h.key());
-                    let v = h.value().map(|v| b.create_vector(v.bytes()));
-                    fb::Header::create(
-                        &mut b,
-                        &fb::HeaderArgs {
-                            key: Some(k),
-                            value: v,
-                        },
-                    )
-                })
-                .collect();
-            b.create_vector(&hs)
-        });
+        let (key, value, headers) = copy_record_parts(&mut b, r);
         offs.push(fb::FetchedRecord::create(
             &mut b,
             &fb::FetchedRecordArgs {
@@ -698,19 +722,7 @@ pub fn decode_filtered_records(
             offset: r.offset(),
             key: r.key().map(|k| k.bytes().to_vec()),
             value: r.value().map(|v| v.bytes().to_vec()).unwrap_or_default(),
-            headers: r
-                .headers()
-                .map(|hs| {
-                    hs.iter()
-                        .map(|h| {
-                            (
-                                h.key().to_string(),
-                                h.value().map(|v| v.bytes().to_vec()).unwrap_or_default(),
-                            )
-                        })
-                        .collect()
-                })
-                .unwrap_or_default(),
+            headers: owned_headers(r.headers()),
             timestamp_ms: r.timestamp_ms(),
         })
         .collect()

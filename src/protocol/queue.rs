@@ -94,25 +94,7 @@ pub fn encode_queue_fetch_response(
     let mut b = FlatBufferBuilder::with_capacity(size + 128);
     let mut offs = Vec::with_capacity(msgs.len());
     for (offset, count, ts, r) in msgs {
-        let key = r.key().map(|k| b.create_vector(k.bytes()));
-        let value = r.value().map(|v| b.create_vector(v.bytes()));
-        let headers = r.headers().map(|hs| {
-            let hs: Vec<_> = hs
-                .iter()
-                .map(|h| {
-                    let k = b.create_string(h.key());
-                    let v = h.value().map(|v| b.create_vector(v.bytes()));
-                    fb::Header::create(
-                        &mut b,
-                        &fb::HeaderArgs {
-                            key: Some(k),
-                            value: v,
-                        },
-                    )
-                })
-                .collect();
-            b.create_vector(&hs)
-        });
+        let (key, value, headers) = super::codec::copy_record_parts(&mut b, r);
         offs.push(fb::QueueMessage::create(
             &mut b,
             &fb::QueueMessageArgs {
