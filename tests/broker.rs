@@ -397,3 +397,40 @@ fn sigterm_shuts_down_cleanly_and_keeps_data() {
     let total: usize = (0..2).map(|p| read_partition(&mut c, "s", p).len()).sum();
     assert_eq!(total, 50);
 }
+
+#[test]
+fn connection_and_in_flight_limits_refuse_or_backpressure() {
+    let dir = temp_dir("limits");
+    let b = Broker::start(&dir, 1, &["--max-connections", "2", "--max-in-flight", "2"]);
+    let mut a = b.client();
+    let _second = b.client();
+    // The third connection gets a clear error and is closed; the others are unaffected.
+    let mut s = TcpStream::connect(b.addr.as_str()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let f = proto::verify_frame(&buf[4..]).unwrap();
+    let e = f.body_as_error().unwrap();
+    assert_eq!(e.code(), fb::ErrorCode::TooManyConnections);
+    assert!(e.message().unwrap().contains("--max-connections"));
+    // Ten pipelined requests with an in-flight limit of 2: all answered (backpressure, not errors).
+    a.create_topic("p", 1, -1, -1).unwrap();
+    let batch = proto::encode_record_batch(&[rec("x")]);
+    let mut sent = Vec::new();
+    for _ in 0..10 {
+        sent.push(
+            a.send(|c| proto::encode_produce(c, "p", PartitionChoice::Explicit(0), &batch))
+                .unwrap(),
+        );
+    }
+    a.flush().unwrap();
+    let mut by_corr = std::collections::BTreeMap::new();
+    for _ in 0..10 {
+        let r = a.recv().unwrap();
+        let corr = r.frame().correlation_id();
+        by_corr.insert(corr, ringmq::client::produce_ack(&r).unwrap().base_offset);
+    }
+    // Every request answered (none refused), and appended in the order it was sent.
+    let offsets: Vec<u64> = sent.iter().map(|c| by_corr[c]).collect();
+    assert_eq!(offsets, (0..10).collect::<Vec<u64>>());
+}
