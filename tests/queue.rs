@@ -272,6 +272,9 @@ fn key_shared_keeps_per_key_order_with_joins_leaves_and_nacks() {
                 for p in 0..2 {
                     let mut q = QueueFetchOut::new("k", "ks", p);
                     q.key_shared = true;
+                    // Never dead-letter here: a dead-lettered message leaves its key's sequence,
+                    // and this test is about order (random nacks could reach max_deliveries).
+                    q.max_deliveries = 0;
                     q.max_messages = 4;
                     q.max_wait_ms = 10;
                     for m in c.queue_fetch(&q).unwrap() {
