@@ -659,34 +659,55 @@ pub fn print_record(
     partition: u32,
     r: &proto::RecordOut,
 ) -> std::io::Result<()> {
-    if a.format == "json" {
-        let key = match &r.key {
-            Some(k) => json_string(&String::from_utf8_lossy(k)),
-            None => "null".to_string(),
-        };
-        let headers: Vec<String> = r
+    if a.format != "json" {
+        out.write_all(&r.value)?;
+        return out.write_all(b"\n");
+    }
+    let fields = JsonRecord {
+        topic,
+        partition,
+        offset: r.offset,
+        key: r.key.as_deref(),
+        value: &r.value,
+        timestamp_ms: r.timestamp_ms,
+        headers: &r.headers,
+    };
+    writeln!(out, "{}", fields.to_json(None))
+}
+
+/// One consumed message as a JSON object (the `--format json` line).
+pub struct JsonRecord<'a> {
+    pub topic: &'a str,
+    pub partition: u32,
+    pub offset: u64,
+    pub key: Option<&'a [u8]>,
+    pub value: &'a [u8],
+    pub timestamp_ms: i64,
+    pub headers: &'a [(String, Vec<u8>)],
+}
+
+impl JsonRecord<'_> {
+    /// The object; `delivery_count` is added for queue messages.
+    pub fn to_json(&self, delivery_count: Option<u32>) -> String {
+        let text = |b: &[u8]| json_string(&String::from_utf8_lossy(b));
+        let key = self.key.map(text).unwrap_or_else(|| "null".to_string());
+        let headers: Vec<String> = self
             .headers
             .iter()
-            .map(|(k, v)| {
-                format!(
-                    "{}:{}",
-                    json_string(k),
-                    json_string(&String::from_utf8_lossy(v))
-                )
-            })
+            .map(|(k, v)| format!("{}:{}", json_string(k), text(v)))
             .collect();
-        writeln!(
-            out,
-            "{{\"topic\":{},\"partition\":{partition},\"offset\":{},\"key\":{key},\"value\":{},\"timestamp\":{},\"headers\":{{{}}}}}",
-            json_string(topic),
-            r.offset,
-            json_string(&String::from_utf8_lossy(&r.value)),
-            r.timestamp_ms,
+        let count = delivery_count
+            .map(|c| format!(",\"delivery_count\":{c}"))
+            .unwrap_or_default();
+        format!(
+            "{{\"topic\":{},\"partition\":{},\"offset\":{},\"key\":{key},\"value\":{},\"timestamp\":{}{count},\"headers\":{{{}}}}}",
+            json_string(self.topic),
+            self.partition,
+            self.offset,
+            text(self.value),
+            self.timestamp_ms,
             headers.join(",")
         )
-    } else {
-        out.write_all(&r.value)?;
-        out.write_all(b"\n")
     }
 }
 

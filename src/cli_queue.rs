@@ -6,7 +6,7 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use crate::cli::{json_string, ConsumeArgs, SubscriptionCommand};
+use crate::cli::{ConsumeArgs, JsonRecord, SubscriptionCommand};
 use crate::cli_consume::{connect, Subscription, PATTERN_REFRESH_MS};
 use crate::protocol::queue::{QueueFetchOut, QueueMessageOut, Settle};
 
@@ -64,36 +64,20 @@ fn print(
     partition: u32,
     m: &QueueMessageOut,
 ) -> std::io::Result<()> {
-    if a.format == "json" {
-        let key = match &m.key {
-            Some(k) => json_string(&String::from_utf8_lossy(k)),
-            None => "null".into(),
-        };
-        let headers: Vec<String> = m
-            .headers
-            .iter()
-            .map(|(k, v)| {
-                format!(
-                    "{}:{}",
-                    json_string(k),
-                    json_string(&String::from_utf8_lossy(v))
-                )
-            })
-            .collect();
-        writeln!(
-            out,
-            "{{\"topic\":{},\"partition\":{partition},\"offset\":{},\"key\":{key},\"value\":{},\"timestamp\":{},\"delivery_count\":{},\"headers\":{{{}}}}}",
-            json_string(topic),
-            m.offset,
-            json_string(&String::from_utf8_lossy(&m.value)),
-            m.timestamp_ms,
-            m.delivery_count,
-            headers.join(",")
-        )
-    } else {
+    if a.format != "json" {
         out.write_all(&m.value)?;
-        out.write_all(b"\n")
+        return out.write_all(b"\n");
     }
+    let fields = JsonRecord {
+        topic,
+        partition,
+        offset: m.offset,
+        key: m.key.as_deref(),
+        value: &m.value,
+        timestamp_ms: m.timestamp_ms,
+        headers: &m.headers,
+    };
+    writeln!(out, "{}", fields.to_json(Some(m.delivery_count)))
 }
 
 pub fn consume_shared(

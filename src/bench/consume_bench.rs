@@ -4,7 +4,6 @@
 
 use std::time::Instant;
 
-use super::produce_bench::BenchBroker;
 use super::{histogram, LatencyUs, Report};
 use crate::client::{produce_ack, Client};
 use crate::protocol::{self as proto, PartitionChoice, RecordIn};
@@ -67,17 +66,9 @@ pub fn prepare_backlog(
 }
 
 pub fn run_consume(server: Option<&str>, a: ConsumeBenchArgs) -> Result<Report, String> {
-    let broker = match server {
-        Some(_) => None,
-        None => Some(BenchBroker::start(&a.data, &a.fsync, a.cores)?),
-    };
-    let addr = server
-        .map(String::from)
-        .or(broker.as_ref().map(|b| b.addr.clone()))
-        .unwrap_or_default();
+    // `_broker` keeps a broker started here alive until the scenario ends.
+    let (_broker, addr, mut c) = super::produce_bench::target(server, &a.data, &a.fsync, a.cores)?;
     let topic = format!("bench-consume-{}", std::process::id());
-    let mut c = Client::connect(addr.as_str())
-        .map_err(|e| format!("cannot reach the broker at {addr}: {e}"))?;
     c.create_topic(&topic, a.partitions, -1, -1)
         .map_err(|e| e.to_string())?;
     let total = prepare_backlog(&mut c, &topic, a.partitions, a.messages, a.message_bytes)?;

@@ -10,7 +10,6 @@
 
 use std::time::{Duration, Instant};
 
-use super::produce_bench::BenchBroker;
 use super::{histogram, LatencyUs, Report};
 use crate::client::{produce_ack, Client};
 use crate::metadata::pattern_matches;
@@ -45,16 +44,8 @@ pub struct FanoutBenchArgs {
 }
 
 pub fn run_fanout(server: Option<&str>, a: FanoutBenchArgs) -> Result<Report, String> {
-    let broker = match server {
-        Some(_) => None,
-        None => Some(BenchBroker::start(&a.data, &a.fsync, None)?),
-    };
-    let addr = server
-        .map(String::from)
-        .or(broker.as_ref().map(|b| b.addr.clone()))
-        .unwrap_or_default();
-    let mut admin = Client::connect(addr.as_str())
-        .map_err(|e| format!("cannot reach the broker at {addr}: {e}"))?;
+    // `_broker` keeps a broker started here alive until the scenario ends.
+    let (_broker, addr, mut admin) = super::produce_bench::target(server, &a.data, &a.fsync, None)?;
     if a.mode == "multicast" {
         multicast(&addr, &mut admin, &a)
     } else {

@@ -112,6 +112,27 @@ impl Drop for BenchBroker {
     }
 }
 
+/// The broker a scenario drives: `--server` if given, else one started here (kept alive by the
+/// returned guard), with a connected admin client.
+pub fn target(
+    server: Option<&str>,
+    data: &std::path::Path,
+    fsync: &str,
+    cores: Option<usize>,
+) -> Result<(Option<BenchBroker>, String, Client), String> {
+    let broker = match server {
+        Some(_) => None,
+        None => Some(BenchBroker::start(data, fsync, cores)?),
+    };
+    let addr = server
+        .map(String::from)
+        .or(broker.as_ref().map(|b| b.addr.clone()))
+        .unwrap_or_default();
+    let client = Client::connect(addr.as_str())
+        .map_err(|e| format!("cannot reach the broker at {addr}: {e}"))?;
+    Ok((broker, addr, client))
+}
+
 fn proc_cpu_seconds(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0.0;
@@ -134,17 +155,9 @@ pub fn run_produce(server: Option<&str>, a: ProduceBenchArgs) -> Result<Report, 
     if a.producers == 0 || a.batch == 0 || a.window == 0 || a.partitions == 0 {
         return Err("--producers, --batch, --window and --partitions must be at least 1".into());
     }
-    let broker = match server {
-        Some(_) => None,
-        None => Some(BenchBroker::start(&a.data, &a.fsync, a.cores)?),
-    };
-    let addr = server
-        .map(String::from)
-        .or(broker.as_ref().map(|b| b.addr.clone()))
-        .unwrap_or_default();
+    let (broker, addr, mut admin) =
+        super::produce_bench::target(server, &a.data, &a.fsync, a.cores)?;
     let topic = format!("bench-produce-{}", std::process::id());
-    let mut admin = Client::connect(addr.as_str())
-        .map_err(|e| format!("cannot reach the broker at {addr}: {e}"))?;
     admin
         .create_topic(&topic, a.partitions, -1, -1)
         .map_err(|e| format!("creating {topic}: {e}"))?;

@@ -5,11 +5,9 @@
 
 use std::time::Instant;
 
-use super::produce_bench::BenchBroker;
 use super::{histogram, LatencyUs, Report};
 use crate::client::Client;
 use crate::protocol::queue::{QueueFetchOut, Settle};
-use crate::protocol::{self as proto, PartitionChoice, RecordIn};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct QueueBenchArgs {
@@ -31,46 +29,18 @@ pub struct QueueBenchArgs {
 }
 
 pub fn run_queue(server: Option<&str>, a: QueueBenchArgs) -> Result<Report, String> {
-    let broker = match server {
-        Some(_) => None,
-        None => Some(BenchBroker::start(&a.data, &a.fsync, None)?),
-    };
-    let addr = server
-        .map(String::from)
-        .or(broker.as_ref().map(|b| b.addr.clone()))
-        .unwrap_or_default();
+    // `_broker` keeps a broker started here alive until the scenario ends.
+    let (_broker, addr, mut c) = super::produce_bench::target(server, &a.data, &a.fsync, None)?;
     let topic = format!("bench-queue-{}", std::process::id());
-    let mut c = Client::connect(addr.as_str())
-        .map_err(|e| format!("cannot reach the broker at {addr}: {e}"))?;
     c.create_topic(&topic, a.partitions, -1, -1)
         .map_err(|e| e.to_string())?;
-    let per_batch = 1000u64;
-    let recs: Vec<RecordIn> = (0..per_batch)
-        .map(|_| RecordIn {
-            value: vec![b'x'; a.message_bytes],
-            ..Default::default()
-        })
-        .collect();
-    let batch = proto::encode_record_batch(&recs);
-    let mut in_flight = 0;
-    for i in 0..a.messages.div_ceil(per_batch) {
-        let p = (i % u64::from(a.partitions)) as u32;
-        c.send(|corr| proto::encode_produce(corr, &topic, PartitionChoice::Explicit(p), &batch))
-            .map_err(|e| e.to_string())?;
-        in_flight += 1;
-        if in_flight >= 16 {
-            c.flush().map_err(|e| e.to_string())?;
-            crate::client::produce_ack(&c.recv().map_err(|e| e.to_string())?)
-                .map_err(|e| e.to_string())?;
-            in_flight -= 1;
-        }
-    }
-    c.flush().map_err(|e| e.to_string())?;
-    for _ in 0..in_flight {
-        crate::client::produce_ack(&c.recv().map_err(|e| e.to_string())?)
-            .map_err(|e| e.to_string())?;
-    }
-    let total = a.messages.div_ceil(per_batch) * per_batch;
+    let total = super::consume_bench::prepare_backlog(
+        &mut c,
+        &topic,
+        a.partitions,
+        a.messages,
+        a.message_bytes,
+    )?;
     // Stream consumption of the same backlog, one consumer, for the ratio.
     let t0 = Instant::now();
     let mut streamed = 0u64;

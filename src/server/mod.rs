@@ -513,61 +513,61 @@ async fn subscriptions_fanout(shard: &Rc<Shard>, corr: u64, frame: Bytes) -> Pen
     })
 }
 
+/// Concatenates the lists read from every shard's reply, sorted, as one response.
+async fn merged<T>(
+    replies: Vec<Pending>,
+    read: impl Fn(fb::Frame<'_>) -> Option<Vec<T>>,
+    sort: impl FnOnce(&mut Vec<T>),
+    encode: impl FnOnce(&[T]) -> Bytes,
+) -> Bytes {
+    let mut all = Vec::new();
+    for r in replies {
+        all.extend(reply_body(&r.await, &read).unwrap_or_default());
+    }
+    sort(&mut all);
+    encode(&all)
+}
+
 /// Every shard's partition health, merged.
 async fn status_fanout(shard: &Rc<Shard>, corr: u64, frame: Bytes) -> Pending {
     let replies = ask_all(shard, corr, frame).await;
-    Box::pin(async move {
-        let mut all = Vec::new();
-        for r in replies {
-            all.extend(
-                reply_body(&r.await, |f| {
-                    f.body_as_status_response()
-                        .map(proto::multicast::decode_status_response)
-                })
-                .unwrap_or_default(),
-            );
-        }
-        all.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
-        proto::multicast::encode_status_response(corr, &all)
-    })
+    Box::pin(merged(
+        replies,
+        |f| {
+            f.body_as_status_response()
+                .map(proto::multicast::decode_status_response)
+        },
+        |v| v.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition))),
+        move |v| proto::multicast::encode_status_response(corr, v),
+    ))
 }
 
 /// Every shard's counters, merged.
 async fn stats_fanout(shard: &Rc<Shard>, corr: u64, frame: Bytes) -> Pending {
     let replies = ask_all(shard, corr, frame).await;
-    Box::pin(async move {
-        let mut all = Vec::new();
-        for r in replies {
-            all.extend(
-                reply_body(&r.await, |f| {
-                    f.body_as_stats_response()
-                        .map(proto::multicast::decode_stats_response)
-                })
-                .unwrap_or_default(),
-            );
-        }
-        all.sort_by_key(|s| s.shard);
-        proto::multicast::encode_stats_response(corr, &all)
-    })
+    Box::pin(merged(
+        replies,
+        |f| {
+            f.body_as_stats_response()
+                .map(proto::multicast::decode_stats_response)
+        },
+        |v| v.sort_by_key(|s| s.shard),
+        move |v| proto::multicast::encode_stats_response(corr, v),
+    ))
 }
 
 /// Every shard coordinates some groups: ask all, merge the names.
 async fn list_groups_fanout(shard: &Rc<Shard>, corr: u64, frame: Bytes) -> Pending {
     let replies = ask_all(shard, corr, frame).await;
-    Box::pin(async move {
-        let mut names = Vec::new();
-        for r in replies {
-            names.extend(
-                reply_body(&r.await, |f| {
-                    f.body_as_list_groups_response()
-                        .map(|l| proto::groups::decode_strings(l.groups()))
-                })
-                .unwrap_or_default(),
-            );
-        }
-        names.sort();
-        proto::groups::encode_list_groups_response(corr, &names)
-    })
+    Box::pin(merged(
+        replies,
+        |f| {
+            f.body_as_list_groups_response()
+                .map(|l| proto::groups::decode_strings(l.groups()))
+        },
+        |v| v.sort(),
+        move |v| proto::groups::encode_list_groups_response(corr, v),
+    ))
 }
 
 /// A multicast: resolve each destination, send ONE copy of the frame to each other shard that
