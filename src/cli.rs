@@ -140,6 +140,14 @@ pub struct ServeArgs {
     /// Compact a shard's state log (consumer offsets, queue acks) past this size.
     #[arg(long, default_value_t = limits::STATE_LOG_COMPACT_BYTES)]
     pub state_compact_bytes: u64,
+    /// Memory for request bodies being read or processed and reserved responses, over all
+    /// connections (split evenly across cores); at the limit connections are not read
+    /// (backpressure). Default: a quarter of physical memory.
+    #[arg(long)]
+    pub memory_max_bytes: Option<u64>,
+    /// Close a connection that sits in the middle of a frame this long with no bytes arriving.
+    #[arg(long, default_value_t = limits::IDLE_PARTIAL_FRAME_MS_DEFAULT)]
+    pub idle_partial_frame_ms: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -376,6 +384,8 @@ fn serve_config(a: ServeArgs) -> Result<ServeConfig, String> {
         segment_bytes_max: a.segment_bytes,
         retention_check_ms: a.retention_check_ms,
         state_compact_bytes: a.state_compact_bytes,
+        memory_max_bytes: a.memory_max_bytes.unwrap_or(d.memory_max_bytes),
+        idle_partial_frame_ms: a.idle_partial_frame_ms,
     })
 }
 

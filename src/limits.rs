@@ -112,3 +112,32 @@ pub const OUTBOX_BYTES_MAX: usize = 32 << 20;
 /// server stops reading the connection (backpressure). Raised automatically to fit
 /// `--max-frame-bytes` plus one maximal fetch.
 pub const CONNECTION_BYTES_MAX: usize = 64 << 20;
+
+/// Bytes read from a socket (and charged to the memory budgets) per step while a frame body
+/// arrives: a body is allocated as its bytes come, never up front from the declared length.
+pub const READ_CHUNK_BYTES: usize = 64 << 10;
+
+/// Default time a connection may sit mid-frame with no bytes arriving (or waiting for memory)
+/// before it is closed with an error (`--idle-partial-frame-ms`). Connections idle between
+/// frames are never closed for time.
+pub const IDLE_PARTIAL_FRAME_MS_DEFAULT: u64 = 30_000;
+
+/// Default share of physical memory for `--memory-max-bytes`: request bodies being read or
+/// processed plus reserved response bytes, over all connections (split evenly across shards).
+/// At the limit the broker stops reading connections (backpressure).
+pub const MEMORY_MAX_RAM_DIVISOR: u64 = 4;
+
+/// `--memory-max-bytes` is at least this per shard: one largest frame plus one largest fetch
+/// and slack must fit, or such a request could never be served.
+pub const MEMORY_PER_SHARD_BYTES_MIN: u64 = 64 << 20;
+
+const _: () = assert!(
+    MEMORY_PER_SHARD_BYTES_MIN >= (MAX_FRAME_BYTES_DEFAULT as u64) + (FETCH_BYTES_MAX as u64)
+);
+
+/// glibc malloc: allocations at least this large get their own mapping, returned to the OS on
+/// free (fixed, so glibc never raises it after large frees and keeps 16 MiB bodies in arenas).
+pub const MALLOC_MMAP_THRESHOLD_BYTES: i32 = 128 << 10;
+
+/// glibc malloc: free memory at the top of an arena past this is returned to the OS.
+pub const MALLOC_TRIM_THRESHOLD_BYTES: i32 = 1 << 20;

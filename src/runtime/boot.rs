@@ -46,6 +46,9 @@ pub fn serve(mut cfg: ServeConfig) -> Result<(), String> {
         .map_err(|e| format!("creating data dir {}: {e}", cfg.data_dir.display()))?;
     cfg.data_dir = std::fs::canonicalize(&cfg.data_dir)
         .map_err(|e| format!("resolving data dir {}: {e}", cfg.data_dir.display()))?;
+    // One broker per data directory and per address, before anything in it is read.
+    let _claims = super::exclusive::claim(&cfg.data_dir, cfg.listen)?;
+    return_freed_memory_to_the_os();
     let meta = meta_file::load(&cfg.data_dir)?;
     let restored = Arc::new(crate::shard::state_log::load_all(&cfg.data_dir)?);
     eprintln!(
@@ -64,10 +67,16 @@ pub fn serve(mut cfg: ServeConfig) -> Result<(), String> {
         cfg.retention_check_ms,
         meta.topics.len()
     );
+    eprintln!(
+        "ringmq: memory-max-bytes {} ({} per shard), idle-partial-frame-ms {}",
+        cfg.memory_max_bytes,
+        cfg.memory_per_shard_bytes(),
+        cfg.idle_partial_frame_ms
+    );
     install_signal_handlers();
     let mesh: MeshBuilder<Envelope, _> =
         MeshBuilder::full(cfg.cores, limits::MESH_CHANNEL_CAPACITY);
-    let bound = Arc::new(AtomicUsize::new(0));
+    let bound = Arc::new(Startup::default());
     let error: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
     let mut handles = Vec::new();
     for cpu in 0..cfg.cores {
@@ -109,7 +118,7 @@ pub fn serve(mut cfg: ServeConfig) -> Result<(), String> {
 async fn shard_main(
     mesh: MeshBuilder<Envelope, glommio::channels::channel_mesh::Full>,
     cfg: ServeConfig,
-    bound: Arc<AtomicUsize>,
+    bound: Arc<Startup>,
     restored: Arc<crate::shard::state_log::Restored>,
 ) -> Result<(), String> {
     let (senders, receivers) = mesh
@@ -136,15 +145,76 @@ async fn shard_main(
     result
 }
 
+/// Start-up rendezvous of the shards: no shard listens before every shard has recovered, so a
+/// client never sees a half-loaded broker.
+#[derive(Default)]
+struct Startup {
+    /// Shards whose partitions and consumer state are loaded.
+    loaded: AtomicUsize,
+    /// Shard 0 checked the port after everyone loaded: shards may bind.
+    go: AtomicBool,
+    /// Shards listening.
+    bound: AtomicUsize,
+}
+
+impl Startup {
+    /// Waits until every shard has loaded (false on shutdown meanwhile).
+    async fn all_loaded(
+        &self,
+        shard_id: usize,
+        cores: usize,
+        listen: std::net::SocketAddr,
+    ) -> Result<bool, String> {
+        self.loaded.fetch_add(1, Ordering::SeqCst);
+        while self.loaded.load(Ordering::SeqCst) < cores {
+            if SHUTDOWN.load(Ordering::SeqCst) {
+                return Ok(false);
+            }
+            crate::runtime::sleep(Duration::from_millis(1)).await;
+        }
+        if shard_id == 0 {
+            // Another process may have taken the port while we recovered.
+            super::exclusive::check_port_free(listen)?;
+            eprintln!("ringmq: every partition recovered; opening {listen}");
+            self.go.store(true, Ordering::SeqCst);
+        }
+        while !self.go.load(Ordering::SeqCst) {
+            if SHUTDOWN.load(Ordering::SeqCst) {
+                return Ok(false);
+            }
+            crate::runtime::sleep(Duration::from_millis(1)).await;
+        }
+        Ok(true)
+    }
+}
+
+/// glibc's malloc raises its mmap threshold after large frees, after which 16 MiB request
+/// bodies come from arenas that are never returned: RSS ratchets up across connection storms.
+/// A fixed threshold keeps large buffers in their own mappings, unmapped on free.
+fn return_freed_memory_to_the_os() {
+    // SAFETY: mallopt only changes allocator parameters; called before any executor starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, limits::MALLOC_MMAP_THRESHOLD_BYTES);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, limits::MALLOC_TRIM_THRESHOLD_BYTES);
+    }
+}
+
 async fn run_shard(
     shard: &std::rc::Rc<Shard>,
     listen: std::net::SocketAddr,
     cores: usize,
-    bound: Arc<AtomicUsize>,
+    startup: Arc<Startup>,
 ) -> Result<(), String> {
-    shard.load().await?;
+    let loaded = shard.load().await;
+    if let Err(e) = loaded {
+        SHUTDOWN.store(true, Ordering::SeqCst);
+        return Err(e);
+    }
+    if !startup.all_loaded(shard.id(), cores, listen).await? {
+        return Ok(());
+    }
     let listener = TcpListener::bind(listen).map_err(|e| format!("listening on {listen}: {e}"))?;
-    if bound.fetch_add(1, Ordering::SeqCst) + 1 == cores {
+    if startup.bound.fetch_add(1, Ordering::SeqCst) + 1 == cores {
         println!("ringmq: listening on {listen}");
     }
     glommio::spawn_local(shard.clone().run_ticker()).detach();
@@ -155,7 +225,10 @@ async fn run_shard(
 async fn shutdown_shard(shard: &std::rc::Rc<Shard>) {
     shard.begin_shutdown();
     let deadline = Instant::now() + Duration::from_millis(limits::SHUTDOWN_GRACE_MS);
-    while shard.requests_in_flight.get() > 0 && Instant::now() < deadline {
+    // Connections answer every request they read (ShuttingDown for new ones), then close.
+    while (shard.requests_in_flight.get() > 0 || shard.connections.get() > 0)
+        && Instant::now() < deadline
+    {
         crate::runtime::sleep(Duration::from_millis(5)).await;
     }
     shard.sync_all().await;

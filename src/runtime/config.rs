@@ -22,6 +22,27 @@ pub struct ServeConfig {
     pub segment_bytes_max: u64,
     pub retention_check_ms: u64,
     pub state_compact_bytes: u64,
+    /// Memory for request bodies and reserved responses over all connections.
+    pub memory_max_bytes: u64,
+    /// A connection idle this long in the middle of a frame is closed.
+    pub idle_partial_frame_ms: u64,
+}
+
+/// The default `--memory-max-bytes`: a quarter of physical memory.
+pub fn default_memory_max_bytes() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let (pages, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    let ram = if pages > 0 && page > 0 {
+        (pages as u64).saturating_mul(page as u64)
+    } else {
+        4 << 30
+    };
+    ram / limits::MEMORY_MAX_RAM_DIVISOR
 }
 
 impl Default for ServeConfig {
@@ -41,6 +62,8 @@ impl Default for ServeConfig {
             segment_bytes_max: limits::SEGMENT_BYTES_MAX_DEFAULT,
             retention_check_ms: limits::RETENTION_CHECK_MS,
             state_compact_bytes: limits::STATE_LOG_COMPACT_BYTES,
+            memory_max_bytes: default_memory_max_bytes(),
+            idle_partial_frame_ms: limits::IDLE_PARTIAL_FRAME_MS_DEFAULT,
         }
     }
 }
@@ -90,10 +113,29 @@ impl ServeConfig {
         if self.state_compact_bytes < 64 * 1024 {
             return Err("--state-compact-bytes must be at least 64 KiB".into());
         }
+        let min = limits::MEMORY_PER_SHARD_BYTES_MIN
+            .max(self.max_frame_bytes as u64 + u64::from(limits::FETCH_BYTES_MAX) + (1 << 20));
+        if self.memory_per_shard_bytes() < min {
+            return Err(format!(
+                "--memory-max-bytes must be at least {} with --cores {} and --max-frame-bytes {} (one largest frame and one largest fetch per core), not {}",
+                min * self.cores as u64,
+                self.cores,
+                self.max_frame_bytes,
+                self.memory_max_bytes
+            ));
+        }
+        if self.idle_partial_frame_ms == 0 {
+            return Err("--idle-partial-frame-ms must be at least 1".into());
+        }
         if self.retention_check_ms == 0 {
             return Err("--retention-check-ms must be at least 1".into());
         }
         Ok(())
+    }
+
+    /// Each shard's share of `--memory-max-bytes`.
+    pub fn memory_per_shard_bytes(&self) -> u64 {
+        self.memory_max_bytes / self.cores.max(1) as u64
     }
 
     /// Connections each shard accepts (the broker limit split evenly, rounded up).

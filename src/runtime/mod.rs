@@ -4,7 +4,9 @@
 //! another io_uring runtime could replace glommio here. Must not touch: broker or storage logic.
 
 pub mod boot;
+pub mod budget;
 pub mod config;
+pub mod exclusive;
 pub mod notify;
 pub mod oneshot;
 

@@ -15,15 +15,84 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::channels::channel_mesh::Receivers;
 use glommio::net::{TcpListener, TcpStream};
 use glommio::sync::{Semaphore, StaticPermit};
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
 
 use crate::limits;
 use crate::protocol::{self as proto, fb, FrameError};
 use crate::router::Envelope;
+use crate::runtime::budget::{Budget, Reservation};
 use crate::runtime::Notify;
 use crate::shard::{Pending, Shard};
 
+/// What the sweeper knows of one open connection.
+struct Watch {
+    fd: RawFd,
+    /// Set while a frame has been started but not fully read.
+    mid_frame: Cell<bool>,
+    /// Last time bytes arrived (or a frame began).
+    last_read: Cell<Instant>,
+    /// The read side was shut down by the sweeper; the reason for the close.
+    closed_why: RefCell<Option<String>>,
+    /// Woken when the read side is shut down (a reader waiting for budget stops waiting).
+    kill: Notify,
+}
+
+impl Watch {
+    /// Shuts the read side: the reader drains what the kernel already holds, then sees EOF.
+    fn shut_read(&self, why: String) {
+        if self.closed_why.borrow().is_some() {
+            return;
+        }
+        *self.closed_why.borrow_mut() = Some(why);
+        // SAFETY: `fd` belongs to a stream that is open while this watch is registered (the
+        // connection removes its watch before its stream is dropped); shutdown() only changes
+        // the socket's state.
+        unsafe {
+            libc::shutdown(self.fd, libc::SHUT_RD);
+        }
+        self.kill.notify_all();
+    }
+}
+
+/// This shard's open connections, for the sweeper.
+type Watches = Rc<RefCell<std::collections::HashMap<u64, Rc<Watch>>>>;
+
+/// Closes connections idle mid-frame past `--idle-partial-frame-ms`, and on shutdown shuts the
+/// read side of every connection so each answers what it already received, then closes.
+async fn sweep_loop(shard: Rc<Shard>, watches: Watches) {
+    let idle_ms = shard.cfg.idle_partial_frame_ms;
+    let period = Duration::from_millis((idle_ms / 4).clamp(5, 1000));
+    let mut shut_all = false;
+    loop {
+        let stop = shard.shutdown.wait();
+        if shard.is_shutting_down() && !shut_all {
+            shut_all = true;
+            for w in watches.borrow().values() {
+                w.shut_read("the broker is shutting down".into());
+            }
+        }
+        if shut_all && watches.borrow().is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        for w in watches.borrow().values() {
+            let idle = now.saturating_duration_since(w.last_read.get());
+            if w.mid_frame.get() && idle >= Duration::from_millis(idle_ms) {
+                w.shut_read(format!(
+                    "closed: a partial frame was idle for {} ms (--idle-partial-frame-ms {idle_ms})",
+                    idle.as_millis()
+                ));
+            }
+        }
+        futures_lite::future::or(crate::runtime::sleep(period), stop).await;
+    }
+}
+
 /// Accepts connections until shutdown.
 pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
+    let watches: Watches = Rc::new(RefCell::new(Default::default()));
+    glommio::spawn_local(sweep_loop(shard.clone(), watches.clone())).detach();
     loop {
         let stop = shard.shutdown.wait();
         if shard.is_shutting_down() {
@@ -49,8 +118,9 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
         }
         shard.connections.set(shard.connections.get() + 1);
         let s = shard.clone();
+        let watches = watches.clone();
         glommio::spawn_local(async move {
-            Connection::run(s.clone(), stream).await;
+            Connection::run(s.clone(), stream, watches).await;
             s.connections.set(s.connections.get() - 1);
         })
         .detach();
@@ -71,7 +141,27 @@ async fn refuse(mut stream: TcpStream) {
 /// reserved from the connection's memory budget (request body + response reservation).
 pub struct Held {
     _slot: StaticPermit,
-    _bytes: Vec<StaticPermit>,
+    _bytes: [Bytes2; 2],
+}
+
+/// Bytes held from both budgets at once: the connection's and the shard's (broker-wide share).
+struct Bytes2 {
+    conn: Reservation,
+    shard: Reservation,
+}
+
+impl Bytes2 {
+    fn empty(conn: &Rc<Budget>, shard: &Rc<Budget>) -> Self {
+        Self {
+            conn: conn.empty(),
+            shard: shard.empty(),
+        }
+    }
+
+    /// Grows both reservations; `false` when `n` more bytes can never fit.
+    async fn grow(&mut self, n: u64) -> bool {
+        self.conn.grow(n).await.is_ok() && self.shard.grow(n).await.is_ok()
+    }
 }
 
 /// Bytes reserved for the response of a request before it is dispatched.
@@ -96,6 +186,8 @@ struct Outbox {
     /// Bytes queued and not yet written (bounded by `OUTBOX_BYTES_MAX` via the reader).
     bytes: Cell<usize>,
     drained: Notify,
+    /// Requests dispatched whose responses are not pushed yet; the writer waits for them.
+    pending: Cell<usize>,
 }
 
 impl Outbox {
@@ -125,8 +217,20 @@ impl Outbox {
 struct Connection;
 
 impl Connection {
-    async fn run(shard: Rc<Shard>, stream: TcpStream) {
+    async fn run(shard: Rc<Shard>, stream: TcpStream, watches: Watches) {
         let _ = stream.set_nodelay(true);
+        let conn = shard.next_connection_id();
+        let watch = Rc::new(Watch {
+            fd: stream.as_raw_fd(),
+            mid_frame: Cell::new(false),
+            last_read: Cell::new(Instant::now()),
+            closed_why: RefCell::new(None),
+            kill: Notify::new(),
+        });
+        watches.borrow_mut().insert(conn, watch.clone());
+        if shard.is_shutting_down() {
+            watch.shut_read("the broker is shutting down".into());
+        }
         let (mut reader, writer) = futures_lite::io::split(stream);
         let outbox = Rc::new(Outbox {
             queue: RefCell::new(VecDeque::new()),
@@ -134,20 +238,43 @@ impl Connection {
             closed: Cell::new(false),
             bytes: Cell::new(0),
             drained: Notify::new(),
+            pending: Cell::new(0),
         });
         let writer_task = glommio::spawn_local(write_loop(writer, outbox.clone()));
+        let used_queues = Self::serve_requests(&shard, &mut reader, &outbox, &watch, conn).await;
+        // Every request read before the end of input is answered before the socket closes.
+        outbox.closed.set(true);
+        outbox.ready.notify_all();
+        writer_task.await;
+        watches.borrow_mut().remove(&conn);
+        if used_queues {
+            // Its leases return to their queues now, not at their visibility timeout.
+            shard.release_connection(conn);
+            shard.router.broadcast_closed(conn).await;
+        }
+    }
+
+    /// Reads, verifies and dispatches requests until the input ends or a frame is bad.
+    /// Returns whether the connection used queue fetches.
+    async fn serve_requests(
+        shard: &Rc<Shard>,
+        reader: &mut futures_lite::io::ReadHalf<TcpStream>,
+        outbox: &Rc<Outbox>,
+        watch: &Rc<Watch>,
+        conn: u64,
+    ) -> bool {
         let permits = Rc::new(Semaphore::new(shard.cfg.max_in_flight as u64));
         // Memory budget of this connection: request bodies being processed plus reserved
-        // response bytes. At the limit the connection is not read (backpressure).
+        // response bytes. At the limit the connection is not read (backpressure). The shard's
+        // budget (its share of --memory-max-bytes) bounds all connections together.
         let budget_bytes = (limits::CONNECTION_BYTES_MAX as u64)
             .max(shard.cfg.max_frame_bytes as u64 + u64::from(limits::FETCH_BYTES_MAX) + (1 << 20));
-        let budget = Rc::new(Semaphore::new(budget_bytes));
+        let budget = Budget::new(budget_bytes);
         let mut handshaken = false;
-        let conn = shard.next_connection_id();
         let mut used_queues = false;
         loop {
             outbox.wait_for_room().await;
-            let (frame, body_permit) = match read_frame(&mut reader, &shard, &budget).await {
+            let (frame, body_bytes) = match read_frame(reader, shard, &budget, watch).await {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
                 Err(FrameOrIo::Io) => break,
@@ -188,12 +315,13 @@ impl Connection {
                 }
                 handshaken = true;
             }
-            let Ok(reply_permit) = budget.acquire_static_permit(reserve).await else {
+            let mut reply_bytes = Bytes2::empty(&budget, &shard.memory);
+            if !reply_bytes.grow(reserve).await {
                 break;
-            };
+            }
             let permit = Held {
                 _slot: slot,
-                _bytes: vec![body_permit, reply_permit],
+                _bytes: [body_bytes, reply_bytes],
             };
             if shard.is_shutting_down() {
                 let msg = "the broker is shutting down";
@@ -204,17 +332,10 @@ impl Connection {
                 continue;
             }
             used_queues |= body == fb::Body::QueueFetch;
-            let pending = dispatch(&shard, corr, body, frame, conn).await;
-            spawn_reply(&shard, pending, outbox.clone(), permit);
+            let pending = dispatch(shard, corr, body, frame, conn).await;
+            spawn_reply(shard, pending, outbox.clone(), permit);
         }
-        outbox.closed.set(true);
-        outbox.ready.notify_all();
-        writer_task.await;
-        if used_queues {
-            // Its leases return to their queues now, not at their visibility timeout.
-            shard.release_connection(conn);
-            shard.router.broadcast_closed(conn).await;
-        }
+        used_queues
     }
 }
 
@@ -223,48 +344,83 @@ enum FrameOrIo {
     Frame(FrameError),
 }
 
-/// Reads one frame (without its length prefix); `None` at a clean end of stream.
+/// Reads from the socket, noting progress for the sweeper; an error once the sweeper shut the
+/// read side for an idle partial frame.
+async fn read_some(
+    reader: &mut futures_lite::io::ReadHalf<TcpStream>,
+    watch: &Watch,
+    buf: &mut [u8],
+) -> Result<usize, FrameOrIo> {
+    let n = reader.read(buf).await.map_err(|_| FrameOrIo::Io)?;
+    watch.last_read.set(Instant::now());
+    if n == 0 && watch.mid_frame.get() {
+        let why = watch.closed_why.borrow().clone();
+        return Err(FrameOrIo::Frame(FrameError::Malformed(why.unwrap_or_else(
+            || "truncated frame: the connection closed mid-frame".into(),
+        ))));
+    }
+    Ok(n)
+}
+
+/// Reads one frame (without its length prefix); `None` at a clean end of stream. The body is
+/// allocated and charged to the budgets as its bytes arrive, never up front from the declared
+/// length, so a peer that declares 16 MiB and sends nothing holds nothing.
 async fn read_frame(
     reader: &mut futures_lite::io::ReadHalf<TcpStream>,
     shard: &Shard,
-    budget: &Rc<Semaphore>,
-) -> Result<Option<(Bytes, StaticPermit)>, FrameOrIo> {
+    budget: &Rc<Budget>,
+    watch: &Watch,
+) -> Result<Option<(Bytes, Bytes2)>, FrameOrIo> {
     let mut prefix = [0u8; 4];
-    let mut got = 0;
+    let mut got = read_some(reader, watch, &mut prefix).await?;
+    if got == 0 {
+        return Ok(None);
+    }
+    watch.mid_frame.set(true);
     while got < 4 {
-        match reader.read(&mut prefix[got..]).await {
-            Ok(0) if got == 0 => return Ok(None),
-            Ok(0) => {
-                return Err(FrameOrIo::Frame(FrameError::Malformed(
-                    "truncated length prefix".into(),
-                )))
-            }
-            Ok(n) => got += n,
-            Err(_) => return Err(FrameOrIo::Io),
-        }
+        got += read_some(reader, watch, &mut prefix[got..]).await?;
     }
     let len = proto::frame_len(prefix, shard.cfg.max_frame_bytes).map_err(FrameOrIo::Frame)?;
-    let permit = budget
-        .acquire_static_permit(len as u64)
-        .await
-        .map_err(|_| FrameOrIo::Io)?;
-    let mut body = vec![0u8; len];
-    match reader.read_exact(&mut body).await {
-        Ok(()) => Ok(Some((Bytes::from(body), permit))),
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-            Err(FrameOrIo::Frame(FrameError::Malformed(format!(
-                "truncated frame: connection closed before {len} bytes"
-            ))))
+    let mut held = Bytes2::empty(budget, &shard.memory);
+    let mut body: Vec<u8> = Vec::new();
+    while body.len() < len {
+        let want = (len - body.len()).min(limits::READ_CHUNK_BYTES);
+        let grown = futures_lite::future::or(async { Some(held.grow(want as u64).await) }, async {
+            watch.kill.wait().await;
+            None
+        })
+        .await;
+        match grown {
+            Some(true) => {}
+            Some(false) => return Err(FrameOrIo::Io),
+            None => {
+                let why = watch.closed_why.borrow().clone().unwrap_or_default();
+                return Err(FrameOrIo::Frame(FrameError::Malformed(why)));
+            }
         }
-        Err(_) => Err(FrameOrIo::Io),
+        let start = body.len();
+        if body.capacity() < start + want {
+            // Geometric growth, never past the declared length.
+            let target = (body.capacity() * 2).clamp(start + want, len);
+            body.reserve_exact(target - start);
+        }
+        body.resize(start + want, 0);
+        let mut filled = start;
+        while filled < start + want {
+            filled += read_some(reader, watch, &mut body[filled..start + want]).await?;
+        }
     }
+    watch.mid_frame.set(false);
+    Ok(Some((Bytes::from(body), held)))
 }
 
 fn spawn_reply(shard: &Rc<Shard>, pending: Pending, outbox: Rc<Outbox>, permit: Held) {
     let s = shard.clone();
     s.requests_in_flight.set(s.requests_in_flight.get() + 1);
+    outbox.pending.set(outbox.pending.get() + 1);
     glommio::spawn_local(async move {
         let frame = pending.await;
+        outbox.pending.set(outbox.pending.get() - 1);
         outbox.push(frame, Some(permit));
         s.requests_in_flight.set(s.requests_in_flight.get() - 1);
     })
@@ -696,7 +852,7 @@ async fn write_loop(mut writer: futures_lite::io::WriteHalf<TcpStream>, outbox: 
             out
         };
         if batch.is_empty() {
-            if outbox.closed.get() {
+            if outbox.closed.get() && outbox.pending.get() == 0 {
                 break;
             }
             wait.await;

@@ -41,6 +41,25 @@ enum Slot {
     Ready(Rc<PartitionLog>),
     /// The log could not be opened (e.g. a corrupt sealed segment); other partitions serve on.
     Failed(String),
+    /// The log is being opened (recovery scan); requests get a retryable PartitionUnavailable.
+    Opening,
+}
+
+/// One line per partition opened: what recovery found and how long it took.
+fn log_recovery(topic: &str, partition: u32, log: &PartitionLog, took: Duration) {
+    let r = log.recovery_report();
+    let cut = match &r.truncated {
+        Some(t) => format!(", cut a torn/corrupt tail: {t:?}"),
+        None => String::new(),
+    };
+    eprintln!(
+        "ringmq: partition {topic}-{partition} recovered: offsets {}..{}, {} bytes in {} segment(s), {} ms{cut}",
+        log.start_offset(),
+        log.end_offset(),
+        log.size_bytes(),
+        log.segment_count(),
+        took.as_millis()
+    );
 }
 
 /// One core's shard.
@@ -56,6 +75,9 @@ pub struct Shard {
     pub connections: Cell<usize>,
     connection_counter: Cell<u64>,
     pub requests_in_flight: Cell<usize>,
+    /// This shard's share of `--memory-max-bytes`: request bodies and reserved responses of
+    /// all its connections. At the limit connections are not read (backpressure).
+    pub memory: Rc<crate::runtime::budget::Budget>,
     coordinator: RefCell<groups::Coordinator>,
     /// Destination appends made here from multicasts.
     fanout_appends: Cell<u64>,
@@ -100,6 +122,7 @@ fn storage_error(corr: u64, e: &StorageError) -> Bytes {
 
 impl Shard {
     pub fn new(cfg: Rc<ServeConfig>, router: Router) -> Self {
+        let memory = crate::runtime::budget::Budget::new(cfg.memory_per_shard_bytes());
         Self {
             cfg,
             router,
@@ -112,6 +135,7 @@ impl Shard {
             connections: Cell::new(0),
             connection_counter: Cell::new(0),
             requests_in_flight: Cell::new(0),
+            memory,
             coordinator: RefCell::new(groups::Coordinator::new()),
             fanout_appends: Cell::new(0),
             queues: RefCell::new(HashMap::new()),
@@ -199,8 +223,17 @@ impl Shard {
                 continue;
             }
             let dir = self.partition_dir(&t.name, p);
+            // Requests that reach it while its log opens get a retryable error, never
+            // UnknownPartition.
+            self.partitions
+                .borrow_mut()
+                .insert(key.clone(), Slot::Opening);
+            let began = Instant::now();
             let slot = match Log::open(DmaStorage, &dir, self.log_config(t)).await {
-                Ok(log) => Slot::Ready(Rc::new(log)),
+                Ok(log) => {
+                    log_recovery(&t.name, p, &log, began.elapsed());
+                    Slot::Ready(Rc::new(log))
+                }
                 Err(e) => {
                     let msg = format!("partition {}-{p} unavailable: {e}", t.name);
                     eprintln!("ringmq: {msg}");
@@ -245,6 +278,11 @@ impl Shard {
                 corr,
                 fb::ErrorCode::PartitionUnavailable,
                 why,
+            )),
+            Some(Slot::Opening) => Err(proto::encode_error(
+                corr,
+                fb::ErrorCode::PartitionUnavailable,
+                &format!("partition {topic}-{partition} is still recovering; retry shortly"),
             )),
             None => Err(self.unknown(corr, topic, partition)),
         }
@@ -557,6 +595,7 @@ impl Shard {
                             .unwrap_or_default(),
                     ),
                     Slot::Failed(why) => (false, why.clone()),
+                    Slot::Opening => (false, "recovering".to_string()),
                 };
                 let healthy = healthy && !message.starts_with("failed:");
                 proto::multicast::PartitionStatusOut {
@@ -685,7 +724,7 @@ impl Shard {
             .values()
             .filter_map(|s| match s {
                 Slot::Ready(l) => Some(l.clone()),
-                Slot::Failed(_) => None,
+                Slot::Failed(_) | Slot::Opening => None,
             })
             .collect()
     }
