@@ -1,8 +1,8 @@
 //! The consumer-group side of the CLI: `consume --group` (one topic or a pattern, optional
 //! filter) and `group list|describe`.
 //!
-//! Owns: the group consumer loop (join, heartbeat, apply assignments, fetch, print, commit,
-//! leave). Must not touch: broker internals.
+//! Owns: the group consumer loop (join, apply assignments, fetch, print, commit, leave);
+//! heartbeats run on their own thread (`client::heartbeat`). Must not touch: broker internals.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::cli::{parse_from, print_record, start_offset, ConsumeArgs, From, GroupCommand};
 use crate::cli_consume::{connect, Subscription, PATTERN_REFRESH_MS};
+use crate::client::heartbeat::{heartbeat_interval, Event, Heartbeater};
 use crate::client::{Client, ClientError};
 use crate::protocol::fb;
 use crate::protocol::groups::{AssignmentOut, OffsetOut};
@@ -79,19 +80,31 @@ pub fn group(server: &str, cmd: GroupCommand) -> Result<(), String> {
     Ok(())
 }
 
-/// One member's consumer state.
+/// Where a member is in one assigned partition.
+#[derive(Clone, Copy, Debug)]
+struct Pos {
+    /// Next offset to consume.
+    next: u64,
+    /// Last committed next offset.
+    committed: u64,
+    /// Messages printed since the last successful commit.
+    printed_uncommitted: u64,
+}
+
+/// One member's consumer state. Heartbeats run on their own thread ([`Heartbeater`]); this
+/// loop applies what they bring between records.
 struct Member<'a> {
     c: Client,
+    hb: Heartbeater,
     group: &'a str,
     topics: Vec<String>,
     session_ms: u32,
     member_id: String,
     generation: u64,
-    rebalancing: bool,
-    /// (next offset to consume, last committed) per assigned (topic, partition).
-    positions: BTreeMap<(String, u32), (u64, u64)>,
-    last_heartbeat: Instant,
+    positions: BTreeMap<(String, u32), Pos>,
     from: From,
+    /// Printed messages whose commit the coordinator refused (they may be delivered again).
+    refused: u64,
 }
 
 impl Member<'_> {
@@ -109,7 +122,8 @@ impl Member<'_> {
         self.apply(a)
     }
 
-    /// Applies an assignment: commit and drop revoked partitions, start assigned ones.
+    /// Applies an assignment: commit and drop revoked partitions, start assigned ones, then
+    /// tell the heartbeat thread (which confirms the revocation at once).
     fn apply(&mut self, a: AssignmentOut) -> Result<(), String> {
         let assigned: BTreeSet<(String, u32)> = a
             .assignments
@@ -145,55 +159,67 @@ impl Member<'_> {
                     Some((_, _, o)) => *o as u64,
                     None => start_offset(&mut self.c, &t, p, self.from)?,
                 };
-                self.positions.insert((t, p), (start, start));
+                let pos = Pos {
+                    next: start,
+                    committed: start,
+                    printed_uncommitted: 0,
+                };
+                self.positions.insert((t, p), pos);
             }
         }
         self.generation = a.generation;
-        self.rebalancing = a.rebalancing;
+        self.hb.set_member(&self.member_id, self.generation);
         Ok(())
     }
 
-    fn heartbeat(&mut self) -> Result<(), String> {
-        self.last_heartbeat = Instant::now();
-        match self
-            .c
-            .heartbeat(self.group, &self.member_id, self.generation)
-        {
-            Ok(a) => {
+    /// Applies what the heartbeat thread learned. Returns whether the assignment changed (the
+    /// caller restarts its pass over partitions).
+    fn sync(&mut self) -> Result<bool, String> {
+        match self.hb.poll() {
+            Event::Nothing => Ok(false),
+            Event::Assignment(a) => {
                 debug(&a);
-                let changed = a.generation != self.generation;
                 self.apply(a)?;
-                if changed {
-                    // Confirm at once that revoked partitions are stopped and committed.
-                    let a = self
-                        .c
-                        .heartbeat(self.group, &self.member_id, self.generation)
-                        .map_err(|e| e.to_string())?;
-                    self.apply(a)?;
-                }
-                Ok(())
+                Ok(true)
             }
-            Err(e) if e.code() == Some(fb::ErrorCode::FencedMember) => {
+            Event::Fenced(why) => {
                 eprintln!(
-                    "ringmq: fenced from group {:?} ({e}); rejoining",
+                    "ringmq: fenced from group {:?} ({why}); rejoining",
                     self.group
                 );
+                self.lose_all();
                 self.member_id.clear();
-                self.join("")
+                self.join("")?;
+                Ok(true)
             }
-            Err(e) => Err(format!("heartbeat: {e}")),
+            Event::Failed(e) => Err(e),
         }
     }
 
-    /// Commits the positions of `keys` that moved since the last commit.
+    /// The member was fenced: its positions are no longer its to commit.
+    fn lose_all(&mut self) {
+        let keys: Vec<(String, u32)> = self.positions.keys().cloned().collect();
+        self.lose(&keys);
+    }
+
+    fn lose(&mut self, keys: &[(String, u32)]) {
+        for k in keys {
+            if let Some(pos) = self.positions.remove(k) {
+                self.refused += pos.printed_uncommitted;
+            }
+        }
+    }
+
+    /// Commits the positions of `keys` that moved since the last commit. A refused commit
+    /// (fenced) drops those partitions and rejoins: this member stops delivering them.
     fn commit(&mut self, keys: &[(String, u32)]) -> Result<(), String> {
         let offsets: Vec<OffsetOut> = keys
             .iter()
             .filter_map(|k| {
                 self.positions
                     .get(k)
-                    .filter(|(next, done)| next != done)
-                    .map(|(next, _)| (k.0.clone(), k.1, *next as i64))
+                    .filter(|pos| pos.next != pos.committed)
+                    .map(|pos| (k.0.clone(), k.1, pos.next as i64))
             })
             .collect();
         if offsets.is_empty() {
@@ -206,14 +232,20 @@ impl Member<'_> {
             Ok(()) => {
                 for (t, p, o) in offsets {
                     if let Some(pos) = self.positions.get_mut(&(t, p)) {
-                        pos.1 = o as u64;
+                        pos.committed = o as u64;
+                        pos.printed_uncommitted = 0;
                     }
                 }
                 Ok(())
             }
             Err(e) if e.code() == Some(fb::ErrorCode::FencedMember) => {
-                eprintln!("ringmq: commit rejected, fenced: {e}");
-                Ok(())
+                eprintln!("ringmq: commit rejected ({e}); dropping the partition(s) and rejoining");
+                let keys: Vec<(String, u32)> =
+                    offsets.into_iter().map(|(t, p, _)| (t, p)).collect();
+                self.lose(&keys);
+                let old = std::mem::take(&mut self.member_id);
+                let _ = self.c.leave_group(self.group, &old);
+                self.join("")
             }
             Err(e) => Err(format!("committing offsets: {e}")),
         }
@@ -237,30 +269,46 @@ pub fn consume_group(
     if topics.is_empty() {
         return Err(format!("no topic matches {}", sub.label()));
     }
+    let hb = Heartbeater::start(server, group, a.session_timeout_ms)
+        .map_err(|e| format!("cannot reach the broker at {server}: {e}"))?;
     let mut m = Member {
         c,
+        hb,
         group,
         topics,
         session_ms: a.session_timeout_ms,
         member_id: String::new(),
         generation: 0,
-        rebalancing: false,
         positions: BTreeMap::new(),
-        last_heartbeat: Instant::now(),
         from,
+        refused: 0,
     };
     m.join("")?;
     let result = run_member(&mut m, a, sub);
     let commit = m.commit_all();
-    let leave =
-        m.c.leave_group(group, &m.member_id)
-            .map_err(|e: ClientError| format!("leaving group {group:?}: {e}"));
-    result.and(commit).and(leave)
+    let Member {
+        mut c,
+        hb,
+        member_id,
+        refused,
+        ..
+    } = m;
+    hb.stop();
+    let leave = c
+        .leave_group(group, &member_id)
+        .map_err(|e: ClientError| format!("leaving group {group:?}: {e}"));
+    let refused = if refused > 0 {
+        Err(format!(
+            "{refused} printed message(s) could not be committed (this member was fenced from group {group:?}); another member may deliver them again"
+        ))
+    } else {
+        Ok(())
+    };
+    result.and(commit).and(leave).and(refused)
 }
 
 fn run_member(m: &mut Member<'_>, a: &ConsumeArgs, sub: &Subscription) -> Result<(), String> {
-    // At most every 500 ms: a rebalance waits for members to hear of it.
-    let heartbeat_every = Duration::from_millis(u64::from(m.session_ms / 5).clamp(20, 500));
+    let heartbeat_every = heartbeat_interval(m.session_ms);
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let mut printed = 0u64;
     let mut idle_since = Instant::now();
@@ -279,20 +327,13 @@ fn run_member(m: &mut Member<'_>, a: &ConsumeArgs, sub: &Subscription) -> Result
                 m.join(&id)?;
             }
         }
-        let due = if m.rebalancing {
-            heartbeat_every / 4
-        } else {
-            heartbeat_every
-        };
-        if m.last_heartbeat.elapsed() >= due {
-            m.heartbeat()?;
-        }
+        m.sync()?;
         let mut got_any = false;
         let keys: Vec<(String, u32)> = m.positions.keys().cloned().collect();
         let wait_ms =
             (heartbeat_every.as_millis() as u32 / 4).clamp(5, 100) / (keys.len().max(1) as u32);
-        for (topic, p) in keys {
-            let Some(&(next, _)) = m.positions.get(&(topic.clone(), p)) else {
+        'pass: for (topic, p) in keys {
+            let Some(next) = m.positions.get(&(topic.clone(), p)).map(|pos| pos.next) else {
                 continue;
             };
             let fetched = match m.c.fetch_filtered(
@@ -308,7 +349,7 @@ fn run_member(m: &mut Member<'_>, a: &ConsumeArgs, sub: &Subscription) -> Result
                     let start = start_offset(&mut m.c, &topic, p, From::Earliest)?;
                     eprintln!("ringmq: {topic} partition {p}: offset {next} out of range; resetting to {start}");
                     if let Some(pos) = m.positions.get_mut(&(topic.clone(), p)) {
-                        pos.0 = start;
+                        pos.next = start;
                     }
                     continue;
                 }
@@ -316,10 +357,17 @@ fn run_member(m: &mut Member<'_>, a: &ConsumeArgs, sub: &Subscription) -> Result
             };
             let mut printed_here = false;
             for r in &fetched.records {
+                // Between records: a revocation or fencing stops this partition at once.
+                if m.sync()? {
+                    out.flush().map_err(|e| e.to_string())?;
+                    got_any |= printed_here;
+                    break 'pass;
+                }
                 printed_here = true;
                 print_record(&mut out, a, &topic, p, r).map_err(|e| e.to_string())?;
                 if let Some(pos) = m.positions.get_mut(&(topic.clone(), p)) {
-                    pos.0 = r.offset + 1;
+                    pos.next = r.offset + 1;
+                    pos.printed_uncommitted += 1;
                 }
                 printed += 1;
                 if a.max.is_some_and(|n| printed >= n) {
@@ -329,7 +377,7 @@ fn run_member(m: &mut Member<'_>, a: &ConsumeArgs, sub: &Subscription) -> Result
             }
             // A filtered fetch moves past non-matching messages too.
             if let Some(pos) = m.positions.get_mut(&(topic.clone(), p)) {
-                pos.0 = pos.0.max(fetched.next_offset);
+                pos.next = pos.next.max(fetched.next_offset);
             }
             if printed_here {
                 got_any = true;
@@ -337,7 +385,7 @@ fn run_member(m: &mut Member<'_>, a: &ConsumeArgs, sub: &Subscription) -> Result
             }
             m.commit(&[(topic.clone(), p)])?;
         }
-        if got_any || m.rebalancing {
+        if got_any || m.hb.rebalancing() {
             // Waiting for partitions that are moving to us is not idleness.
             idle_since = Instant::now();
         } else if a

@@ -141,3 +141,7 @@ pub const MALLOC_MMAP_THRESHOLD_BYTES: i32 = 128 << 10;
 
 /// glibc malloc: free memory at the top of an arena past this is returned to the OS.
 pub const MALLOC_TRIM_THRESHOLD_BYTES: i32 = 1 << 20;
+
+/// How long a starting broker waits for a listener left by a broker that just died to vanish
+/// (io_uring closes a dead process's sockets asynchronously) before refusing the address.
+pub const PORT_RELEASE_WAIT_MS: u64 = 3_000;

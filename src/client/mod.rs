@@ -4,6 +4,8 @@
 //! touch: server internals; it speaks only the wire protocol of `protocol/`. Pipelining: send
 //! several requests with [`Client::send`] and collect their responses with [`Client::recv`].
 
+pub mod heartbeat;
+
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;

@@ -11,6 +11,8 @@ use std::net::SocketAddr;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
+use crate::limits;
+
 /// Held for the broker's life; dropping it releases both claims.
 pub struct Claims {
     _lock: File,
@@ -81,21 +83,108 @@ fn claim_listen(listen: SocketAddr) -> Result<Option<std::os::unix::net::UnixLis
             }
             _ => format!("claiming {listen}: {e}"),
         })?;
-    check_port_free(listen)?;
-    Ok(Some(claim))
+    // A broker killed a moment ago leaves its listener in the kernel until io_uring's
+    // deferred teardown closes it (no process holds it any more: our claim succeeded).
+    let deadline =
+        std::time::Instant::now() + std::time::Duration::from_millis(limits::PORT_RELEASE_WAIT_MS);
+    loop {
+        match check_port_free(listen) {
+            Ok(()) => return Ok(Some(claim)),
+            Err(e) if std::time::Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+        }
+    }
 }
 
-/// Fails when any socket listens on `listen` (our shards bind with SO_REUSEPORT, which would
-/// otherwise share the port with another process's SO_REUSEPORT listener).
+/// Fails when any socket listens on `listen`'s port at that address or a wildcard (our shards
+/// bind with SO_REUSEPORT, which would otherwise share the port with another process's
+/// SO_REUSEPORT listener). Reads the kernel's socket tables: a probe bind would also trip over
+/// the previous run's closing connections, which are no obstacle.
 pub fn check_port_free(listen: SocketAddr) -> Result<(), String> {
     if listen.port() == 0 {
         return Ok(());
     }
-    match std::net::TcpListener::bind(listen) {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(format!(
+    let mut listeners = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        if let Ok(text) = std::fs::read_to_string(table) {
+            listeners.extend(listening_sockets(&text));
+        }
+    }
+    let clash = listeners.iter().any(|a| {
+        a.port() == listen.port()
+            && (a.ip() == listen.ip() || a.ip().is_unspecified() || listen.ip().is_unspecified())
+    });
+    if clash {
+        return Err(format!(
             "another process already listens on {listen}; one broker per address"
-        )),
-        Err(e) => Err(format!("cannot listen on {listen}: {e}")),
+        ));
+    }
+    Ok(())
+}
+
+/// Addresses in LISTEN state in a /proc/net/tcp or tcp6 table.
+fn listening_sockets(table: &str) -> Vec<SocketAddr> {
+    const TCP_LISTEN: &str = "0A";
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let mut cols = line.split_whitespace();
+            let local = cols.nth(1)?;
+            let state = cols.nth(1)?;
+            (state == TCP_LISTEN)
+                .then(|| parse_proc_addr(local))
+                .flatten()
+        })
+        .collect()
+}
+
+/// `0100007F:24B8` (IPv4) or 32 hex digits and a port (IPv6): each 32-bit word of the address
+/// is printed in host byte order, the port in ordinary hex.
+fn parse_proc_addr(s: &str) -> Option<SocketAddr> {
+    let (addr, port) = s.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let word = |i: usize| -> Option<[u8; 4]> {
+        let hex = addr.get(i * 8..i * 8 + 8)?;
+        Some(u32::from_str_radix(hex, 16).ok()?.to_ne_bytes())
+    };
+    let ip: std::net::IpAddr = match addr.len() {
+        8 => std::net::Ipv4Addr::from(word(0)?).into(),
+        32 => {
+            let mut b = [0u8; 16];
+            for i in 0..4 {
+                b[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
+            }
+            let v6 = std::net::Ipv6Addr::from(b);
+            match v6.to_ipv4_mapped() {
+                Some(v4) => v4.into(),
+                None => v6.into(),
+            }
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_listening_sockets_from_the_kernel_table() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 0100007F:24B8 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0\n   1: 0100007F:24B9 0100007F:C350 06 00000000:00000000 00:00000000 00000000     0        0 2 1 0 100 0 0 10 0\n";
+        let got = listening_sockets(table);
+        assert_eq!(got, vec!["127.0.0.1:9400".parse::<SocketAddr>().unwrap()]);
+        let v6 = parse_proc_addr("00000000000000000000000001000000:1F90").unwrap();
+        assert_eq!(v6, "[::1]:8080".parse::<SocketAddr>().unwrap());
+    }
+
+    #[test]
+    fn a_real_listener_is_seen() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        assert!(check_port_free(addr).is_err());
+        drop(l);
+        assert!(check_port_free(addr).is_ok());
     }
 }

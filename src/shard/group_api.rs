@@ -120,10 +120,12 @@ impl Shard {
                     return invalid(corr, "not a leave");
                 };
                 let pof = self.partitions_of();
-                let r = self
-                    .coordinator
-                    .borrow_mut()
-                    .leave(l.group(), l.member_id(), &pof);
+                let r = self.coordinator.borrow_mut().leave(
+                    l.group(),
+                    l.member_id(),
+                    self.now_session_ms(),
+                    &pof,
+                );
                 match r {
                     Ok(()) => g::encode_leave_group_response(corr),
                     Err(e) => group_error(corr, &e),

@@ -48,8 +48,10 @@ struct Group {
     members: BTreeMap<String, Member>,
     /// Current owner of each assigned partition.
     owners: BTreeMap<Tp, String>,
-    /// Partitions taken from a member that has not yet confirmed: (member, generation).
-    revoking: BTreeMap<Tp, (String, u64)>,
+    /// Partitions taken from a member that has not yet confirmed:
+    /// (member, generation, since_ms). A member that does not confirm within its session
+    /// timeout is expired (it is stuck), so the partition moves on.
+    revoking: BTreeMap<Tp, (String, u64, u64)>,
     /// Committed next offsets.
     offsets: BTreeMap<Tp, i64>,
 }
@@ -59,7 +61,13 @@ struct Group {
 pub struct Coordinator {
     groups: BTreeMap<String, Group>,
     next_member: u64,
+    /// When `expire` last ran: a longer gap means the coordinator itself was not running
+    /// (process stopped, machine stalled), and that time is not held against members.
+    last_expire_ms: Option<u64>,
 }
+
+/// A gap between two expiry checks longer than this is a stall of the coordinator.
+pub const STALL_MS: u64 = 1_000;
 
 impl Coordinator {
     pub fn new() -> Self {
@@ -116,7 +124,7 @@ impl Coordinator {
                 last_seen_ms: now_ms,
             },
         );
-        rebalance(g, partitions_of);
+        rebalance_at(g, partitions_of, now_ms);
         assignment(g, &id)
     }
 
@@ -139,9 +147,9 @@ impl Coordinator {
         m.last_seen_ms = now_ms;
         let before = g.revoking.len();
         g.revoking
-            .retain(|_, (from, gen)| !(from == member_id && generation >= *gen));
+            .retain(|_, (from, gen, _)| !(from == member_id && generation >= *gen));
         if g.revoking.len() != before {
-            rebalance(g, partitions_of);
+            rebalance_at(g, partitions_of, now_ms);
         }
         Ok(assignment(g, member_id))
     }
@@ -150,6 +158,7 @@ impl Coordinator {
         &mut self,
         group: &str,
         member_id: &str,
+        now_ms: u64,
         partitions_of: &dyn Fn(&str) -> u32,
     ) -> Result<(), GroupError> {
         let g = self
@@ -161,23 +170,56 @@ impl Coordinator {
                 "member {member_id:?} is not in group {group:?}"
             )));
         }
-        rebalance(g, partitions_of);
+        rebalance_at(g, partitions_of, now_ms);
         Ok(())
     }
 
-    /// Removes members whose session timed out; returns how many.
+    /// Removes members whose session timed out, and members that did not confirm a
+    /// revocation within their session timeout; returns how many. Time during which the
+    /// coordinator itself did not run (a gap over [`STALL_MS`] since the last call) is
+    /// forgiven: members get their whole session to deliver the heartbeats waiting for us.
     pub fn expire(&mut self, now_ms: u64, partitions_of: &dyn Fn(&str) -> u32) -> usize {
+        if let Some(last) = self.last_expire_ms {
+            let gap = now_ms.saturating_sub(last);
+            if gap > STALL_MS {
+                self.forgive(gap);
+            }
+        }
+        self.last_expire_ms = Some(now_ms);
         let mut n = 0;
         for g in self.groups.values_mut() {
             let before = g.members.len();
-            g.members
-                .retain(|_, m| now_ms.saturating_sub(m.last_seen_ms) <= m.session_timeout_ms);
+            let stuck: BTreeSet<String> = g
+                .revoking
+                .values()
+                .filter(|(m, _, since)| {
+                    g.members
+                        .get(m)
+                        .is_some_and(|mm| now_ms.saturating_sub(*since) > mm.session_timeout_ms)
+                })
+                .map(|(m, _, _)| m.clone())
+                .collect();
+            g.members.retain(|id, m| {
+                now_ms.saturating_sub(m.last_seen_ms) <= m.session_timeout_ms && !stuck.contains(id)
+            });
             if g.members.len() != before {
                 n += before - g.members.len();
-                rebalance(g, partitions_of);
+                rebalance_at(g, partitions_of, now_ms);
             }
         }
         n
+    }
+
+    /// Moves every member's last-seen time and revocation start forward by `gap_ms`.
+    fn forgive(&mut self, gap_ms: u64) {
+        for g in self.groups.values_mut() {
+            for m in g.members.values_mut() {
+                m.last_seen_ms += gap_ms;
+            }
+            for r in g.revoking.values_mut() {
+                r.2 += gap_ms;
+            }
+        }
     }
 
     /// Checks that `member_id` may commit these partitions.
@@ -193,7 +235,7 @@ impl Coordinator {
         }
         for tp in tps {
             let owns = g.owners.get(tp).is_some_and(|o| o == member_id)
-                || g.revoking.get(tp).is_some_and(|(o, _)| o == member_id);
+                || g.revoking.get(tp).is_some_and(|(o, _, _)| o == member_id);
             if !owns {
                 return Err(GroupError::Fenced(format!(
                     "member {member_id:?} does not own {}-{} in group {group:?}",
@@ -279,8 +321,8 @@ fn assignment(g: &Group, member: &str) -> AssignmentOut {
 }
 
 /// Sticky, balanced assignment with revoke-before-reassign. Bumps the generation if anything
-/// changed.
-fn rebalance(g: &mut Group, partitions_of: &dyn Fn(&str) -> u32) {
+/// changed. Revocations started now are stamped `now_ms`.
+fn rebalance_at(g: &mut Group, partitions_of: &dyn Fn(&str) -> u32, now_ms: u64) {
     let next_gen = g.generation + 1;
     let mut changed = false;
     let subscribed = |g: &Group, m: &str, t: &str| {
@@ -305,9 +347,9 @@ fn rebalance(g: &mut Group, partitions_of: &dyn Fn(&str) -> u32) {
         .filter(|(tp, m)| subscribed(g, m, &tp.0) && all_set.contains(tp))
         .collect();
     g.owners = owners;
-    let revoking: BTreeMap<Tp, (String, u64)> = std::mem::take(&mut g.revoking)
+    let revoking: BTreeMap<Tp, (String, u64, u64)> = std::mem::take(&mut g.revoking)
         .into_iter()
-        .filter(|(_, (m, _))| g.members.contains_key(m))
+        .filter(|(_, (m, _, _))| g.members.contains_key(m))
         .collect();
     g.revoking = revoking;
     changed |= before != (g.owners.len(), g.revoking.len());
@@ -340,7 +382,7 @@ fn rebalance(g: &mut Group, partitions_of: &dyn Fn(&str) -> u32) {
             .collect();
         for tp in mine {
             g.owners.remove(&tp);
-            g.revoking.insert(tp, (m.clone(), next_gen));
+            g.revoking.insert(tp, (m.clone(), next_gen, now_ms));
             changed = true;
         }
         if let Some(c) = counts.get_mut(&m) {
@@ -462,5 +504,68 @@ mod tests {
             let n: usize = m.assignments.iter().map(|t| t.partitions.len()).sum();
             assert!((2..=3).contains(&n), "balanced: {n}");
         }
+    }
+
+    #[test]
+    fn a_coordinator_stall_expires_nobody() {
+        let mut c = Coordinator::new();
+        let a = c.join("g", "", "a", vec!["t".into()], 5_000, 0, &four);
+        let b = c.join("g", "", "b", vec!["t".into()], 5_000, 0, &four);
+        assert_eq!(c.expire(50, &four), 0);
+        // The process was stopped for 10 s (twice the session): nobody's fault but ours.
+        assert_eq!(c.expire(10_050, &four), 0, "a stall is forgiven");
+        // The heartbeats that waited in the sockets arrive now and are accepted.
+        assert!(c
+            .heartbeat("g", &a.member_id, a.generation, 10_060, &four)
+            .is_ok());
+        assert!(c
+            .heartbeat("g", &b.member_id, b.generation, 10_060, &four)
+            .is_ok());
+        // Ordinary expiry still works afterwards: b stays silent for a whole session.
+        let mut now = 10_060;
+        while now < 16_000 {
+            now += 50;
+            c.heartbeat("g", &a.member_id, u64::MAX, now, &four)
+                .unwrap();
+            c.expire(now, &four);
+        }
+        let d = c.describe("g").unwrap();
+        assert_eq!(d.members.len(), 1, "b expired after a real silence");
+        assert_eq!(d.members[0].member_id, a.member_id);
+    }
+
+    #[test]
+    fn a_member_that_never_confirms_a_revocation_is_expired() {
+        let mut c = Coordinator::new();
+        let a = c.join("g", "", "a", vec!["t".into()], 1_000, 0, &four);
+        let b = c.join("g", "", "b", vec!["t".into()], 1_000, 0, &four);
+        assert!(parts(&b).is_empty());
+        // a keeps heartbeating with its old generation (its consumer loop is stuck, so it
+        // never confirms giving partitions up); b waits.
+        let mut now = 0;
+        while now < 900 {
+            now += 50;
+            c.heartbeat("g", &a.member_id, a.generation, now, &four)
+                .unwrap();
+            c.heartbeat("g", &b.member_id, 0, now, &four).unwrap();
+            assert_eq!(c.expire(now, &four), 0);
+        }
+        while now < 1_200 {
+            now += 50;
+            let _ = c.heartbeat("g", &a.member_id, a.generation, now, &four);
+            c.heartbeat("g", &b.member_id, 0, now, &four).unwrap();
+            c.expire(now, &four);
+        }
+        let bb = c.heartbeat("g", &b.member_id, 0, now, &four).unwrap();
+        assert_eq!(
+            parts(&bb),
+            vec![0, 1, 2, 3],
+            "b took over from the stuck member"
+        );
+        assert!(
+            c.check_commit("g", &a.member_id, &[("t".into(), 0)])
+                .is_err(),
+            "the stuck member's late commit is fenced"
+        );
     }
 }
