@@ -145,9 +145,10 @@ pub struct ServeArgs {
     /// (backpressure). Default: a quarter of physical memory.
     #[arg(long)]
     pub memory_max_bytes: Option<u64>,
-    /// Close a connection that sits in the middle of a frame this long with no bytes arriving.
-    #[arg(long, default_value_t = limits::IDLE_PARTIAL_FRAME_MS_DEFAULT)]
-    pub idle_partial_frame_ms: u64,
+    /// Close a connection stalled this long: mid-frame with no bytes arriving, or not reading
+    /// a response the broker is writing to it.
+    #[arg(long, default_value_t = limits::STALLED_CONNECTION_MS_DEFAULT)]
+    pub stalled_connection_ms: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -385,7 +386,7 @@ fn serve_config(a: ServeArgs) -> Result<ServeConfig, String> {
         retention_check_ms: a.retention_check_ms,
         state_compact_bytes: a.state_compact_bytes,
         memory_max_bytes: a.memory_max_bytes.unwrap_or(d.memory_max_bytes),
-        idle_partial_frame_ms: a.idle_partial_frame_ms,
+        stalled_connection_ms: a.stalled_connection_ms,
     })
 }
 

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use crate::cli::{parse_from, print_record, start_offset, ConsumeArgs, From, GroupCommand};
 use crate::cli_consume::{connect, Subscription, PATTERN_REFRESH_MS};
-use crate::client::heartbeat::{heartbeat_interval, Event, Heartbeater};
+use crate::client::heartbeat::{
+    assigned, commit_positions, heartbeat_interval, Event, Heartbeater, Pos, Tp,
+};
 use crate::client::{Client, ClientError};
 use crate::protocol::fb;
 use crate::protocol::groups::{AssignmentOut, OffsetOut};
@@ -80,19 +82,9 @@ pub fn group(server: &str, cmd: GroupCommand) -> Result<(), String> {
     Ok(())
 }
 
-/// Where a member is in one assigned partition.
-#[derive(Clone, Copy, Debug)]
-struct Pos {
-    /// Next offset to consume.
-    next: u64,
-    /// Last committed next offset.
-    committed: u64,
-    /// Messages printed since the last successful commit.
-    printed_uncommitted: u64,
-}
-
-/// One member's consumer state. Heartbeats run on their own thread ([`Heartbeater`]); this
-/// loop applies what they bring between records.
+/// One member's consumer loop state. Positions live in the `Membership` shared with the
+/// heartbeat thread, which keeps the member alive and hands over revoked partitions the loop
+/// is not working on; the loop applies the rest between records.
 struct Member<'a> {
     c: Client,
     hb: Heartbeater,
@@ -100,11 +92,19 @@ struct Member<'a> {
     topics: Vec<String>,
     session_ms: u32,
     member_id: String,
+    /// Newest assignment generation this loop applied (sent with commits).
     generation: u64,
-    positions: BTreeMap<(String, u32), Pos>,
     from: From,
-    /// Printed messages whose commit the coordinator refused (they may be delivered again).
-    refused: u64,
+}
+
+/// What delivering one partition's fetch led to.
+enum Flow {
+    /// Go on with the next partition; whether anything was printed.
+    Next(bool),
+    /// The assignment changed: start a new pass.
+    Restart(bool),
+    /// `--max` reached.
+    Done,
 }
 
 impl Member<'_> {
@@ -115,7 +115,7 @@ impl Member<'_> {
             .map_err(|e| format!("joining group {:?}: {e}", self.group))?;
         debug(&a);
         if a.member_id != self.member_id {
-            self.positions.clear();
+            self.hb.joined(&a.member_id);
             self.generation = 0;
         }
         self.member_id = a.member_id.clone();
@@ -123,34 +123,55 @@ impl Member<'_> {
     }
 
     /// Applies an assignment: commit and drop revoked partitions, start assigned ones, then
-    /// tell the heartbeat thread (which confirms the revocation at once).
+    /// confirm (the heartbeat thread tells the coordinator at once).
     fn apply(&mut self, a: AssignmentOut) -> Result<(), String> {
-        let assigned: BTreeSet<(String, u32)> = a
-            .assignments
-            .iter()
-            .flat_map(|t| t.partitions.iter().map(|p| (t.topic.clone(), *p)))
-            .collect();
-        let revoked: Vec<(String, u32)> = self
-            .positions
-            .keys()
-            .filter(|k| !assigned.contains(*k))
-            .cloned()
-            .collect();
-        if !revoked.is_empty() {
-            self.commit(&revoked)?;
-            for k in &revoked {
-                self.positions.remove(k);
-            }
+        let keep = assigned(&a);
+        let taken = {
+            let mut st = self.hb.lock();
+            st.applying = true;
+            let revoked: Vec<Tp> = st
+                .positions
+                .keys()
+                .filter(|k| !keep.contains(*k))
+                .cloned()
+                .collect();
+            st.take(&revoked)
+        };
+        let result = self.apply_taken(&a, &keep, &taken);
+        self.hb.lock().applying = false;
+        result
+    }
+
+    fn apply_taken(
+        &mut self,
+        a: &AssignmentOut,
+        keep: &BTreeSet<Tp>,
+        taken: &[(Tp, Pos)],
+    ) -> Result<(), String> {
+        match commit_positions(
+            &mut self.c,
+            self.group,
+            &self.member_id,
+            self.generation,
+            taken,
+        ) {
+            Ok(Ok(())) => {}
+            Ok(Err(refused)) => self.hb.lock().refused += refused,
+            Err(e) => return Err(format!("committing offsets: {e}")),
         }
-        let new: Vec<(String, u32)> = assigned
-            .into_iter()
-            .filter(|k| !self.positions.contains_key(k))
-            .collect();
+        let new: Vec<Tp> = {
+            let st = self.hb.lock();
+            keep.iter()
+                .filter(|k| !st.positions.contains_key(*k))
+                .cloned()
+                .collect()
+        };
         if !new.is_empty() {
             let committed: Vec<OffsetOut> = self
                 .c
                 .fetch_offsets(self.group, &self.topics)
                 .map_err(|e| format!("fetching committed offsets: {e}"))?;
+            let mut starts = Vec::new();
             for (t, p) in new {
                 let start = match committed
                     .iter()
@@ -159,16 +180,19 @@ impl Member<'_> {
                     Some((_, _, o)) => *o as u64,
                     None => start_offset(&mut self.c, &t, p, self.from)?,
                 };
-                let pos = Pos {
+                starts.push(((t, p), start));
+            }
+            let mut st = self.hb.lock();
+            for (tp, start) in starts {
+                st.positions.entry(tp).or_insert(Pos {
                     next: start,
                     committed: start,
-                    printed_uncommitted: 0,
-                };
-                self.positions.insert((t, p), pos);
+                    delivered_uncommitted: 0,
+                });
             }
         }
-        self.generation = a.generation;
-        self.hb.set_member(&self.member_id, self.generation);
+        self.generation = self.generation.max(a.generation);
+        self.hb.confirm(a.generation);
         Ok(())
     }
 
@@ -198,51 +222,67 @@ impl Member<'_> {
 
     /// The member was fenced: its positions are no longer its to commit.
     fn lose_all(&mut self) {
-        let keys: Vec<(String, u32)> = self.positions.keys().cloned().collect();
-        self.lose(&keys);
-    }
-
-    fn lose(&mut self, keys: &[(String, u32)]) {
-        for k in keys {
-            if let Some(pos) = self.positions.remove(k) {
-                self.refused += pos.printed_uncommitted;
-            }
-        }
+        let mut st = self.hb.lock();
+        let lost: u64 = st.positions.values().map(|p| p.delivered_uncommitted).sum();
+        st.refused += lost;
+        st.positions.clear();
     }
 
     /// Commits the positions of `keys` that moved since the last commit. A refused commit
     /// (fenced) drops those partitions and rejoins: this member stops delivering them.
-    fn commit(&mut self, keys: &[(String, u32)]) -> Result<(), String> {
-        let offsets: Vec<OffsetOut> = keys
-            .iter()
-            .filter_map(|k| {
-                self.positions
-                    .get(k)
-                    .filter(|pos| pos.next != pos.committed)
-                    .map(|pos| (k.0.clone(), k.1, pos.next as i64))
-            })
-            .collect();
-        if offsets.is_empty() {
-            return Ok(());
-        }
-        match self
-            .c
-            .commit_offsets(self.group, &self.member_id, self.generation, &offsets)
-        {
-            Ok(()) => {
-                for (t, p, o) in offsets {
-                    if let Some(pos) = self.positions.get_mut(&(t, p)) {
-                        pos.committed = o as u64;
-                        pos.printed_uncommitted = 0;
+    fn commit(&mut self, keys: &[Tp]) -> Result<(), String> {
+        let snapshot: Vec<(Tp, Pos)> = {
+            let st = self.hb.lock();
+            keys.iter()
+                .filter_map(|k| st.positions.get(k).map(|p| (k.clone(), *p)))
+                .collect()
+        };
+        let committed = commit_positions(
+            &mut self.c,
+            self.group,
+            &self.member_id,
+            self.generation,
+            &snapshot,
+        );
+        match committed {
+            Ok(Ok(())) => {
+                let mut st = self.hb.lock();
+                for (k, at) in snapshot {
+                    if let Some(pos) = st.positions.get_mut(&k) {
+                        pos.committed = at.next;
+                        pos.delivered_uncommitted -=
+                            at.delivered_uncommitted.min(pos.delivered_uncommitted);
                     }
                 }
                 Ok(())
             }
-            Err(e) if e.code() == Some(fb::ErrorCode::FencedMember) => {
-                eprintln!("ringmq: commit rejected ({e}); dropping the partition(s) and rejoining");
-                let keys: Vec<(String, u32)> =
-                    offsets.into_iter().map(|(t, p, _)| (t, p)).collect();
-                self.lose(&keys);
+            Ok(Err(_)) => {
+                eprintln!("ringmq: dropping the partition(s) and rejoining");
+                {
+                    let mut st = self.hb.lock();
+                    let lost = st.take(keys);
+                    st.refused += lost
+                        .iter()
+                        .map(|(_, p)| p.delivered_uncommitted)
+                        .sum::<u64>();
+                }
+                // Save what can still be saved before rejoining under a new id.
+                let rest: Vec<(Tp, Pos)> = {
+                    let st = self.hb.lock();
+                    st.positions.iter().map(|(k, p)| (k.clone(), *p)).collect()
+                };
+                let saved = commit_positions(
+                    &mut self.c,
+                    self.group,
+                    &self.member_id,
+                    self.generation,
+                    &rest,
+                );
+                if matches!(saved, Ok(Ok(()))) {
+                    self.hb.lock().positions.clear();
+                } else {
+                    self.lose_all();
+                }
                 let old = std::mem::take(&mut self.member_id);
                 let _ = self.c.leave_group(self.group, &old);
                 self.join("")
@@ -252,8 +292,78 @@ impl Member<'_> {
     }
 
     fn commit_all(&mut self) -> Result<(), String> {
-        let all: Vec<(String, u32)> = self.positions.keys().cloned().collect();
+        let all: Vec<Tp> = self.hb.lock().positions.keys().cloned().collect();
         self.commit(&all)
+    }
+
+    /// Fetches one partition, prints its records (applying assignment changes between
+    /// records) and commits what was printed.
+    fn deliver(
+        &mut self,
+        tp: &Tp,
+        a: &ConsumeArgs,
+        wait_ms: u32,
+        out: &mut impl Write,
+        printed: &mut u64,
+    ) -> Result<Flow, String> {
+        let (topic, p) = (&tp.0, tp.1);
+        let Some(next) = self.hb.lock().positions.get(tp).map(|pos| pos.next) else {
+            return Ok(Flow::Next(false));
+        };
+        let fetched = match self.c.fetch_filtered(
+            topic,
+            p,
+            next,
+            1 << 20,
+            wait_ms,
+            a.filter.as_deref(),
+        ) {
+            Ok(f) => f,
+            Err(e) if e.code() == Some(fb::ErrorCode::OffsetOutOfRange) => {
+                let start = start_offset(&mut self.c, topic, p, From::Earliest)?;
+                eprintln!("ringmq: {topic} partition {p}: offset {next} out of range; resetting to {start}");
+                if let Some(pos) = self.hb.lock().positions.get_mut(tp) {
+                    pos.next = start;
+                }
+                return Ok(Flow::Next(false));
+            }
+            Err(e) => return Err(format!("consuming {topic:?} partition {p}: {e}")),
+        };
+        let mut printed_here = false;
+        let mut restart = false;
+        for r in &fetched.records {
+            // Between records: a revocation or fencing stops this partition at once.
+            if self.sync()? {
+                restart = true;
+                break;
+            }
+            printed_here = true;
+            print_record(out, a, topic, p, r).map_err(|e| e.to_string())?;
+            if let Some(pos) = self.hb.lock().positions.get_mut(tp) {
+                pos.next = r.offset + 1;
+                pos.delivered_uncommitted += 1;
+            }
+            *printed += 1;
+            if a.max.is_some_and(|n| *printed >= n) {
+                out.flush().map_err(|e| e.to_string())?;
+                return Ok(Flow::Done);
+            }
+        }
+        if !restart {
+            // A filtered fetch moves past non-matching messages too.
+            if let Some(pos) = self.hb.lock().positions.get_mut(tp) {
+                pos.next = pos.next.max(fetched.next_offset);
+            }
+        }
+        if printed_here {
+            out.flush().map_err(|e| e.to_string())?;
+        }
+        self.commit(std::slice::from_ref(tp))?;
+        Ok(if restart {
+            Flow::Restart(printed_here)
+        } else {
+            Flow::Next(printed_here)
+        })
     }
 }
 
@@ -279,24 +389,16 @@ pub fn consume_group(
         session_ms: a.session_timeout_ms,
         member_id: String::new(),
         generation: 0,
-        positions: BTreeMap::new(),
         from,
-        refused: 0,
     };
     m.join("")?;
     let result = run_member(&mut m, a, sub);
+    m.hb.stop();
     let commit = m.commit_all();
-    let Member {
-        mut c,
-        hb,
-        member_id,
-        refused,
-        ..
-    } = m;
-    hb.stop();
-    let leave = c
-        .leave_group(group, &member_id)
-        .map_err(|e: ClientError| format!("leaving group {group:?}: {e}"));
+    let leave =
+        m.c.leave_group(group, &m.member_id)
+            .map_err(|e: ClientError| format!("leaving group {group:?}: {e}"));
+    let refused = m.hb.lock().refused;
     let refused = if refused > 0 {
         Err(format!(
             "{refused} printed message(s) could not be committed (this member was fenced from group {group:?}); another member may deliver them again"
@@ -329,61 +431,21 @@ fn run_member(m: &mut Member<'_>, a: &ConsumeArgs, sub: &Subscription) -> Result
         }
         m.sync()?;
         let mut got_any = false;
-        let keys: Vec<(String, u32)> = m.positions.keys().cloned().collect();
+        let keys: Vec<Tp> = m.hb.lock().positions.keys().cloned().collect();
         let wait_ms =
             (heartbeat_every.as_millis() as u32 / 4).clamp(5, 100) / (keys.len().max(1) as u32);
-        'pass: for (topic, p) in keys {
-            let Some(next) = m.positions.get(&(topic.clone(), p)).map(|pos| pos.next) else {
-                continue;
-            };
-            let fetched = match m.c.fetch_filtered(
-                &topic,
-                p,
-                next,
-                1 << 20,
-                wait_ms,
-                a.filter.as_deref(),
-            ) {
-                Ok(f) => f,
-                Err(e) if e.code() == Some(fb::ErrorCode::OffsetOutOfRange) => {
-                    let start = start_offset(&mut m.c, &topic, p, From::Earliest)?;
-                    eprintln!("ringmq: {topic} partition {p}: offset {next} out of range; resetting to {start}");
-                    if let Some(pos) = m.positions.get_mut(&(topic.clone(), p)) {
-                        pos.next = start;
-                    }
-                    continue;
+        for tp in keys {
+            m.hb.lock().delivering = Some(tp.clone());
+            let flow = m.deliver(&tp, a, wait_ms, &mut out, &mut printed);
+            m.hb.lock().delivering = None;
+            match flow? {
+                Flow::Next(got) => got_any |= got,
+                Flow::Restart(got) => {
+                    got_any |= got;
+                    break;
                 }
-                Err(e) => return Err(format!("consuming {topic:?} partition {p}: {e}")),
-            };
-            let mut printed_here = false;
-            for r in &fetched.records {
-                // Between records: a revocation or fencing stops this partition at once.
-                if m.sync()? {
-                    out.flush().map_err(|e| e.to_string())?;
-                    got_any |= printed_here;
-                    break 'pass;
-                }
-                printed_here = true;
-                print_record(&mut out, a, &topic, p, r).map_err(|e| e.to_string())?;
-                if let Some(pos) = m.positions.get_mut(&(topic.clone(), p)) {
-                    pos.next = r.offset + 1;
-                    pos.printed_uncommitted += 1;
-                }
-                printed += 1;
-                if a.max.is_some_and(|n| printed >= n) {
-                    out.flush().map_err(|e| e.to_string())?;
-                    return Ok(());
-                }
+                Flow::Done => return Ok(()),
             }
-            // A filtered fetch moves past non-matching messages too.
-            if let Some(pos) = m.positions.get_mut(&(topic.clone(), p)) {
-                pos.next = pos.next.max(fetched.next_offset);
-            }
-            if printed_here {
-                got_any = true;
-                out.flush().map_err(|e| e.to_string())?;
-            }
-            m.commit(&[(topic.clone(), p)])?;
         }
         if got_any || m.hb.rebalancing() {
             // Waiting for partitions that are moving to us is not idleness.
@@ -393,7 +455,7 @@ fn run_member(m: &mut Member<'_>, a: &ConsumeArgs, sub: &Subscription) -> Result
             .is_some_and(|ms| idle_since.elapsed().as_millis() as u64 >= ms)
         {
             return Ok(());
-        } else if m.positions.is_empty() {
+        } else if m.hb.lock().positions.is_empty() {
             std::thread::sleep(Duration::from_millis(10));
         }
     }

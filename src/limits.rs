@@ -117,10 +117,11 @@ pub const CONNECTION_BYTES_MAX: usize = 64 << 20;
 /// arrives: a body is allocated as its bytes come, never up front from the declared length.
 pub const READ_CHUNK_BYTES: usize = 64 << 10;
 
-/// Default time a connection may sit mid-frame with no bytes arriving (or waiting for memory)
-/// before it is closed with an error (`--idle-partial-frame-ms`). Connections idle between
-/// frames are never closed for time.
-pub const IDLE_PARTIAL_FRAME_MS_DEFAULT: u64 = 30_000;
+/// Default time a connection may be stalled before it is closed (`--stalled-connection-ms`):
+/// sitting mid-frame with no bytes arriving or waiting for memory, or with a response it does
+/// not read (a write making no progress). Connections idle between frames are never closed
+/// for time.
+pub const STALLED_CONNECTION_MS_DEFAULT: u64 = 30_000;
 
 /// Default share of physical memory for `--memory-max-bytes`: request bodies being read or
 /// processed plus reserved response bytes, over all connections (split evenly across shards).
@@ -145,3 +146,7 @@ pub const MALLOC_TRIM_THRESHOLD_BYTES: i32 = 1 << 20;
 /// How long a starting broker waits for a listener left by a broker that just died to vanish
 /// (io_uring closes a dead process's sockets asynchronously) before refusing the address.
 pub const PORT_RELEASE_WAIT_MS: u64 = 3_000;
+
+/// While a connection waits for memory (budget full), how often the server checks that its
+/// peer has not reset it, so a vanished client stops waiting and gives its bytes back.
+pub const PEER_CHECK_MS: u64 = 100;

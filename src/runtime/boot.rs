@@ -68,10 +68,10 @@ pub fn serve(mut cfg: ServeConfig) -> Result<(), String> {
         meta.topics.len()
     );
     eprintln!(
-        "ringmq: memory-max-bytes {} ({} per shard), idle-partial-frame-ms {}",
+        "ringmq: memory-max-bytes {} ({} per shard), stalled-connection-ms {}",
         cfg.memory_max_bytes,
         cfg.memory_per_shard_bytes(),
-        cfg.idle_partial_frame_ms
+        cfg.stalled_connection_ms
     );
     install_signal_handlers();
     let mesh: MeshBuilder<Envelope, _> =

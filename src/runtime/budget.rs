@@ -87,6 +87,23 @@ impl Reservation {
         self.bytes
     }
 
+    /// Adds `bytes` if they fit now, without waiting.
+    pub fn try_grow(&mut self, bytes: u64) -> bool {
+        if self.budget.try_take(bytes) {
+            self.bytes += bytes;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Gives `bytes` back (at most what is held).
+    pub fn shrink(&mut self, bytes: u64) {
+        let n = bytes.min(self.bytes);
+        self.bytes -= n;
+        self.budget.give_back(n);
+    }
+
     /// Adds `bytes` to this reservation, waiting for room (backpressure).
     pub async fn grow(&mut self, bytes: u64) -> Result<(), OverBudget> {
         let b = &self.budget;

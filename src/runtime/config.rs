@@ -24,8 +24,8 @@ pub struct ServeConfig {
     pub state_compact_bytes: u64,
     /// Memory for request bodies and reserved responses over all connections.
     pub memory_max_bytes: u64,
-    /// A connection idle this long in the middle of a frame is closed.
-    pub idle_partial_frame_ms: u64,
+    /// A connection stalled this long (mid-frame, or not reading its responses) is closed.
+    pub stalled_connection_ms: u64,
 }
 
 /// The default `--memory-max-bytes`: a quarter of physical memory.
@@ -63,7 +63,7 @@ impl Default for ServeConfig {
             retention_check_ms: limits::RETENTION_CHECK_MS,
             state_compact_bytes: limits::STATE_LOG_COMPACT_BYTES,
             memory_max_bytes: default_memory_max_bytes(),
-            idle_partial_frame_ms: limits::IDLE_PARTIAL_FRAME_MS_DEFAULT,
+            stalled_connection_ms: limits::STALLED_CONNECTION_MS_DEFAULT,
         }
     }
 }
@@ -124,8 +124,8 @@ impl ServeConfig {
                 self.memory_max_bytes
             ));
         }
-        if self.idle_partial_frame_ms == 0 {
-            return Err("--idle-partial-frame-ms must be at least 1".into());
+        if self.stalled_connection_ms == 0 {
+            return Err("--stalled-connection-ms must be at least 1".into());
         }
         if self.retention_check_ms == 0 {
             return Err("--retention-check-ms must be at least 1".into());

@@ -30,6 +30,8 @@ struct Watch {
     fd: RawFd,
     /// Set while a frame has been started but not fully read.
     mid_frame: Cell<bool>,
+    /// When the write in progress started (a client that does not read stalls it).
+    writing_since: Cell<Option<Instant>>,
     /// Last time bytes arrived (or a frame began).
     last_read: Cell<Instant>,
     /// The read side was shut down by the sweeper; the reason for the close.
@@ -41,15 +43,19 @@ struct Watch {
 impl Watch {
     /// Shuts the read side: the reader drains what the kernel already holds, then sees EOF.
     fn shut_read(&self, why: String) {
-        if self.closed_why.borrow().is_some() {
+        self.shut(libc::SHUT_RD, why);
+    }
+
+    fn shut(&self, how: libc::c_int, why: String) {
+        if self.closed_why.borrow().is_some() && how == libc::SHUT_RD {
             return;
         }
-        *self.closed_why.borrow_mut() = Some(why);
+        self.closed_why.borrow_mut().get_or_insert(why);
         // SAFETY: `fd` belongs to a stream that is open while this watch is registered (the
         // connection removes its watch before its stream is dropped); shutdown() only changes
         // the socket's state.
         unsafe {
-            libc::shutdown(self.fd, libc::SHUT_RD);
+            libc::shutdown(self.fd, how);
         }
         self.kill.notify_all();
     }
@@ -58,10 +64,10 @@ impl Watch {
 /// This shard's open connections, for the sweeper.
 type Watches = Rc<RefCell<std::collections::HashMap<u64, Rc<Watch>>>>;
 
-/// Closes connections idle mid-frame past `--idle-partial-frame-ms`, and on shutdown shuts the
+/// Closes connections idle mid-frame past `--stalled-connection-ms`, and on shutdown shuts the
 /// read side of every connection so each answers what it already received, then closes.
 async fn sweep_loop(shard: Rc<Shard>, watches: Watches) {
-    let idle_ms = shard.cfg.idle_partial_frame_ms;
+    let idle_ms = shard.cfg.stalled_connection_ms;
     let period = Duration::from_millis((idle_ms / 4).clamp(5, 1000));
     let mut shut_all = false;
     loop {
@@ -76,13 +82,27 @@ async fn sweep_loop(shard: Rc<Shard>, watches: Watches) {
             return;
         }
         let now = Instant::now();
+        let limit = Duration::from_millis(idle_ms);
         for w in watches.borrow().values() {
             let idle = now.saturating_duration_since(w.last_read.get());
-            if w.mid_frame.get() && idle >= Duration::from_millis(idle_ms) {
+            if w.mid_frame.get() && idle >= limit {
                 w.shut_read(format!(
-                    "closed: a partial frame was idle for {} ms (--idle-partial-frame-ms {idle_ms})",
+                    "closed: a partial frame was stalled for {} ms (--stalled-connection-ms {idle_ms})",
                     idle.as_millis()
                 ));
+            }
+            let writing = w
+                .writing_since
+                .get()
+                .map(|t| now.saturating_duration_since(t));
+            if writing.is_some_and(|d| d >= limit) {
+                // The client does not read its responses: drop it, freeing what it holds.
+                w.shut(
+                    libc::SHUT_RDWR,
+                    format!(
+                    "closed: a response was not read for {idle_ms} ms (--stalled-connection-ms)"
+                ),
+                );
             }
         }
         futures_lite::future::or(crate::runtime::sleep(period), stop).await;
@@ -162,6 +182,57 @@ impl Bytes2 {
     async fn grow(&mut self, n: u64) -> bool {
         self.conn.grow(n).await.is_ok() && self.shard.grow(n).await.is_ok()
     }
+
+    /// Grows both if both fit now.
+    fn try_grow(&mut self, n: u64) -> bool {
+        if !self.conn.try_grow(n) {
+            return false;
+        }
+        if self.shard.try_grow(n) {
+            return true;
+        }
+        self.conn.shrink(n);
+        false
+    }
+
+    /// Grows both, waiting for room (backpressure) while the peer is still there; `false`
+    /// when the bytes can never fit, the peer reset the connection, or the sweeper closed it.
+    async fn grow_while_connected(&mut self, n: u64, watch: &Watch) -> bool {
+        if self.try_grow(n) {
+            return true;
+        }
+        let gone = async {
+            loop {
+                let kill = watch.kill.wait();
+                let tick = crate::runtime::sleep(Duration::from_millis(limits::PEER_CHECK_MS));
+                futures_lite::future::or(tick, kill).await;
+                if watch.closed_why.borrow().is_some() || peer_reset(watch.fd) {
+                    return false;
+                }
+            }
+        };
+        futures_lite::future::or(self.grow(n), gone).await
+    }
+}
+
+/// Whether the peer reset the connection (it closed with unread data, or vanished). A peer
+/// that only half-closed still reads its answers, so end-of-stream alone is not "gone".
+fn peer_reset(fd: RawFd) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: a one-byte peek into a local buffer on a socket this connection owns.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n >= 0 {
+        return false;
+    }
+    let e = std::io::Error::last_os_error().raw_os_error();
+    !matches!(e, Some(libc::EAGAIN) | Some(libc::EINTR))
 }
 
 /// Bytes reserved for the response of a request before it is dispatched.
@@ -188,10 +259,15 @@ struct Outbox {
     drained: Notify,
     /// Requests dispatched whose responses are not pushed yet; the writer waits for them.
     pending: Cell<usize>,
+    /// A write failed (the peer is gone): responses are dropped instead of queued.
+    failed: Cell<bool>,
 }
 
 impl Outbox {
     fn push(&self, frame: Bytes, permit: Option<Held>) {
+        if self.failed.get() {
+            return; // nobody will write it: its memory goes back now
+        }
         self.bytes.set(self.bytes.get() + frame.len());
         self.queue.borrow_mut().push_back((frame, permit));
         self.ready.notify_all();
@@ -223,6 +299,7 @@ impl Connection {
         let watch = Rc::new(Watch {
             fd: stream.as_raw_fd(),
             mid_frame: Cell::new(false),
+            writing_since: Cell::new(None),
             last_read: Cell::new(Instant::now()),
             closed_why: RefCell::new(None),
             kill: Notify::new(),
@@ -239,8 +316,9 @@ impl Connection {
             bytes: Cell::new(0),
             drained: Notify::new(),
             pending: Cell::new(0),
+            failed: Cell::new(false),
         });
-        let writer_task = glommio::spawn_local(write_loop(writer, outbox.clone()));
+        let writer_task = glommio::spawn_local(write_loop(writer, outbox.clone(), watch.clone()));
         let used_queues = Self::serve_requests(&shard, &mut reader, &outbox, &watch, conn).await;
         // Every request read before the end of input is answered before the socket closes.
         outbox.closed.set(true);
@@ -316,7 +394,7 @@ impl Connection {
                 handshaken = true;
             }
             let mut reply_bytes = Bytes2::empty(&budget, &shard.memory);
-            if !reply_bytes.grow(reserve).await {
+            if !reply_bytes.grow_while_connected(reserve, watch).await {
                 break;
             }
             let permit = Held {
@@ -385,18 +463,11 @@ async fn read_frame(
     let mut body: Vec<u8> = Vec::new();
     while body.len() < len {
         let want = (len - body.len()).min(limits::READ_CHUNK_BYTES);
-        let grown = futures_lite::future::or(async { Some(held.grow(want as u64).await) }, async {
-            watch.kill.wait().await;
-            None
-        })
-        .await;
-        match grown {
-            Some(true) => {}
-            Some(false) => return Err(FrameOrIo::Io),
-            None => {
-                let why = watch.closed_why.borrow().clone().unwrap_or_default();
-                return Err(FrameOrIo::Frame(FrameError::Malformed(why)));
-            }
+        if !held.grow_while_connected(want as u64, watch).await {
+            return match watch.closed_why.borrow().clone() {
+                Some(why) => Err(FrameOrIo::Frame(FrameError::Malformed(why))),
+                None => Err(FrameOrIo::Io),
+            };
         }
         let start = body.len();
         if body.capacity() < start + want {
@@ -832,7 +903,11 @@ fn group_of<'a>(f: &fb::Frame<'a>) -> Option<&'a str> {
         .or_else(|| f.body_as_describe_group().map(|x| x.group()))
 }
 
-async fn write_loop(mut writer: futures_lite::io::WriteHalf<TcpStream>, outbox: Rc<Outbox>) {
+async fn write_loop(
+    mut writer: futures_lite::io::WriteHalf<TcpStream>,
+    outbox: Rc<Outbox>,
+    watch: Rc<Watch>,
+) {
     let mut buf: Vec<u8> = Vec::with_capacity(limits::WRITE_COALESCE_BYTES);
     loop {
         let wait = outbox.ready.wait();
@@ -858,6 +933,7 @@ async fn write_loop(mut writer: futures_lite::io::WriteHalf<TcpStream>, outbox: 
             wait.await;
             continue;
         }
+        watch.writing_since.set(Some(Instant::now()));
         let ok = if batch.len() == 1 {
             writer.write_all(&batch[0].0).await.is_ok()
         } else {
@@ -867,12 +943,16 @@ async fn write_loop(mut writer: futures_lite::io::WriteHalf<TcpStream>, outbox: 
             }
             writer.write_all(&buf).await.is_ok()
         };
+        watch.writing_since.set(None);
         let n: usize = batch.iter().map(|(f, _)| f.len()).sum();
         drop(batch);
         outbox.written(n);
         if !ok || writer.flush().await.is_err() {
-            // The peer is gone: drop what is queued so permits are released.
+            // The peer is gone: drop what is queued so permits are released, and stop the
+            // reader (it may be waiting for memory that only this connection holds).
+            outbox.failed.set(true);
             outbox.queue.borrow_mut().clear();
+            watch.shut(libc::SHUT_RDWR, "the client went away".into());
             outbox.closed.set(true);
             outbox.written(usize::MAX);
             break;

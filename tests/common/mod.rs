@@ -54,7 +54,12 @@ impl Broker {
             .arg(cores.to_string())
             .args(extra)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            // RINGMQ_TEST_STDERR=1 shows the brokers' logs when debugging a test.
+            .stderr(if std::env::var_os("RINGMQ_TEST_STDERR").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .spawn()
             .expect("spawn ringmq serve");
         let stdout = child.stdout.take().expect("stdout");
