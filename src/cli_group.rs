@@ -391,13 +391,16 @@ pub fn consume_group(
         generation: 0,
         from,
     };
-    m.join("")?;
-    let result = run_member(&mut m, a, sub);
+    // Whatever fails after joining, the member leaves: no ghost member keeps partitions.
+    let result = m.join("").and_then(|()| run_member(&mut m, a, sub));
     m.hb.stop();
     let commit = m.commit_all();
-    let leave =
+    let leave = if m.member_id.is_empty() {
+        Ok(())
+    } else {
         m.c.leave_group(group, &m.member_id)
-            .map_err(|e: ClientError| format!("leaving group {group:?}: {e}"));
+            .map_err(|e: ClientError| format!("leaving group {group:?}: {e}"))
+    };
     let refused = m.hb.lock().refused;
     let refused = if refused > 0 {
         Err(format!(

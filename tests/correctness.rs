@@ -13,8 +13,10 @@ use std::time::{Duration, Instant};
 use common::*;
 use ringmq::protocol::{self as proto, fb, PartitionChoice, RecordIn};
 
+/// Runs `ringmq serve`, expecting it to refuse to start: a broker still running after 10 s is
+/// killed and reported as such.
 fn serve(data: &std::path::Path, port: u16, extra: &[&str]) -> std::process::Output {
-    Command::new(bin())
+    let mut child = Command::new(bin())
         .arg("serve")
         .arg("--data")
         .arg(data)
@@ -22,8 +24,21 @@ fn serve(data: &std::path::Path, port: u16, extra: &[&str]) -> std::process::Out
         .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .output()
-        .expect("run ringmq serve")
+        .spawn()
+        .expect("run ringmq serve");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "the second broker started and was still running after 10 s: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
 }
 
 fn rec(v: &str) -> RecordIn {
@@ -513,10 +528,7 @@ fn sigterm_answers_every_request_in_flight() {
     let b = b.restart();
     let mut c = b.client();
     let stored: u64 = (0..4)
-        .map(|p| {
-            let end = c.fetch("t", p, 0, 1024, 0).unwrap().log_end;
-            end
-        })
+        .map(|p| c.fetch("t", p, 0, 1024, 0).unwrap().log_end)
         .sum();
     assert!(stored >= total, "acknowledged {total}, stored {stored}");
 }

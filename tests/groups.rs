@@ -467,9 +467,20 @@ fn a_slowly_read_member_is_not_expired_and_nothing_is_delivered_twice() {
     let dir = temp_dir("slow-reader");
     let b = Broker::start(&dir, 2, &[]);
     b.client().create_topic("t", 4, -1, -1).unwrap();
-    let lines: Vec<String> = (0..3000).map(|i| format!("k{},v{i}", i % 31)).collect();
+    // Lines long enough (JSON, ~250 bytes) that the pipe fills: printing blocks.
+    let pad = "p".repeat(150);
+    let lines: Vec<String> = (0..3000)
+        .map(|i| format!("k{},v{i}-{pad}", i % 31))
+        .collect();
     produce_lines(&b, "t", &lines);
-    let args = ["--session-timeout-ms", "2000", "--idle-ms", "3000"];
+    let args = [
+        "--session-timeout-ms",
+        "2000",
+        "--idle-ms",
+        "3000",
+        "--format",
+        "json",
+    ];
     let mut slow = spawn_group_consumer(&b, "t", "g", &args);
     let stdout = slow.stdout.take().unwrap();
     let reader = std::thread::spawn(move || {

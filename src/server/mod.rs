@@ -70,8 +70,14 @@ async fn sweep_loop(shard: Rc<Shard>, watches: Watches) {
     let idle_ms = shard.cfg.stalled_connection_ms;
     let period = Duration::from_millis((idle_ms / 4).clamp(5, 1000));
     let mut shut_all = false;
+    let mut open_before = 0;
     loop {
         let stop = shard.shutdown.wait();
+        let open_now = watches.borrow().len();
+        if open_now < open_before {
+            return_freed_memory();
+        }
+        open_before = open_now;
         if shard.is_shutting_down() && !shut_all {
             shut_all = true;
             for w in watches.borrow().values() {
@@ -106,6 +112,16 @@ async fn sweep_loop(shard: Rc<Shard>, watches: Watches) {
             }
         }
         futures_lite::future::or(crate::runtime::sleep(period), stop).await;
+    }
+}
+
+/// Connections closed since the last sweep: hand the memory their buffers used back to the
+/// OS (glibc keeps freed small chunks in its per-thread arenas otherwise, and RSS ratchets up
+/// across connection storms). At most once per sweep period.
+fn return_freed_memory() {
+    // SAFETY: malloc_trim only releases free memory held by the allocator.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
