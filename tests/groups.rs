@@ -418,40 +418,48 @@ fn duplicates(lines: &[String]) -> (usize, usize) {
 /// Before the fix about 1 run in 5 printed everything twice. 20 runs: 10 at a time, 2 rounds.
 #[test]
 fn two_group_consumers_started_together_never_deliver_twice_20_runs() {
+    const AT_ONCE: usize = 10;
     let dir = temp_dir("together-20");
     let b = Broker::start(&dir, 2, &[]);
     let lines: Vec<String> = (0..4000)
         .map(|i| format!("key{},value-{i}", i % 97))
         .collect();
-    for t in 0..4 {
-        b.client()
-            .create_topic(&format!("t{t}"), 4, -1, -1)
-            .unwrap();
-        produce_lines(&b, &format!("t{t}"), &lines);
+    for t in 0..AT_ONCE {
+        let topic = format!("t{t}");
+        b.client().create_topic(&topic, 4, -1, -1).unwrap();
+        produce_lines(&b, &topic, &lines);
     }
     let args = ["--format", "json", "--idle-ms", "6000"];
-    for round in 0..5 {
-        let runs: Vec<_> = (0..4)
+    for round in 0..2 {
+        // Each run drains its first consumer, then its second; runs go side by side.
+        let runs: Vec<_> = (0..AT_ONCE)
             .map(|t| {
                 let (topic, group) = (format!("t{t}"), format!("g{round}-{t}"));
-                let b = &b;
-                let first = spawn_group_consumer(b, &topic, &group, &args);
-                let second = spawn_group_consumer(b, &topic, &group, &args);
-                (first, second)
+                let first = spawn_group_consumer(&b, &topic, &group, &args);
+                let second = spawn_group_consumer(&b, &topic, &group, &args);
+                std::thread::spawn(move || {
+                    let mut all = Vec::new();
+                    for child in [first, second] {
+                        let out = child.wait_with_output().unwrap();
+                        let err = String::from_utf8_lossy(&out.stderr).to_string();
+                        if !out.status.success() {
+                            return Err(err);
+                        }
+                        all.extend(
+                            String::from_utf8_lossy(&out.stdout)
+                                .lines()
+                                .map(String::from),
+                        );
+                    }
+                    Ok(all)
+                })
             })
             .collect();
-        for (t, (first, second)) in runs.into_iter().enumerate() {
-            let mut all = Vec::new();
-            for child in [first, second] {
-                let out = child.wait_with_output().unwrap();
-                let err = String::from_utf8_lossy(&out.stderr);
-                assert!(out.status.success(), "round {round} topic t{t}: {err}");
-                all.extend(
-                    String::from_utf8_lossy(&out.stdout)
-                        .lines()
-                        .map(String::from),
-                );
-            }
+        for (t, run) in runs.into_iter().enumerate() {
+            let all = run
+                .join()
+                .unwrap()
+                .unwrap_or_else(|e| panic!("round {round} topic t{t}: {e}"));
             let (dups, total) = duplicates(&all);
             assert_eq!(dups, 0, "round {round} topic t{t}: {dups} of {total} twice");
             assert_eq!(total, 4000, "round {round} topic t{t}: every message");
