@@ -129,12 +129,7 @@ impl Member<'_> {
         let taken = {
             let mut st = self.hb.lock();
             st.applying = true;
-            let revoked: Vec<Tp> = st
-                .positions
-                .keys()
-                .filter(|k| !keep.contains(*k))
-                .cloned()
-                .collect();
+            let revoked = st.revoked_by(&a);
             st.take(&revoked)
         };
         let result = self.apply_taken(&a, &keep, &taken);

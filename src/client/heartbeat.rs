@@ -61,6 +61,16 @@ pub struct Membership {
 }
 
 impl Membership {
+    /// The partitions held now that assignment `a` takes away.
+    pub fn revoked_by(&self, a: &AssignmentOut) -> Vec<Tp> {
+        let keep = assigned(a);
+        self.positions
+            .keys()
+            .filter(|k| !keep.contains(*k))
+            .cloned()
+            .collect()
+    }
+
     /// Removes `keys` from the positions; returns them (for a commit).
     pub fn take(&mut self, keys: &[Tp]) -> Vec<(Tp, Pos)> {
         keys.iter()
@@ -295,13 +305,7 @@ fn run(shared: Arc<Shared>, mut client: Client, addr: &str, group: &str, session
 /// confirm) and leaves the assignment for the loop.
 fn hand_over(shared: &Shared, client: &mut Client, group: &str, a: AssignmentOut) {
     let mut st = lock(shared);
-    let keep = assigned(&a);
-    let revoked: Vec<Tp> = st
-        .positions
-        .keys()
-        .filter(|k| !keep.contains(*k))
-        .cloned()
-        .collect();
+    let revoked = st.revoked_by(&a);
     let blocked = st.applying || st.delivering.as_ref().is_some_and(|d| revoked.contains(d));
     if blocked {
         st.latest = Some(a);
