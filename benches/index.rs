@@ -40,6 +40,7 @@ fn index(c: &mut Criterion) {
             payload_len: 4048,
             base_offset: i * 10,
             record_count: 10,
+            leader_term: 0,
             first_timestamp_ms: i as i64,
             max_timestamp_ms: i as i64,
         };

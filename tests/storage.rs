@@ -6,8 +6,8 @@ use std::rc::Rc;
 
 use ringmq::storage::mem::{Fault, FaultOp, Rng};
 use ringmq::storage::{
-    batch, BatchMeta, DmaStorage, Durability, FormatTag, Log, LogConfig, MemStorage, Storage,
-    StorageError,
+    batch, BatchMeta, CommitPolicy, DmaStorage, Durability, FormatTag, Log, LogConfig, MemStorage,
+    Storage, StorageError,
 };
 
 fn run<T: Send + 'static, F: std::future::Future<Output = T> + 'static>(
@@ -488,4 +488,197 @@ async fn crash_case(seed: u64) {
         drop(log);
         st.crash(rng.next_u64());
     }
+}
+
+fn replicated_cfg() -> LogConfig {
+    LogConfig {
+        commit_policy: CommitPolicy::External,
+        ..small_cfg()
+    }
+}
+
+/// Appends `n` batches of 1 record (700-byte payloads: several segments); returns base offsets.
+async fn fill<S: Storage>(log: &Log<S>, n: u64) -> Vec<u64> {
+    let mut bases = Vec::new();
+    for i in 0..n {
+        let info = log
+            .append(meta(1, 1_000 + i as i64), &payload(i, 700))
+            .await;
+        bases.push(info.unwrap().base_offset);
+    }
+    bases
+}
+
+#[test]
+fn the_commit_index_gates_readers_and_never_goes_back() {
+    run(|| async {
+        let log = Log::open(
+            MemStorage::new(),
+            Path::new("/mem/commit"),
+            replicated_cfg(),
+        )
+        .await
+        .unwrap();
+        log.set_leader_term(3);
+        fill(&log, 10).await;
+        assert_eq!(
+            (log.log_end(), log.durable_end(), log.end_offset()),
+            (10, 10, 0)
+        );
+        assert!(
+            read_all(&log, 0).await.unwrap().is_empty(),
+            "nothing committed yet"
+        );
+        log.advance_commit(4).unwrap();
+        let seen = read_all(&log, 0).await.unwrap();
+        assert_eq!(seen.len(), 4, "readers see exactly the committed prefix");
+        let r = log.read(0, 1 << 20).await.unwrap();
+        let h = batch::decode_verified(&r.batches[0]).unwrap();
+        assert_eq!(h.leader_term, 3, "batches carry the leader's term");
+        assert!(matches!(
+            log.advance_commit(11),
+            Err(StorageError::OffsetOutOfRange { .. })
+        ));
+        // A waiter for offset 8 resolves when the commit index passes it.
+        log.advance_commit(8).unwrap();
+        log.wait_committed(8).await.unwrap();
+        assert_eq!(log.end_offset(), 8);
+        // Committed data cannot be truncated.
+        assert!(matches!(
+            log.truncate_suffix(7).await,
+            Err(StorageError::InvalidTruncation(_))
+        ));
+        assert_eq!(log.log_end(), 10, "a refused truncation changes nothing");
+    });
+}
+
+#[test]
+#[should_panic]
+fn a_commit_index_moving_back_is_a_bug_that_stops_the_log() {
+    run(|| async {
+        let log = Log::open(MemStorage::new(), Path::new("/mem/back"), replicated_cfg())
+            .await
+            .unwrap();
+        fill(&log, 5).await;
+        log.advance_commit(5).unwrap();
+        let _ = log.advance_commit(4);
+    });
+}
+
+#[test]
+fn truncate_suffix_removes_the_uncommitted_tail_and_appends_continue_there() {
+    run(|| async {
+        let storage = MemStorage::new();
+        let dir = Path::new("/mem/trunc-basic");
+        let log = Log::open(storage.clone(), dir, replicated_cfg())
+            .await
+            .unwrap();
+        let bases = fill(&log, 60).await;
+        log.advance_commit(20).unwrap();
+        assert!(log.segment_count() > 2, "the cut spans segments");
+        assert!(matches!(
+            log.truncate_suffix(60 + 1).await,
+            Err(StorageError::InvalidTruncation(_))
+        ));
+        log.truncate_suffix(bases[25]).await.unwrap();
+        assert_eq!(log.log_end(), 25);
+        assert_eq!(log.durable_end(), 25);
+        // New appends take the freed offsets; a new leader's term is stamped on them.
+        log.set_leader_term(2);
+        let info = log.append(meta(1, 5), b"new").await.unwrap();
+        assert_eq!(info.base_offset, 25);
+        log.advance_commit(26).unwrap();
+        let all = read_all(&log, 0).await.unwrap();
+        assert_eq!(all.len(), 26);
+        assert_eq!(all[25].1, b"new".to_vec());
+        drop(log);
+        // After a restart the same log is found.
+        let reopened = Log::open(storage, dir, small_cfg()).await.unwrap();
+        let again = read_all(&reopened, 0).await.unwrap();
+        assert_eq!(again, all);
+    });
+}
+
+#[test]
+fn buffered_batches_waiting_for_a_flush_get_truncated_errors() {
+    run(|| async {
+        let storage = MemStorage::new();
+        storage.set_sync_delay(Some(std::time::Duration::from_millis(20)));
+        let log = Rc::new(
+            Log::open(
+                storage.clone(),
+                Path::new("/mem/trunc-wait"),
+                replicated_cfg(),
+            )
+            .await
+            .unwrap(),
+        );
+        fill(&log, 3).await;
+        // Buffer two more without waiting, then cut them before any flush.
+        let a = log.append_buffered(meta(1, 1), b"a").unwrap();
+        let b = log.append_buffered(meta(1, 1), b"b").unwrap();
+        log.truncate_suffix(a.base_offset).await.unwrap();
+        assert_eq!(log.log_end(), 3);
+        assert!(matches!(
+            log.wait_durable(b).await,
+            Err(StorageError::Truncated { .. })
+        ));
+        assert!(matches!(
+            log.wait_committed(b.next_offset).await,
+            Err(StorageError::Truncated { .. })
+        ));
+    });
+}
+
+/// A crash before each mutating step of a truncation (file create/remove, dir sync, truncate,
+/// fdatasync) recovers to the whole log or to the cut log, never to anything else.
+#[test]
+fn truncate_suffix_crash_at_every_step_recovers_to_one_side() {
+    let mut sides = [0usize; 2];
+    for step in 0..40u64 {
+        let side = run(move || async move {
+            let storage = MemStorage::new();
+            let dir = Path::new("/mem/trunc-crash");
+            let log = Log::open(storage.clone(), dir, replicated_cfg())
+                .await
+                .unwrap();
+            let bases = fill(&log, 60).await;
+            log.advance_commit(20).unwrap();
+            let whole = {
+                let view = Log::open(storage.clone(), dir, small_cfg()).await.unwrap();
+                read_all(&view, 0).await.unwrap()
+            };
+            storage.inject(Fault {
+                op: FaultOp::Any,
+                after: step,
+                kind: std::io::ErrorKind::Other,
+            });
+            let res = log.truncate_suffix(bases[25]).await;
+            drop(log);
+            storage.clear_faults();
+            storage.crash(step);
+            let view = Log::open(storage.clone(), dir, small_cfg()).await.unwrap();
+            let found = read_all(&view, 0).await.unwrap();
+            if found == whole {
+                assert!(
+                    res.is_err(),
+                    "step {step}: a finished truncation must stay done"
+                );
+                0
+            } else {
+                assert_eq!(
+                    found,
+                    whole[..25].to_vec(),
+                    "step {step}: a mix of both sides"
+                );
+                1
+            }
+        });
+        sides[side] += 1;
+    }
+    eprintln!("crash steps ending whole / cut: {sides:?}");
+    assert!(
+        sides[0] > 0 && sides[1] > 0,
+        "both sides reached: {sides:?}"
+    );
 }

@@ -108,16 +108,23 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-fn storage_error(corr: u64, e: &StorageError) -> Bytes {
-    let code = match e {
+/// The one mapping of storage errors to wire error codes.
+pub(crate) fn storage_error_code(e: &StorageError) -> fb::ErrorCode {
+    match e {
         StorageError::OffsetOutOfRange { .. } => fb::ErrorCode::OffsetOutOfRange,
         StorageError::BatchTooLarge { .. } => fb::ErrorCode::BatchTooLarge,
         StorageError::InvalidBatch(_) => fb::ErrorCode::InvalidRequest,
+        // Not committed before a leader change removed it: the producer retries.
+        StorageError::Truncated { .. } => fb::ErrorCode::PartitionUnavailable,
+        StorageError::InvalidTruncation(_) => fb::ErrorCode::Internal,
         StorageError::Failed(_) | StorageError::Io { .. } | StorageError::Corrupt { .. } => {
             fb::ErrorCode::StorageFailed
         }
-    };
-    proto::encode_error(corr, code, &e.to_string())
+    }
+}
+
+fn storage_error(corr: u64, e: &StorageError) -> Bytes {
+    proto::encode_error(corr, storage_error_code(e), &e.to_string())
 }
 
 impl Shard {

@@ -36,11 +36,12 @@ fn err_result(topic: &str, partition: u32, code: fb::ErrorCode, msg: String) -> 
 }
 
 fn storage_result(topic: &str, partition: u32, e: &StorageError) -> DestResult {
-    let code = match e {
-        StorageError::BatchTooLarge { .. } => fb::ErrorCode::BatchTooLarge,
-        _ => fb::ErrorCode::StorageFailed,
-    };
-    err_result(topic, partition, code, e.to_string())
+    err_result(
+        topic,
+        partition,
+        super::storage_error_code(e),
+        e.to_string(),
+    )
 }
 
 impl Shard {

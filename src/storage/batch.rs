@@ -14,7 +14,7 @@
 //! | 12..16 | payload length in bytes |
 //! | 16..24 | base offset (assigned by the log) |
 //! | 24..28 | record count (≥ 1) |
-//! | 28..32 | reserved (0) |
+//! | 28..32 | leader term that appended the batch (0 on a single node; replication sets it) |
 //! | 32..40 | first timestamp, ms since the Unix epoch |
 //! | 40..48 | max timestamp, ms since the Unix epoch |
 //!
@@ -57,6 +57,8 @@ pub struct BatchHeader {
     pub payload_len: u32,
     pub base_offset: u64,
     pub record_count: u32,
+    /// The Raft term of the leader that assigned this batch its offsets (0: no replication).
+    pub leader_term: u32,
     pub first_timestamp_ms: i64,
     pub max_timestamp_ms: i64,
 }
@@ -119,8 +121,18 @@ impl std::fmt::Display for DecodeError {
     }
 }
 
-/// Encodes header + payload into one buffer (the stored form).
+/// Encodes header + payload into one buffer (the stored form), with leader term 0.
 pub fn encode(meta: &BatchMeta, base_offset: u64, payload: &[u8]) -> Vec<u8> {
+    encode_with_term(meta, base_offset, 0, payload)
+}
+
+/// Encodes header + payload, stamped with the term of the leader that assigned the offsets.
+pub fn encode_with_term(
+    meta: &BatchMeta,
+    base_offset: u64,
+    leader_term: u32,
+    payload: &[u8],
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_BYTES + payload.len());
     out.extend_from_slice(&MAGIC.to_le_bytes());
     out.extend_from_slice(&[0u8; 4]); // CRC, filled below
@@ -130,7 +142,7 @@ pub fn encode(meta: &BatchMeta, base_offset: u64, payload: &[u8]) -> Vec<u8> {
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     out.extend_from_slice(&base_offset.to_le_bytes());
     out.extend_from_slice(&meta.record_count.to_le_bytes());
-    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&leader_term.to_le_bytes());
     out.extend_from_slice(&meta.first_timestamp_ms.to_le_bytes());
     out.extend_from_slice(&meta.max_timestamp_ms.to_le_bytes());
     out.extend_from_slice(payload);
@@ -180,6 +192,7 @@ pub fn decode_header(buf: &[u8]) -> Result<BatchHeader, DecodeError> {
         payload_len,
         base_offset: u64_at(buf, 16),
         record_count,
+        leader_term: u32_at(buf, 28),
         first_timestamp_ms: u64_at(buf, 32) as i64,
         max_timestamp_ms: u64_at(buf, 40) as i64,
     })
@@ -228,6 +241,18 @@ mod tests {
         assert_eq!(h.next_offset(), 45);
         assert_eq!(h.max_timestamp_ms, 20);
         assert_eq!(payload(&b), b"hello");
+        assert_eq!(h.leader_term, 0, "a single node stamps no term");
+    }
+
+    #[test]
+    fn the_leader_term_is_stored_and_covered_by_the_crc() {
+        let mut b = encode_with_term(&meta(), 42, 7, b"hello");
+        assert_eq!(decode_verified(&b).expect("valid").leader_term, 7);
+        b[28] ^= 1;
+        assert!(matches!(
+            decode_verified(&b),
+            Err(DecodeError::CrcMismatch { .. })
+        ));
     }
 
     #[test]

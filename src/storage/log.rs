@@ -8,6 +8,14 @@
 //! running it becomes the flusher: it takes everything pending, writes it as one aligned write
 //! at the next block boundary and (under `Always`) fdatasyncs once. Appends that arrive while a
 //! flush runs wait and share the next one.
+//!
+//! Three offsets, never decreasing except where said: `log_end` (offsets assigned),
+//! `durable_end` (fdatasynced), and `committed_end`, the high watermark: readers see only
+//! offsets below it. Under [`CommitPolicy::FollowDurability`] (a single node) it follows the
+//! durability policy exactly as before; under [`CommitPolicy::External`] (replication) only
+//! [`Log::advance_commit`] moves it. It never goes back (asserted in release builds). Only an
+//! uncommitted suffix can be removed ([`Log::truncate_suffix`]), and that moves `log_end` and
+//! `durable_end` back to the cut.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
@@ -35,6 +43,17 @@ pub enum Durability {
     Never,
 }
 
+/// Who moves the commit index (the high watermark readers see and acknowledgements wait for).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CommitPolicy {
+    /// A single node: committed as soon as durable under the log's [`Durability`]
+    /// (`Always`: fdatasynced; `IntervalMs` / `Never`: buffered).
+    #[default]
+    FollowDurability,
+    /// Replicated: only [`Log::advance_commit`] moves it (after a majority persisted).
+    External,
+}
+
 /// Configuration of one log.
 #[derive(Clone, Debug)]
 pub struct LogConfig {
@@ -45,6 +64,7 @@ pub struct LogConfig {
     pub write_buffer_bytes_max: usize,
     pub retention_bytes: Option<u64>,
     pub retention_ms: Option<u64>,
+    pub commit_policy: CommitPolicy,
 }
 
 impl Default for LogConfig {
@@ -57,6 +77,7 @@ impl Default for LogConfig {
             write_buffer_bytes_max: limits::WRITE_BUFFER_BYTES_DEFAULT,
             retention_bytes: None,
             retention_ms: None,
+            commit_policy: CommitPolicy::FollowDurability,
         }
     }
 }
@@ -119,6 +140,10 @@ struct State<F> {
     pending_bytes: usize,
     written_end: u64,
     durable_end: u64,
+    /// The high watermark: readers see offsets below it; see the module doc.
+    committed_end: u64,
+    /// The term stamped on batches appended now (replication sets it; 0 on a single node).
+    leader_term: u32,
     unsynced_writes: bool,
     flushing: bool,
     failed: Option<String>,
@@ -186,7 +211,13 @@ impl<S: Storage> Log<S> {
             .next_back()
             .map(|s| s.next_offset)
             .unwrap_or(0);
-        Ok(Self {
+        // A replicated log learns its commit index from replication after a restart.
+        let committed_end = match cfg.commit_policy {
+            CommitPolicy::FollowDurability => next_offset,
+            CommitPolicy::External => log_start,
+        };
+        let intents: Vec<u64> = names.iter().filter_map(|n| parse_intent(n)).collect();
+        let log = Self {
             storage,
             dir: dir.to_path_buf(),
             cfg,
@@ -199,6 +230,8 @@ impl<S: Storage> Log<S> {
                 pending_bytes: 0,
                 written_end: next_offset,
                 durable_end: next_offset,
+                committed_end,
+                leader_term: 0,
                 unsynced_writes: false,
                 flushing: false,
                 failed: None,
@@ -209,7 +242,9 @@ impl<S: Storage> Log<S> {
             flushed: Notify::new(),
             data: Notify::new(),
             report,
-        })
+        };
+        log.finish_truncations(&intents).await?;
+        Ok(log)
     }
 
     /// What recovery found when this log was opened.
@@ -236,9 +271,75 @@ impl<S: Storage> Log<S> {
         self.st.borrow().log_start
     }
 
-    /// Offset after the last record readers may see (durable under `Always`).
+    /// Offset after the last record readers may see: the commit index (high watermark).
     pub fn end_offset(&self) -> u64 {
-        visible_end(&self.st.borrow(), self.cfg.durability)
+        self.st.borrow().committed_end
+    }
+
+    /// Offset after the last record assigned (committed or not).
+    pub fn log_end(&self) -> u64 {
+        self.st.borrow().next_offset
+    }
+
+    /// Offset after the last record fdatasynced.
+    pub fn durable_end(&self) -> u64 {
+        self.st.borrow().durable_end
+    }
+
+    /// The term stamped on batches appended from now on.
+    pub fn set_leader_term(&self, term: u32) {
+        self.st.borrow_mut().leader_term = term;
+    }
+
+    /// Moves the commit index up to `offset` (replication: a majority persisted everything
+    /// below it). Panics if it would move back: that is a bug in the caller, and serving a
+    /// high watermark that went back could show readers data that later disappears.
+    pub fn advance_commit(&self, offset: u64) -> Result<(), StorageError> {
+        {
+            let mut st = self.st.borrow_mut();
+            assert!(
+                offset >= st.committed_end,
+                "commit index of {} would move back from {} to {offset}",
+                self.dir.display(),
+                st.committed_end
+            );
+            if self.cfg.commit_policy != CommitPolicy::External {
+                return Err(StorageError::InvalidTruncation(
+                    "the commit index follows durability on this log".into(),
+                ));
+            }
+            if offset > st.next_offset {
+                return Err(StorageError::OffsetOutOfRange {
+                    offset,
+                    start: st.committed_end,
+                    end: st.next_offset,
+                });
+            }
+            st.committed_end = offset;
+        }
+        self.data.notify_all();
+        Ok(())
+    }
+
+    /// Resolves once everything below `offset` is committed; `Truncated` if the batch ending
+    /// there was removed first.
+    pub async fn wait_committed(&self, offset: u64) -> Result<(), StorageError> {
+        loop {
+            let wait = self.data.wait();
+            {
+                let st = self.st.borrow();
+                check_failed(&st)?;
+                if st.committed_end >= offset {
+                    return Ok(());
+                }
+                if st.next_offset < offset {
+                    return Err(StorageError::Truncated {
+                        offset: st.next_offset,
+                    });
+                }
+            }
+            wait.await;
+        }
     }
 
     /// Total bytes of segment files.
@@ -344,7 +445,12 @@ impl<S: Storage> Log<S> {
         let mut st = self.st.borrow_mut();
         check_failed(&st)?;
         let base = st.next_offset;
-        let bytes = Bytes::from(batch::encode(&meta, base, payload));
+        let bytes = Bytes::from(batch::encode_with_term(
+            &meta,
+            base,
+            st.leader_term,
+            payload,
+        ));
         let header =
             batch::decode_header(&bytes).map_err(|e| StorageError::InvalidBatch(e.to_string()))?;
         let sb = StoredBatch { header, bytes };
@@ -355,6 +461,7 @@ impl<S: Storage> Log<S> {
         st.pending.push(sb.clone());
         st.cache.push_back(sb);
         evict_cache(&mut st, self.cfg.tail_cache_bytes_max);
+        follow_durability(&mut st, &self.cfg);
         let info = AppendInfo {
             base_offset: base,
             next_offset: header.next_offset(),
@@ -369,6 +476,11 @@ impl<S: Storage> Log<S> {
             let wait = {
                 let st = self.st.borrow();
                 check_failed(&st)?;
+                if st.next_offset < target {
+                    return Err(StorageError::Truncated {
+                        offset: st.next_offset,
+                    });
+                }
                 if st.written_end >= target && (!sync || st.durable_end >= target) {
                     return Ok(());
                 }
@@ -430,6 +542,7 @@ impl<S: Storage> Log<S> {
             st.durable_end = written;
             st.unsynced_writes = false;
             st.last_sync = Instant::now();
+            follow_durability(&mut st, &self.cfg);
         }
         Ok(())
     }
@@ -495,6 +608,7 @@ impl<S: Storage> Log<S> {
             st.stats.fdatasyncs += 1;
             st.durable_end = st.written_end;
             st.unsynced_writes = false;
+            follow_durability(&mut st, &self.cfg);
         }
         // Index files are written from a snapshot so no borrow is held across the awaits.
         let snapshot = {
@@ -545,12 +659,215 @@ impl<S: Storage> Log<S> {
         self.commit(target, true).await
     }
 
+    /// Removes every batch at or after `offset`, which must be a batch boundary at or above
+    /// the commit index (a replication follower whose uncommitted suffix diverged). Appenders
+    /// waiting on removed batches get [`StorageError::Truncated`].
+    ///
+    /// Crash-safe: before anything on disk changes, an intent file names the cut, and
+    /// [`Log::open`] finishes an interrupted truncation, so a crash recovers to the cut log,
+    /// never to a mix; a crash before the intent file is durable recovers the whole log.
+    pub async fn truncate_suffix(&self, offset: u64) -> Result<(), StorageError> {
+        self.become_flusher().await?;
+        let res = self.truncate_exclusive(offset).await;
+        {
+            let mut st = self.st.borrow_mut();
+            st.flushing = false;
+            if let Err(e @ (StorageError::Io { .. } | StorageError::Corrupt { .. })) = &res {
+                st.failed = Some(e.to_string());
+            }
+        }
+        self.flushed.notify_all();
+        self.data.notify_all();
+        res
+    }
+
+    /// Waits until no flush runs and takes the flusher role (no write interleaves).
+    async fn become_flusher(&self) -> Result<(), StorageError> {
+        loop {
+            let wait = self.flushed.wait();
+            {
+                let mut st = self.st.borrow_mut();
+                check_failed(&st)?;
+                if !st.flushing {
+                    st.flushing = true;
+                    return Ok(());
+                }
+            }
+            wait.await;
+        }
+    }
+
+    async fn truncate_exclusive(&self, offset: u64) -> Result<(), StorageError> {
+        let (committed, next, written) = {
+            let st = self.st.borrow();
+            (st.committed_end, st.next_offset, st.written_end)
+        };
+        if offset < committed {
+            return Err(StorageError::InvalidTruncation(format!(
+                "offset {offset} is below the commit index {committed}"
+            )));
+        }
+        if offset > next {
+            return Err(StorageError::InvalidTruncation(format!(
+                "offset {offset} is past the log end {next}"
+            )));
+        }
+        if offset == next {
+            return Ok(());
+        }
+        if offset >= written {
+            return self.truncate_buffered(offset);
+        }
+        // Find the cut before anything changes: a wrong offset changes nothing.
+        let cut = self.locate(offset).await?;
+        let intent = self.dir.join(intent_file_name(offset));
+        self.storage
+            .open_file(&intent, true)
+            .await
+            .map_err(|e| StorageError::io(&intent, "create", e))?;
+        self.sync_dir().await?;
+        self.cut_on_disk(offset, cut).await?;
+        self.storage
+            .remove_file(&intent)
+            .await
+            .map_err(|e| StorageError::io(&intent, "remove", e))?;
+        self.sync_dir().await
+    }
+
+    /// Drops buffered (never written) batches at or after `offset`.
+    fn truncate_buffered(&self, offset: u64) -> Result<(), StorageError> {
+        let mut st = self.st.borrow_mut();
+        if !st.pending.iter().any(|b| b.header.base_offset == offset) {
+            return Err(StorageError::InvalidTruncation(format!(
+                "offset {offset} is not the start of a batch"
+            )));
+        }
+        st.pending.retain(|b| b.header.base_offset < offset);
+        st.pending_bytes = st.pending.iter().map(|b| b.bytes.len()).sum();
+        drop_cached_from(&mut st, offset);
+        st.next_offset = offset;
+        Ok(())
+    }
+
+    /// The segment holding `offset` and the file position of the batch starting there (`None`
+    /// when the segment starts at `offset`).
+    async fn locate(&self, offset: u64) -> Result<(u64, Option<u64>), StorageError> {
+        let (base, file, path) = {
+            let st = self.st.borrow();
+            let Some((&base, seg)) = st.segments.range(..=offset).next_back() else {
+                return Err(StorageError::InvalidTruncation(format!(
+                    "offset {offset} is before the log start {}",
+                    st.log_start
+                )));
+            };
+            (base, seg.file.clone(), seg.path.clone())
+        };
+        if base == offset {
+            return Ok((base, None));
+        }
+        let mut at = None;
+        segment::scan(&*file, 0, base, false, |h, pos, _| {
+            if h.base_offset == offset {
+                at = Some(pos);
+            }
+            h.base_offset < offset
+        })
+        .await
+        .map_err(|e| StorageError::io(&path, "scan", e))?;
+        match at {
+            Some(pos) => Ok((base, Some(pos))),
+            None => Err(StorageError::InvalidTruncation(format!(
+                "offset {offset} is not the start of a batch"
+            ))),
+        }
+    }
+
+    /// Removes the segments after the cut, cuts the one holding it, and rebuilds the in-memory
+    /// state from what is left on disk (synced).
+    async fn cut_on_disk(&self, offset: u64, cut: (u64, Option<u64>)) -> Result<(), StorageError> {
+        let (base, pos) = cut;
+        let doomed: Vec<u64> = {
+            let st = self.st.borrow();
+            st.segments
+                .keys()
+                .rev()
+                .copied()
+                .filter(|&b| b > base || (b == base && pos.is_none()))
+                .collect()
+        };
+        for b in doomed {
+            self.st.borrow_mut().segments.remove(&b);
+            self.remove_segment_files(b).await?;
+        }
+        let mut report = RecoveryReport::default();
+        let seg = match pos {
+            Some(pos) => {
+                let (file, path) = {
+                    let st = self.st.borrow();
+                    let seg = st.segments.get(&base).ok_or_else(|| {
+                        StorageError::InvalidTruncation(format!("segment {base} vanished"))
+                    })?;
+                    (seg.file.clone(), seg.path.clone())
+                };
+                file.truncate(pos)
+                    .await
+                    .map_err(|e| StorageError::io(&path, "truncate", e))?;
+                file.sync_data()
+                    .await
+                    .map_err(|e| StorageError::io(&path, "fdatasync", e))?;
+                // Rescan what is left: indexes, next offset, write position (unsealed again).
+                recover_active(&self.storage, &self.dir, base, &mut report).await?
+            }
+            None => create_segment(&self.storage, &self.dir, offset).await?,
+        };
+        let mut st = self.st.borrow_mut();
+        st.segments.insert(seg.base_offset, seg);
+        st.log_start = *st.segments.keys().next().unwrap_or(&offset);
+        st.pending.clear();
+        st.pending_bytes = 0;
+        drop_cached_from(&mut st, offset);
+        st.next_offset = offset;
+        st.written_end = offset;
+        st.durable_end = offset;
+        st.unsynced_writes = false;
+        Ok(())
+    }
+
+    /// Finishes truncations that a crash interrupted (their intent files survived).
+    async fn finish_truncations(&self, intents: &[u64]) -> Result<(), StorageError> {
+        for &offset in intents {
+            let next = self.st.borrow().next_offset;
+            if offset < next {
+                let cut = self.locate(offset).await?;
+                self.cut_on_disk(offset, cut).await?;
+                let mut st = self.st.borrow_mut();
+                if st.committed_end > offset {
+                    st.committed_end = offset;
+                }
+            }
+            let intent = self.dir.join(intent_file_name(offset));
+            self.storage
+                .remove_file(&intent)
+                .await
+                .map_err(|e| StorageError::io(&intent, "remove", e))?;
+            self.sync_dir().await?;
+        }
+        Ok(())
+    }
+
+    async fn sync_dir(&self) -> Result<(), StorageError> {
+        self.storage
+            .sync_dir(&self.dir)
+            .await
+            .map_err(|e| StorageError::io(&self.dir, "sync dir", e))
+    }
+
     /// Reads whole stored batches starting with the one containing `offset`, up to `max_bytes`
     /// (at least one batch if any is there).
     pub async fn read(&self, offset: u64, max_bytes: usize) -> Result<ReadBatches, StorageError> {
         let (start, end) = {
             let st = self.st.borrow();
-            (st.log_start, visible_end(&st, self.cfg.durability))
+            (st.log_start, st.committed_end)
         };
         let mut out = ReadBatches {
             batches: Vec::new(),
@@ -695,7 +1012,7 @@ impl<S: Storage> Log<S> {
             }
         }
         let st = self.st.borrow();
-        let end = visible_end(&st, self.cfg.durability);
+        let end = st.committed_end;
         Ok(st
             .cache
             .iter()
@@ -790,11 +1107,37 @@ fn check_failed<F>(st: &State<F>) -> Result<(), StorageError> {
     }
 }
 
-fn visible_end<F>(st: &State<F>, d: Durability) -> u64 {
-    match d {
+/// Under [`CommitPolicy::FollowDurability`], moves the commit index up to what the durability
+/// policy makes visible: fdatasynced under `Always`, buffered otherwise.
+fn follow_durability<F>(st: &mut State<F>, cfg: &LogConfig) {
+    if cfg.commit_policy != CommitPolicy::FollowDurability {
+        return;
+    }
+    let target = match cfg.durability {
         Durability::Always => st.durable_end,
         _ => st.next_offset,
+    };
+    if target > st.committed_end {
+        st.committed_end = target;
     }
+}
+
+/// The name of the file that records an interrupted truncation at `offset`.
+fn intent_file_name(offset: u64) -> String {
+    format!("truncate-{offset:020}.intent")
+}
+
+fn parse_intent(name: &str) -> Option<u64> {
+    name.strip_prefix("truncate-")?
+        .strip_suffix(".intent")?
+        .parse()
+        .ok()
+}
+
+/// Forgets cached batches at or after `offset`.
+fn drop_cached_from<F>(st: &mut State<F>, offset: u64) {
+    st.cache.retain(|b| b.header.base_offset < offset);
+    st.cache_bytes = st.cache.iter().map(|b| b.bytes.len()).sum();
 }
 
 fn active<F>(st: &State<F>) -> &Segment<F> {

@@ -7,6 +7,8 @@
 //! crash). `sync_data` makes current durable. [`MemStorage::crash`] rebuilds every file from
 //! its durable bytes plus a seeded random subset of the writes made since: each unsynced write
 //! survives whole, survives torn (a prefix in 512-byte sectors), or is lost with all later ones.
+//! Directory operations and truncation are durable at once (as after the fsyncs the log does
+//! for them); [`FaultOp::Meta`] / [`FaultOp::Any`] faults stop the world before one of them.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -24,6 +26,11 @@ use super::io::{Storage, StorageFile};
 pub enum FaultOp {
     Write,
     Sync,
+    /// Creating or removing a file, syncing a directory, truncating a file.
+    Meta,
+    /// Any of the above: "the machine dies before its next mutating operation" at a chosen
+    /// step (crash-point tests).
+    Any,
 }
 
 /// One armed fault: after `after` more successful calls of `op`, every later call fails with
@@ -192,7 +199,11 @@ fn apply(content: &mut Vec<u8>, pos: u64, data: &[u8]) {
 
 fn check_fault(fs: &RefCell<MemFs>, op: FaultOp) -> io::Result<()> {
     let mut fs = fs.borrow_mut();
-    for f in fs.faults.iter_mut().filter(|f| f.op == op) {
+    for f in fs
+        .faults
+        .iter_mut()
+        .filter(|f| f.op == op || f.op == FaultOp::Any)
+    {
         if f.after == 0 {
             return Err(io::Error::new(f.kind, format!("injected {op:?} fault")));
         }
@@ -201,6 +212,7 @@ fn check_fault(fs: &RefCell<MemFs>, op: FaultOp) -> io::Result<()> {
     match op {
         FaultOp::Write => fs.writes += 1,
         FaultOp::Sync => fs.syncs += 1,
+        FaultOp::Meta | FaultOp::Any => {}
     }
     Ok(())
 }
@@ -224,6 +236,9 @@ impl Storage for MemStorage {
     }
 
     async fn open_file(&self, path: &Path, create: bool) -> io::Result<MemStorageFile> {
+        if create && !self.fs.borrow().files.contains_key(path) {
+            check_fault(&self.fs, FaultOp::Meta)?;
+        }
         let mut fs = self.fs.borrow_mut();
         let file = match fs.files.get(path) {
             Some(f) => f.clone(),
@@ -246,12 +261,13 @@ impl Storage for MemStorage {
     }
 
     async fn remove_file(&self, path: &Path) -> io::Result<()> {
+        check_fault(&self.fs, FaultOp::Meta)?;
         self.fs.borrow_mut().files.remove(path);
         Ok(())
     }
 
     async fn sync_dir(&self, _dir: &Path) -> io::Result<()> {
-        Ok(())
+        check_fault(&self.fs, FaultOp::Meta)
     }
 }
 
@@ -286,6 +302,7 @@ impl StorageFile for MemStorageFile {
     }
 
     async fn truncate(&self, len: u64) -> io::Result<()> {
+        check_fault(&self.fs, FaultOp::Meta)?;
         let mut f = self.file.borrow_mut();
         f.current.resize(len as usize, 0);
         f.unsynced.clear();

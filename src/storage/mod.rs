@@ -18,7 +18,8 @@ pub mod segment;
 pub use batch::{BatchHeader, BatchMeta, FormatTag};
 pub use io::{DmaStorage, Storage, StorageFile};
 pub use log::{
-    AppendInfo, Durability, Log, LogConfig, LogStats, ReadBatches, RecoveryReport, Truncation,
+    AppendInfo, CommitPolicy, Durability, Log, LogConfig, LogStats, ReadBatches, RecoveryReport,
+    Truncation,
 };
 pub use mem::MemStorage;
 
@@ -47,6 +48,10 @@ pub enum StorageError {
     BatchTooLarge { bytes: usize, max: usize },
     /// An append whose metadata is invalid (e.g. zero records).
     InvalidBatch(String),
+    /// The batch was removed by [`Log::truncate_suffix`] before it was committed.
+    Truncated { offset: u64 },
+    /// A truncation that may not happen (below the commit index, not at a batch boundary).
+    InvalidTruncation(String),
 }
 
 impl StorageError {
@@ -78,6 +83,13 @@ impl std::fmt::Display for StorageError {
                 write!(f, "batch of {bytes} bytes over the limit of {max}")
             }
             Self::InvalidBatch(why) => write!(f, "invalid batch: {why}"),
+            Self::Truncated { offset } => {
+                write!(
+                    f,
+                    "the log was truncated at offset {offset} before this batch committed"
+                )
+            }
+            Self::InvalidTruncation(why) => write!(f, "invalid truncation: {why}"),
         }
     }
 }
