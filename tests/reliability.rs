@@ -337,3 +337,68 @@ fn memory_stays_bounded_under_idle_connections_a_stalled_consumer_and_a_flood() 
     drop(stalled);
     drop(idle);
 }
+
+/// A commit whose state-log append fails is refused and not applied: the coordinator keeps
+/// answering the last durable offset, before and after a restart (durable, then applied).
+#[test]
+fn a_commit_that_cannot_be_made_durable_is_not_applied() {
+    let dir = temp_dir("state-fault");
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let start = |dir: &Path| {
+        let mut child = Command::new(bin())
+            .args(["serve", "--data"])
+            .arg(dir)
+            .args(["--listen", &addr, "--cores", "1"])
+            .env(ringmq::storage::io::FAULT_FILES_ENV, "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert!(line.contains("listening on"), "{line}");
+        KillOnDrop(child)
+    };
+    let child = start(&dir);
+    let mut c = ringmq::client::Client::connect(addr.as_str()).unwrap();
+    c.create_topic("t", 1, -1, -1).unwrap();
+    let a = c.join_group("g", &["t".to_string()], "", 10_000).unwrap();
+    let commit = |c: &mut ringmq::client::Client, o: i64| {
+        c.commit_offsets("g", &a.member_id, a.generation, &[("t".to_string(), 0, o)])
+    };
+    commit(&mut c, 3).unwrap();
+    let state_dir = dir.join("state").join("shard-0");
+    // A failed write never reaches the disk (a failed fdatasync may: like a produce whose
+    // fdatasync failed, such a commit can reappear after a restart, never acknowledged).
+    std::fs::write(state_dir.join(".fault-write"), "eio").unwrap();
+    let e = commit(&mut c, 7).unwrap_err();
+    assert_eq!(e.code(), Some(fb::ErrorCode::StorageFailed), "{e}");
+    assert_eq!(
+        c.fetch_offsets("g", &[]).unwrap(),
+        vec![("t".to_string(), 0, 3)],
+        "memory agrees with disk after the failed append"
+    );
+    drop(child);
+    std::fs::remove_file(state_dir.join(".fault-write")).unwrap();
+    let _child = start(&dir);
+    let mut c = ringmq::client::Client::connect(addr.as_str()).unwrap();
+    assert_eq!(
+        c.fetch_offsets("g", &[]).unwrap(),
+        vec![("t".to_string(), 0, 3)]
+    );
+}
+
+/// A child process killed (SIGKILL) when dropped, also when a test panics.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

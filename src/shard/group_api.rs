@@ -2,7 +2,7 @@
 //! coordinates the group (crc32(group) mod shards) or owns the partition.
 //!
 //! Owns: validation of group requests and the order "durable in the state log, then applied,
-//! then acknowledged" for commits. Must not touch: sockets.
+//! then acknowledged" for commits (`state_log::ApplyOrder`). Must not touch: sockets.
 
 use std::rc::Rc;
 
@@ -73,7 +73,9 @@ impl Shard {
         let Some(state) = self.state.borrow().clone() else {
             return;
         };
-        if self.compacting.get() || !state.needs_compaction() {
+        // Only when memory holds every durable change: a change durable but not yet applied
+        // would be missing from the snapshot and deleted with the old segments.
+        if self.compacting.get() || self.state_order.in_flight() > 0 || !state.needs_compaction() {
             return;
         }
         self.compacting.set(true);
@@ -226,9 +228,15 @@ impl Shard {
         };
         let records: Vec<(String, g::OffsetOut)> =
             offsets.iter().map(|o| (group.clone(), o.clone())).collect();
-        // Apply, then append: a compaction snapshot taken meanwhile must include it.
-        self.coordinator.borrow_mut().apply_commit(&group, &offsets);
-        if let Err(e) = state.append(&records).await {
+        // Durable, then applied (in append order), then acknowledged.
+        let ticket = self.state_order.begin();
+        let durable = state.append(&records).await;
+        self.state_order.wait_turn(ticket).await;
+        if durable.is_ok() {
+            self.coordinator.borrow_mut().apply_commit(&group, &offsets);
+        }
+        self.state_order.finish(ticket);
+        if let Err(e) = durable {
             return proto::encode_error(
                 corr,
                 fb::ErrorCode::StorageFailed,

@@ -87,6 +87,8 @@ pub struct Shard {
     queue_changed: Notify,
     /// A state-log compaction is running.
     compacting: Cell<bool>,
+    /// Order and count of state-log changes between durable and applied.
+    state_order: state_log::ApplyOrder,
     state: RefCell<Option<Rc<state_log::StateLog>>>,
     started: Instant,
 }
@@ -149,6 +151,7 @@ impl Shard {
             restored_queues: RefCell::new(std::collections::BTreeMap::new()),
             queue_changed: Notify::new(),
             compacting: Cell::new(false),
+            state_order: state_log::ApplyOrder::default(),
             state: RefCell::new(None),
             started: Instant::now(),
         }

@@ -353,16 +353,32 @@ impl Shard {
             }
             return;
         }
-        // Stored in the dead-letter topic: ack on the source (apply, then append).
-        if let Some(s) = self.queues.borrow_mut().get_mut(key) {
-            s.apply_ack(&offsets);
-        }
+        // Stored in the dead-letter topic: ack on the source (durable, then applied). If the
+        // ack cannot be recorded the message goes back to pending and is dead-lettered again
+        // later (at-least-once into the dead-letter topic).
         let state = self.state.borrow().clone();
-        if let Some(state) = state {
-            if let Err(e) = state.append_acks(&key.0, &key.1, key.2, &offsets).await {
+        let Some(state) = state else {
+            return;
+        };
+        let ticket = self.state_order.begin();
+        let durable = state.append_acks(&key.0, &key.1, key.2, &offsets).await;
+        self.state_order.wait_turn(ticket).await;
+        match durable {
+            Ok(()) => {
+                if let Some(s) = self.queues.borrow_mut().get_mut(key) {
+                    s.apply_ack(&offsets);
+                }
+            }
+            Err(e) => {
                 eprintln!("ringmq: recording dead-letter acks: {e}");
+                if let Some(s) = self.queues.borrow_mut().get_mut(key) {
+                    for o in &offsets {
+                        s.dead_letter_failed(*o, now);
+                    }
+                }
             }
         }
+        self.state_order.finish(ticket);
     }
 
     /// Produces records to `topic` from inside the broker (creating the topic if missing).
@@ -464,16 +480,22 @@ impl Shard {
                         "state log not open",
                     );
                 };
-                // Apply, then append: a compaction snapshot taken meanwhile must include it.
-                // If the append fails the client gets an error; the messages come back after
-                // a restart (the ack was never durable).
-                let n = self
-                    .queues
-                    .borrow_mut()
-                    .get_mut(&key)
-                    .map(|s| s.apply_ack(&ackable))
-                    .unwrap_or(0);
-                if let Err(e) = state.append_acks(&key.0, &key.1, partition, &ackable).await {
+                // Durable, then applied, then acknowledged. If the append fails the client
+                // gets an error and the messages stay leased (redelivered at their timeout).
+                let ticket = self.state_order.begin();
+                let durable = state.append_acks(&key.0, &key.1, partition, &ackable).await;
+                self.state_order.wait_turn(ticket).await;
+                let n = match &durable {
+                    Ok(()) => self
+                        .queues
+                        .borrow_mut()
+                        .get_mut(&key)
+                        .map(|s| s.apply_ack(&ackable))
+                        .unwrap_or(0),
+                    Err(_) => 0,
+                };
+                self.state_order.finish(ticket);
+                if let Err(e) = durable {
                     return proto::encode_error(
                         corr,
                         fb::ErrorCode::StorageFailed,

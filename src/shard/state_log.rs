@@ -252,3 +252,85 @@ impl StateLog {
         Ok(())
     }
 }
+
+/// "Durable, then applied, then acknowledged" for state-log changes, applied in the order they
+/// were appended (the order replay uses), and a count of changes between the two so that a
+/// compaction snapshot is taken only when memory holds every durable change.
+///
+/// Use: `let t = order.begin();` right before the append (no await between, so tickets follow
+/// sequence numbers); await the append; `order.wait_turn(t).await`; apply if it succeeded;
+/// `order.finish(t)`. `finish` must run for every ticket, failed or not.
+#[derive(Default)]
+pub struct ApplyOrder {
+    next_ticket: Cell<u64>,
+    next_apply: Cell<u64>,
+    turn: crate::runtime::Notify,
+}
+
+impl ApplyOrder {
+    /// Takes the next ticket (a change is now in flight).
+    pub fn begin(&self) -> u64 {
+        let t = self.next_ticket.get();
+        self.next_ticket.set(t + 1);
+        t
+    }
+
+    /// Waits until every earlier ticket has been applied or abandoned.
+    pub async fn wait_turn(&self, ticket: u64) {
+        loop {
+            let w = self.turn.wait();
+            if self.next_apply.get() >= ticket {
+                return;
+            }
+            w.await;
+        }
+    }
+
+    /// Marks `ticket` done (applied, or abandoned after a failed append).
+    pub fn finish(&self, ticket: u64) {
+        debug_assert_eq!(self.next_apply.get(), ticket, "finish in ticket order");
+        self.next_apply.set(ticket + 1);
+        self.turn.notify_all();
+    }
+
+    /// Changes appended (or being appended) and not yet applied.
+    pub fn in_flight(&self) -> u64 {
+        self.next_ticket.get() - self.next_apply.get()
+    }
+}
+
+#[cfg(test)]
+mod apply_order_tests {
+    use super::ApplyOrder;
+    use std::rc::Rc;
+
+    #[test]
+    fn later_tickets_wait_for_earlier_ones() {
+        let log = crate::runtime::block_on(|| {
+            Box::pin(async {
+                let order = Rc::new(ApplyOrder::default());
+                let applied = Rc::new(std::cell::RefCell::new(Vec::new()));
+                let (a, b) = (order.begin(), order.begin());
+                assert_eq!(order.in_flight(), 2);
+                // b's append finishes first; it must still apply after a.
+                let (o, ap) = (order.clone(), applied.clone());
+                let late = glommio::spawn_local(async move {
+                    o.wait_turn(b).await;
+                    ap.borrow_mut().push(b);
+                    o.finish(b);
+                });
+                crate::runtime::sleep(std::time::Duration::from_millis(5)).await;
+                assert!(applied.borrow().is_empty(), "b waited for a");
+                order.wait_turn(a).await;
+                applied.borrow_mut().push(a);
+                order.finish(a);
+                late.await;
+                assert_eq!(order.in_flight(), 0);
+                let v = applied.borrow().clone();
+                v
+            })
+        })
+        .expect("executor");
+        assert_eq!(log, vec![0, 1]);
+    }
+}
