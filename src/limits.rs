@@ -150,3 +150,16 @@ pub const PORT_RELEASE_WAIT_MS: u64 = 3_000;
 /// While a connection waits for memory (budget full), how often the server checks that its
 /// peer has not reset it, so a vanished client stops waiting and gives its bytes back.
 pub const PEER_CHECK_MS: u64 = 100;
+
+/// Topics in the broker at most (created by clients, or dead-letter topics created on first
+/// use). Beyond: the create is refused with InvalidRequest naming the limit.
+pub const TOPICS_MAX: usize = 10_000;
+
+/// Queue subscriptions (shared or key-shared) per partition at most. Each holds ack state up to
+/// its `max_unacked`. Beyond: the queue fetch that would create one is refused (InvalidRequest).
+pub const SUBSCRIPTIONS_PER_PARTITION_MAX: usize = 1_024;
+
+/// Consumer groups one coordinator shard holds at most (with members or committed offsets).
+/// Beyond: a join that would create a group is refused (InvalidRequest). A group with neither
+/// members nor committed offsets is forgotten at once.
+pub const GROUPS_PER_SHARD_MAX: usize = 10_000;

@@ -391,3 +391,34 @@ fn at_the_ack_state_limit_dispatch_pauses_and_resumes_without_forgetting() {
         "resumed where it paused; nothing forgotten"
     );
 }
+
+/// What a client can create is bounded: subscriptions per partition, and dead-letter topic
+/// names are checked before a subscription exists.
+#[test]
+fn subscriptions_per_partition_are_bounded_with_a_clear_error() {
+    let dir = temp_dir("sub-limit");
+    let b = Broker::start(&dir, 1, &[]);
+    let mut c = b.client();
+    c.create_topic("t", 1, -1, -1).unwrap();
+    let names: Vec<String> = (0..=ringmq::limits::SUBSCRIPTIONS_PER_PARTITION_MAX)
+        .map(|i| format!("s{i}"))
+        .collect();
+    for name in &names[..names.len() - 1] {
+        c.queue_fetch(&QueueFetchOut::new("t", name, 0)).unwrap();
+    }
+    let e = c
+        .queue_fetch(&QueueFetchOut::new("t", &names[names.len() - 1], 0))
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        Some(ringmq::protocol::fb::ErrorCode::InvalidRequest)
+    );
+    assert!(e.to_string().contains("its limit"), "{e}");
+    // An existing subscription still works.
+    c.queue_fetch(&QueueFetchOut::new("t", "s0", 0)).unwrap();
+    // A bad dead-letter topic name is refused up front.
+    let mut q = QueueFetchOut::new("t", "s1", 0);
+    q.dead_letter_topic = Some("bad name\twith tab");
+    let e = c.queue_fetch(&q).unwrap_err();
+    assert!(e.to_string().contains("dead-letter topic name"), "{e}");
+}

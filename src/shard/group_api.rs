@@ -23,6 +23,7 @@ fn group_error(corr: u64, e: &GroupError) -> Bytes {
     let code = match e {
         GroupError::UnknownGroup(_) => fb::ErrorCode::UnknownGroup,
         GroupError::Fenced(_) => fb::ErrorCode::FencedMember,
+        GroupError::TooManyGroups(_) => fb::ErrorCode::InvalidRequest,
     };
     proto::encode_error(corr, code, &e.to_string())
 }
@@ -191,6 +192,9 @@ impl Shard {
                     limits::SESSION_TIMEOUT_MS_MAX
                 ),
             );
+        }
+        if let Err(e) = self.coordinator.borrow().may_join(j.group()) {
+            return group_error(corr, &e);
         }
         let now = self.now_session_ms();
         let pof = self.partitions_of();

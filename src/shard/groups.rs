@@ -23,6 +23,8 @@ pub enum GroupError {
     UnknownGroup(String),
     /// Unknown member, or it does not own a partition it commits.
     Fenced(String),
+    /// A new group would exceed [`crate::limits::GROUPS_PER_SHARD_MAX`].
+    TooManyGroups(usize),
 }
 
 impl std::fmt::Display for GroupError {
@@ -30,6 +32,11 @@ impl std::fmt::Display for GroupError {
         match self {
             Self::UnknownGroup(g) => write!(f, "unknown group {g:?}"),
             Self::Fenced(why) => write!(f, "fenced: {why}"),
+            Self::TooManyGroups(n) => write!(
+                f,
+                "this coordinator holds {n} groups, its limit; groups without members or \
+                 committed offsets are forgotten"
+            ),
         }
     }
 }
@@ -81,6 +88,23 @@ impl Coordinator {
             .or_default()
             .offsets
             .insert(tp, offset);
+    }
+
+    /// Whether `group` exists or one more group fits.
+    pub fn may_join(&self, group: &str) -> Result<(), GroupError> {
+        if self.groups.contains_key(group)
+            || self.groups.len() < crate::limits::GROUPS_PER_SHARD_MAX
+        {
+            Ok(())
+        } else {
+            Err(GroupError::TooManyGroups(self.groups.len()))
+        }
+    }
+
+    /// Forgets groups with neither members nor committed offsets.
+    fn forget_empty(&mut self) {
+        self.groups
+            .retain(|_, g| !g.members.is_empty() || !g.offsets.is_empty());
     }
 
     pub fn group_names(&self) -> Vec<String> {
@@ -171,6 +195,7 @@ impl Coordinator {
             )));
         }
         rebalance_at(g, partitions_of, now_ms);
+        self.forget_empty();
         Ok(())
     }
 
@@ -206,6 +231,9 @@ impl Coordinator {
                 n += before - g.members.len();
                 rebalance_at(g, partitions_of, now_ms);
             }
+        }
+        if n > 0 {
+            self.forget_empty();
         }
         n
     }
@@ -567,5 +595,31 @@ mod tests {
                 .is_err(),
             "the stuck member's late commit is fenced"
         );
+    }
+
+    #[test]
+    fn groups_are_bounded_and_empty_ones_forgotten() {
+        let mut c = Coordinator::new();
+        let a = c.join("g", "", "a", vec!["t".into()], 1_000, 0, &four);
+        c.leave("g", &a.member_id, 1, &four).unwrap();
+        assert!(
+            c.group_names().is_empty(),
+            "no members, no offsets: forgotten"
+        );
+        let a = c.join("g", "", "a", vec!["t".into()], 1_000, 0, &four);
+        c.apply_commit("g", &[("t".into(), 0, 5)]);
+        c.leave("g", &a.member_id, 1, &four).unwrap();
+        assert_eq!(c.group_names(), vec!["g".to_string()], "offsets keep it");
+        for i in 0..crate::limits::GROUPS_PER_SHARD_MAX as u64 - 1 {
+            c.restore_offset(&format!("x{i}"), ("t".into(), 0), 1);
+        }
+        assert!(
+            c.may_join("g").is_ok(),
+            "an existing group may always be joined"
+        );
+        assert!(matches!(
+            c.may_join("new"),
+            Err(GroupError::TooManyGroups(_))
+        ));
     }
 }

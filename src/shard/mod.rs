@@ -658,6 +658,16 @@ impl Shard {
                 &format!("topic {name:?} already exists"),
             );
         }
+        if self.meta.borrow().topics.len() >= limits::TOPICS_MAX {
+            return proto::encode_error(
+                corr,
+                fb::ErrorCode::InvalidRequest,
+                &format!(
+                    "the broker holds {} topics, its limit; delete some first",
+                    limits::TOPICS_MAX
+                ),
+            );
+        }
         let topic = TopicMeta {
             shards: metadata::place(&name, partitions, self.count()),
             name: name.clone(),

@@ -122,9 +122,31 @@ impl Shard {
         }
     }
 
-    fn ensure_queue(&self, key: &QKey, cfg: SubConfig, log: &PartitionLog, latest: bool) {
+    /// Creates the subscription's state on first use, within
+    /// [`limits::SUBSCRIPTIONS_PER_PARTITION_MAX`].
+    fn ensure_queue(
+        &self,
+        key: &QKey,
+        cfg: SubConfig,
+        log: &PartitionLog,
+        latest: bool,
+    ) -> Result<(), String> {
         if self.queues.borrow().contains_key(key) {
-            return;
+            return Ok(());
+        }
+        let here = self
+            .queues
+            .borrow()
+            .keys()
+            .filter(|(t, _, p)| *t == key.0 && *p == key.2)
+            .count();
+        if here >= limits::SUBSCRIPTIONS_PER_PARTITION_MAX {
+            return Err(format!(
+                "partition {}-{} has {here} subscriptions, its limit ({})",
+                key.0,
+                key.2,
+                limits::SUBSCRIPTIONS_PER_PARTITION_MAX
+            ));
         }
         let start = if latest {
             log.end_offset()
@@ -136,6 +158,7 @@ impl Shard {
             st.restore(r.floor.max(log.start_offset()), r.acked);
         }
         self.queues.borrow_mut().insert(key.clone(), st);
+        Ok(())
     }
 
     /// Reads new messages into the queue's pending set, within its ack-state room.
@@ -226,13 +249,18 @@ impl Shard {
                 .unwrap_or_else(|| format!("{topic}.dlq")),
             max_unacked: (f.max_unacked() as usize).clamp(1, limits::QUEUE_UNACKED_MAX),
         };
+        if let Err(e) = crate::metadata::validate_topic_name(&cfg.dead_letter_topic) {
+            return invalid(corr, &format!("dead-letter topic name: {e}"));
+        }
         let latest = f.initial_position() == 1;
         let log = match self.log(corr, &topic, partition) {
             Ok(l) => l,
             Err(e) => return e,
         };
         let key: QKey = (topic.clone(), sub.clone(), partition);
-        self.ensure_queue(&key, cfg, &log, latest);
+        if let Err(msg) = self.ensure_queue(&key, cfg, &log, latest) {
+            return invalid(corr, &msg);
+        }
         let deadline = Instant::now() + Duration::from_millis(u64::from(wait_ms));
         loop {
             let data = log.data_changed();
