@@ -41,13 +41,28 @@ pub enum MetaChange {
     Remove(String),
 }
 
-/// The topic table.
+/// The topic table (the placement of every partition).
 #[derive(Debug, Clone, Default)]
 pub struct Metadata {
     pub topics: BTreeMap<String, TopicMeta>,
+    /// Bumped by the controller for each change; a shard's copy ignores an update that is not
+    /// newer than what it has (a late or repeated broadcast). Starts at 0 at boot on every
+    /// shard (all load the same file).
+    pub version: u64,
 }
 
 impl Metadata {
+    /// Applies a versioned change from the controller; `false` (and nothing changes) when it
+    /// is not newer than this copy.
+    pub fn apply_versioned(&mut self, version: u64, change: &MetaChange) -> bool {
+        if version <= self.version {
+            return false;
+        }
+        self.version = version;
+        self.apply(change);
+        true
+    }
+
     pub fn apply(&mut self, change: &MetaChange) {
         match change {
             MetaChange::Upsert(t) => {
@@ -171,5 +186,33 @@ mod tests {
         };
         assert_eq!(t.shard_of(0, 2), Some(1));
         assert_eq!(t.shard_of(1, 2), None);
+    }
+}
+
+#[cfg(test)]
+mod version_tests {
+    use super::*;
+
+    fn topic(name: &str, partitions: usize) -> MetaChange {
+        MetaChange::Upsert(TopicMeta {
+            name: name.into(),
+            shards: vec![0; partitions],
+            retention_bytes: -1,
+            retention_ms: -1,
+        })
+    }
+
+    #[test]
+    fn stale_updates_are_ignored() {
+        let mut m = Metadata::default();
+        assert!(m.apply_versioned(1, &topic("a", 1)));
+        assert!(m.apply_versioned(2, &topic("a", 3)));
+        assert!(!m.apply_versioned(1, &topic("a", 1)), "older");
+        assert!(
+            !m.apply_versioned(2, &MetaChange::Remove("a".into())),
+            "repeated"
+        );
+        assert_eq!(m.get("a").map(|t| t.partitions()), Some(3));
+        assert_eq!(m.version, 2);
     }
 }

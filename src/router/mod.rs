@@ -5,6 +5,8 @@
 //! and the cross-core copy counters. Must not touch: partitions or sockets. Every envelope is
 //! owned data (`Bytes`, strings); nothing borrowed crosses a core.
 
+pub mod route;
+
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 
@@ -32,10 +34,12 @@ pub enum Envelope {
     ConnectionClosed { conn: u64 },
     /// The reply to a `Request`: a complete response frame, length prefix included.
     Response { req_id: u64, frame: Bytes },
-    /// A metadata change from the controller; answered with `Ack`.
+    /// A metadata change from the controller, with the table version it makes; answered
+    /// with `Ack` (a stale version is acknowledged and ignored).
     Meta {
         from: usize,
         req_id: u64,
+        version: u64,
         change: MetaChange,
     },
     /// The answer to `Meta`: `None` or why applying failed on that shard.

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use crate::limits;
 use crate::protocol::{self as proto, fb, FrameError};
+use crate::router::route::Target;
 use crate::router::Envelope;
 use crate::runtime::budget::{Budget, Reservation};
 use crate::runtime::Notify;
@@ -530,110 +531,94 @@ async fn dispatch(
     frame: Bytes,
     conn: u64,
 ) -> Pending {
-    let route = {
-        let f = Some(verified(&frame));
-        match (body, f) {
-            (fb::Body::Handshake, Some(f)) => {
-                let version = f
-                    .body_as_handshake()
-                    .map(|h| h.protocol_version())
-                    .unwrap_or(0);
-                let reply = if version == proto::PROTOCOL_VERSION {
-                    proto::encode_handshake_response(corr, shard.id() as u32, shard.count() as u32)
-                } else {
-                    proto::encode_error(
-                        corr,
-                        fb::ErrorCode::UnsupportedVersion,
-                        &format!(
-                            "protocol version {version} not supported; this broker speaks {}",
-                            proto::PROTOCOL_VERSION
-                        ),
-                    )
-                };
-                return Box::pin(async move { reply });
-            }
-            (fb::Body::Produce, Some(f)) => {
-                match f.body_as_produce().map(|p| shard.route_produce(corr, &p)) {
-                    Some(Ok((partition, owner))) => Some((owner, partition)),
-                    Some(Err(e)) => return Box::pin(async move { e }),
-                    None => None,
-                }
-            }
-            (fb::Body::Fetch, Some(f)) => match f
-                .body_as_fetch()
-                .map(|x| shard.route_partition(corr, x.topic(), x.partition()))
-            {
-                Some(Ok(owner)) => {
-                    Some((owner, f.body_as_fetch().map(|x| x.partition()).unwrap_or(0)))
-                }
-                Some(Err(e)) => return Box::pin(async move { e }),
-                None => None,
-            },
-            (fb::Body::CreateTopic | fb::Body::DeleteTopic, Some(_)) => Some((0, 0)),
-            (fb::Body::ListOffset, Some(f)) => match f.body_as_list_offset().map(|x| {
-                (
-                    shard.route_partition(corr, x.topic(), x.partition()),
-                    x.partition(),
-                )
-            }) {
-                Some((Ok(owner), p)) => Some((owner, p)),
-                Some((Err(e), _)) => return Box::pin(async move { e }),
-                None => None,
-            },
-            (fb::Body::ListGroups, Some(_)) => return list_groups_fanout(shard, corr, frame).await,
-            (fb::Body::Stats, Some(_)) => return stats_fanout(shard, corr, frame).await,
-            (fb::Body::Status, Some(_)) => return status_fanout(shard, corr, frame).await,
-            (fb::Body::SubscriptionInfo, Some(_)) => {
-                return subscriptions_fanout(shard, corr, frame).await
-            }
-            (fb::Body::QueueFetch, Some(f)) => match f.body_as_queue_fetch().map(|x| {
-                (
-                    shard.route_partition(corr, x.topic(), x.partition()),
-                    x.partition(),
-                )
-            }) {
-                Some((Ok(owner), p)) => Some((owner, p)),
-                Some((Err(e), _)) => return Box::pin(async move { e }),
-                None => None,
-            },
-            (fb::Body::QueueSettle, Some(f)) => match f.body_as_queue_settle().map(|x| {
-                (
-                    shard.route_partition(corr, x.topic(), x.partition()),
-                    x.partition(),
-                )
-            }) {
-                Some((Ok(owner), p)) => Some((owner, p)),
-                Some((Err(e), _)) => return Box::pin(async move { e }),
-                None => None,
-            },
-            (fb::Body::MulticastProduce, Some(_)) => return multicast(shard, corr, frame).await,
-            (
-                fb::Body::JoinGroup
-                | fb::Body::Heartbeat
-                | fb::Body::LeaveGroup
-                | fb::Body::CommitOffsets
-                | fb::Body::FetchOffsets
-                | fb::Body::DescribeGroup,
-                Some(f),
-            ) => {
-                group_of(&f).map(|g| (crate::shard::group_api::coordinator_of(g, shard.count()), 0))
-            }
-            (fb::Body::Metadata, Some(_)) => return metadata_fanout(shard, corr, frame).await,
-            _ => None,
+    match body {
+        fb::Body::Handshake => return Box::pin(ready(handshake(shard, corr, &frame))),
+        fb::Body::ListGroups => return list_groups_fanout(shard, corr, frame).await,
+        fb::Body::Stats => return stats_fanout(shard, corr, frame).await,
+        fb::Body::Status => return status_fanout(shard, corr, frame).await,
+        fb::Body::SubscriptionInfo => return subscriptions_fanout(shard, corr, frame).await,
+        fb::Body::MulticastProduce => return multicast(shard, corr, frame).await,
+        fb::Body::Metadata => return metadata_fanout(shard, corr, frame).await,
+        _ => {}
+    }
+    let routed = {
+        let f = verified(&frame);
+        target_of(&f).map(|t| shard.route(t))
+    };
+    let (partition, dest) = match routed {
+        Some(Ok(r)) => r,
+        Some(Err(e)) => {
+            let e = crate::shard::route_error_frame(corr, &e);
+            return Box::pin(ready(e));
+        }
+        None => {
+            let e = proto::encode_error(
+                corr,
+                fb::ErrorCode::Malformed,
+                "request could not be routed",
+            );
+            return Box::pin(ready(e));
         }
     };
-    let Some((owner, partition)) = route else {
-        let e = proto::encode_error(
-            corr,
-            fb::ErrorCode::Malformed,
-            "request could not be routed",
-        );
-        return Box::pin(async move { e });
-    };
-    if owner == shard.id() {
+    if dest.shard == shard.id() {
         return shard.start(partition, conn, frame).await;
     }
-    forward(shard, (owner, partition, conn), frame, corr).await
+    forward(shard, (dest.shard, partition, conn), frame, corr).await
+}
+
+async fn ready(frame: Bytes) -> Bytes {
+    frame
+}
+
+/// The handshake answer: this shard and the shard count, or the version we speak.
+fn handshake(shard: &Shard, corr: u64, frame: &Bytes) -> Bytes {
+    let version = verified(frame)
+        .body_as_handshake()
+        .map(|h| h.protocol_version())
+        .unwrap_or(0);
+    if version == proto::PROTOCOL_VERSION {
+        return proto::encode_handshake_response(corr, shard.id() as u32, shard.count() as u32);
+    }
+    proto::encode_error(
+        corr,
+        fb::ErrorCode::UnsupportedVersion,
+        &format!(
+            "protocol version {version} not supported; this broker speaks {}",
+            proto::PROTOCOL_VERSION
+        ),
+    )
+}
+
+/// What a single-destination request addresses, for the router.
+fn target_of<'a>(f: &fb::Frame<'a>) -> Option<Target<'a>> {
+    let partition = |topic, partition| Target::Partition { topic, partition };
+    match f.body_type() {
+        fb::Body::Produce => f.body_as_produce().map(|p| Target::Produce {
+            topic: p.topic(),
+            partition: (p.partition() >= 0).then_some(p.partition() as u32),
+            key: p.key().map(|k| k.bytes()),
+        }),
+        fb::Body::Fetch => f
+            .body_as_fetch()
+            .map(|x| partition(x.topic(), x.partition())),
+        fb::Body::ListOffset => f
+            .body_as_list_offset()
+            .map(|x| partition(x.topic(), x.partition())),
+        fb::Body::QueueFetch => f
+            .body_as_queue_fetch()
+            .map(|x| partition(x.topic(), x.partition())),
+        fb::Body::QueueSettle => f
+            .body_as_queue_settle()
+            .map(|x| partition(x.topic(), x.partition())),
+        fb::Body::CreateTopic | fb::Body::DeleteTopic => Some(Target::Controller),
+        fb::Body::JoinGroup
+        | fb::Body::Heartbeat
+        | fb::Body::LeaveGroup
+        | fb::Body::CommitOffsets
+        | fb::Body::FetchOffsets
+        | fb::Body::DescribeGroup => group_of(f).map(Target::Group),
+        _ => None,
+    }
 }
 
 /// Sends a request to its owning shard; the returned future yields the owner's reply.
@@ -830,18 +815,23 @@ async fn multicast(shard: &Rc<Shard>, corr: u64, frame: Bytes) -> Pending {
         for (i, d) in m.destinations().iter().enumerate() {
             let partition = (d.partition() >= 0).then_some(d.partition() as u32);
             results.push(None);
-            match shard.route_destination(d.topic(), partition, key) {
-                Ok((p, owner)) => {
+            let target = Target::Produce {
+                topic: d.topic(),
+                partition,
+                key,
+            };
+            match shard.route(target) {
+                Ok((p, dest)) => {
                     by_shard
-                        .entry(owner)
+                        .entry(dest.shard)
                         .or_default()
                         .push((i, d.topic().to_string(), p))
                 }
-                Err((code, msg)) => {
+                Err(e) => {
                     results[i] = Some(DestResult {
                         topic: d.topic().to_string(),
                         partition: partition.unwrap_or(0),
-                        outcome: Err((code.0, msg)),
+                        outcome: Err((crate::shard::route_error_code(&e).0, e.to_string())),
                     })
                 }
             }
@@ -1024,11 +1014,12 @@ pub async fn mesh_loop(
             Envelope::Meta {
                 from,
                 req_id,
+                version,
                 change,
             } => {
                 let s = shard.clone();
                 glommio::spawn_local(async move {
-                    let error = s.apply_meta(&change).await.err();
+                    let error = s.apply_meta_update(version, &change).await.err();
                     s.router.reply(from, Envelope::Ack { req_id, error }).await;
                 })
                 .detach();

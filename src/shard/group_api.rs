@@ -14,10 +14,7 @@ use super::{parse, Shard};
 use crate::limits;
 use crate::protocol::{self as proto, fb, groups as g};
 
-/// The shard coordinating `group`.
-pub fn coordinator_of(group: &str, shard_count: usize) -> usize {
-    (crc32fast::hash(group.as_bytes()) as usize) % shard_count.max(1)
-}
+use crate::router::route::coordinator_of;
 
 fn group_error(corr: u64, e: &GroupError) -> Bytes {
     let code = match e {

@@ -18,6 +18,7 @@ use bytes::Bytes;
 use crate::limits;
 use crate::metadata::{self, MetaChange, Metadata, TopicMeta};
 use crate::protocol::{self as proto, fb};
+use crate::router::route::{self, Dest, RouteError, Target};
 use crate::router::{Envelope, Router};
 use crate::runtime::config::ServeConfig;
 use crate::runtime::Notify;
@@ -108,6 +109,18 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// The wire code of a routing error.
+pub(crate) fn route_error_code(e: &RouteError) -> fb::ErrorCode {
+    match e {
+        RouteError::UnknownTopic(_) => fb::ErrorCode::UnknownTopic,
+        RouteError::UnknownPartition { .. } => fb::ErrorCode::UnknownPartition,
+    }
+}
+
+pub(crate) fn route_error_frame(corr: u64, e: &RouteError) -> Bytes {
+    proto::encode_error(corr, route_error_code(e), &e.to_string())
 }
 
 /// The one mapping of storage errors to wire error codes.
@@ -209,6 +222,15 @@ impl Shard {
         }
     }
 
+    /// Applies a versioned change from the controller, unless this copy already has it.
+    pub async fn apply_meta_update(&self, version: u64, change: &MetaChange) -> Result<(), String> {
+        if version <= self.meta.borrow().version {
+            return Ok(());
+        }
+        self.meta.borrow_mut().version = version;
+        self.apply_meta(change).await
+    }
+
     /// Applies a topic change to this shard: its table copy and the logs it owns.
     /// Returns the errors of partitions whose logs could not be opened.
     pub async fn apply_meta(&self, change: &MetaChange) -> Result<(), String> {
@@ -298,88 +320,36 @@ impl Shard {
         }
     }
 
+    /// The error for a partition this shard does not hold: why the route has none.
     fn unknown(&self, corr: u64, topic: &str, partition: u32) -> Bytes {
-        match self.meta.borrow().get(topic) {
-            None => proto::encode_error(
-                corr,
-                fb::ErrorCode::UnknownTopic,
-                &format!("unknown topic {topic:?}"),
-            ),
-            Some(t) => proto::encode_error(
-                corr,
-                fb::ErrorCode::UnknownPartition,
-                &format!(
-                    "topic {topic:?} has partitions 0..{}, not {partition}",
-                    t.partitions()
-                ),
-            ),
-        }
-    }
-
-    /// Where a produce goes: (partition, owning shard), or an error frame.
-    pub fn route_produce(&self, corr: u64, p: &fb::Produce<'_>) -> Result<(u32, usize), Bytes> {
-        let meta = self.meta.borrow();
-        let Some(t) = meta.get(p.topic()) else {
-            return Err(proto::encode_error(
-                corr,
-                fb::ErrorCode::UnknownTopic,
-                &format!("unknown topic {:?}", p.topic()),
-            ));
-        };
-        let n = t.partitions();
-        let partition = if p.partition() >= 0 {
-            p.partition() as u32
-        } else if let Some(k) = p.key() {
-            proto::partitioner::partition_for_key(k.bytes(), n)
-        } else {
-            let rr = self.round_robin.get();
-            self.round_robin.set(rr.wrapping_add(1));
-            rr % n
-        };
-        match t.shard_of(partition, self.count()) {
-            Some(s) => Ok((partition, s)),
-            None => Err(self.unknown(corr, p.topic(), partition)),
-        }
-    }
-
-    /// Where a multicast destination goes: (partition, owner) or (error code, message).
-    pub fn route_destination(
-        &self,
-        topic: &str,
-        partition: Option<u32>,
-        key: Option<&[u8]>,
-    ) -> Result<(u32, usize), (fb::ErrorCode, String)> {
-        let meta = self.meta.borrow();
-        let Some(t) = meta.get(topic) else {
-            return Err((
-                fb::ErrorCode::UnknownTopic,
-                format!("unknown topic {topic:?}"),
-            ));
-        };
-        let n = t.partitions();
-        let p = match (partition, key) {
-            (Some(p), _) => p,
-            (None, Some(k)) => proto::partitioner::partition_for_key(k, n),
-            (None, None) => {
-                let rr = self.round_robin.get();
-                self.round_robin.set(rr.wrapping_add(1));
-                rr % n
+        let t = Target::Partition { topic, partition };
+        let e = match route::route(&self.meta.borrow(), self.count(), t, 0) {
+            Err(e) => e,
+            // Placed here by the table but not open: a partition being created.
+            Ok(_) => {
+                return proto::encode_error(
+                    corr,
+                    fb::ErrorCode::PartitionUnavailable,
+                    &format!("partition {topic}-{partition} is not open yet; retry shortly"),
+                )
             }
         };
-        t.shard_of(p, self.count()).map(|s| (p, s)).ok_or_else(|| {
-            (
-                fb::ErrorCode::UnknownPartition,
-                format!("topic {topic:?} has partitions 0..{n}, not {p}"),
-            )
-        })
+        route_error_frame(corr, &e)
     }
 
-    /// Where a fetch goes: the owning shard, or an error frame.
-    pub fn route_partition(&self, corr: u64, topic: &str, partition: u32) -> Result<usize, Bytes> {
-        let meta = self.meta.borrow();
-        meta.get(topic)
-            .and_then(|t| t.shard_of(partition, self.count()))
-            .ok_or_else(|| self.unknown(corr, topic, partition))
+    /// Routes a request with this shard's copy of the placement table (see
+    /// `router::route`); keyless produces without a partition take the next round-robin slot.
+    pub fn route(&self, target: Target<'_>) -> Result<(u32, Dest), RouteError> {
+        let rr = self.round_robin.get();
+        if let Target::Produce {
+            partition: None,
+            key: None,
+            ..
+        } = target
+        {
+            self.round_robin.set(rr.wrapping_add(1));
+        }
+        route::route(&self.meta.borrow(), self.count(), target, rr)
     }
 
     /// Starts a request this shard owns. Awaited in arrival order (so appends keep the order of
@@ -703,7 +673,8 @@ impl Shard {
     /// for all of them.
     async fn commit_change(&self, change: MetaChange) -> Result<(), String> {
         let mut next = self.meta.borrow().clone();
-        next.apply(&change);
+        let version = next.version + 1;
+        next.apply_versioned(version, &change);
         meta_file::save(&self.cfg.data_dir, &next)
             .map_err(|e| format!("saving the topic table: {e}"))?;
         let mut acks = Vec::new();
@@ -715,13 +686,14 @@ impl Shard {
                 .call(s, move |req_id| Envelope::Meta {
                     from,
                     req_id,
+                    version,
                     change: c,
                 })
                 .await?;
             acks.push(rx);
         }
         let mut errors = Vec::new();
-        if let Err(e) = self.apply_meta(&change).await {
+        if let Err(e) = self.apply_meta_update(version, &change).await {
             errors.push(e);
         }
         for rx in acks {

@@ -16,6 +16,7 @@ use super::{now_ms, parse, storage_error, PartitionLog, Shard};
 use crate::limits;
 use crate::protocol::queue::{self as q, SubStatsOut, DELIVER_AT_HEADER};
 use crate::protocol::{self as proto, fb, PartitionChoice, RecordIn};
+use crate::router::route::{Target, CONTROLLER_SHARD};
 use crate::router::Envelope;
 use crate::storage::batch;
 
@@ -420,7 +421,7 @@ impl Shard {
         }
         if self.meta.borrow().get(topic).is_none() {
             let create = proto::encode_create_topic(0, topic, 1, -1, -1);
-            let reply = self.call_shard(0, 0, create).await;
+            let reply = self.call_shard(CONTROLLER_SHARD, 0, create).await;
             let exists = proto::verify_frame(&reply[proto::LEN_PREFIX_BYTES..])
                 .ok()
                 .and_then(|f| f.body_as_error())
@@ -431,16 +432,13 @@ impl Shard {
         }
         let batch_bytes = proto::encode_record_batch(records);
         let frame = proto::encode_produce(0, topic, PartitionChoice::RoundRobin, &batch_bytes);
-        let (partition, owner) = {
-            let Ok(f) = proto::verify_frame(&frame[proto::LEN_PREFIX_BYTES..]) else {
-                return Err("bad frame".into());
-            };
-            let Some(p) = f.body_as_produce() else {
-                return Err("bad frame".into());
-            };
-            self.route_produce(0, &p)
-                .map_err(|_| format!("no route to {topic}"))?
+        let target = Target::Produce {
+            topic,
+            partition: None,
+            key: None,
         };
+        let (partition, dest) = self.route(target).map_err(|e| e.to_string())?;
+        let owner = dest.shard;
         let reply = self.call_shard(owner, partition, frame).await;
         match proto::verify_frame(&reply[proto::LEN_PREFIX_BYTES..])
             .ok()
