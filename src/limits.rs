@@ -113,8 +113,13 @@ pub const OUTBOX_BYTES_MAX: usize = 32 << 20;
 /// `--max-frame-bytes` plus one maximal fetch.
 pub const CONNECTION_BYTES_MAX: usize = 64 << 20;
 
-/// Bytes read from a socket (and charged to the memory budgets) per step while a frame body
-/// arrives: a body is allocated as its bytes come, never up front from the declared length.
+/// The first piece of a frame body (or the whole frame, if smaller): an ordinary produce batch
+/// arrives in one allocation. A declared length is never allocated up front: a peer that
+/// declares 16 MiB and sends nothing holds this much at most (charged to the budgets).
+pub const FRAME_FIRST_ALLOC_BYTES: usize = 256 << 10;
+
+/// After the first piece, a frame body is read (and charged to the budgets) this much at a
+/// time.
 pub const READ_CHUNK_BYTES: usize = 64 << 10;
 
 /// Default time a connection may be stalled before it is closed (`--stalled-connection-ms`):
@@ -136,13 +141,6 @@ const _: () = assert!(
     MEMORY_PER_SHARD_BYTES_MIN >= (MAX_FRAME_BYTES_DEFAULT as u64) + (FETCH_BYTES_MAX as u64)
 );
 
-/// glibc malloc: allocations at least this large get their own mapping, returned to the OS on
-/// free (fixed, so glibc never raises it after large frees and keeps 16 MiB bodies in arenas).
-pub const MALLOC_MMAP_THRESHOLD_BYTES: i32 = 128 << 10;
-
-/// glibc malloc: free memory at the top of an arena past this is returned to the OS.
-pub const MALLOC_TRIM_THRESHOLD_BYTES: i32 = 1 << 20;
-
 /// How long a starting broker waits for a listener left by a broker that just died to vanish
 /// (io_uring closes a dead process's sockets asynchronously) before refusing the address.
 pub const PORT_RELEASE_WAIT_MS: u64 = 3_000;
@@ -163,3 +161,9 @@ pub const SUBSCRIPTIONS_PER_PARTITION_MAX: usize = 1_024;
 /// Beyond: a join that would create a group is refused (InvalidRequest). A group with neither
 /// members nor committed offsets is forgotten at once.
 pub const GROUPS_PER_SHARD_MAX: usize = 10_000;
+
+/// glibc malloc: allocations at least this large get their own mapping, returned to the OS when
+/// freed (fixed: glibc would otherwise raise it after large frees). Large enough that an
+/// ordinary produce batch never pays an mmap per request; small enough that 16 MiB responses
+/// do not pile up in the arenas.
+pub const MALLOC_MMAP_THRESHOLD_BYTES: i32 = 4 << 20;

@@ -48,7 +48,7 @@ pub fn serve(mut cfg: ServeConfig) -> Result<(), String> {
         .map_err(|e| format!("resolving data dir {}: {e}", cfg.data_dir.display()))?;
     // One broker per data directory and per address, before anything in it is read.
     let _claims = super::exclusive::claim(&cfg.data_dir, cfg.listen)?;
-    return_freed_memory_to_the_os();
+    keep_large_buffers_in_their_own_mappings();
     let meta = meta_file::load(&cfg.data_dir)?;
     let restored = Arc::new(crate::shard::state_log::load_all(&cfg.data_dir)?);
     eprintln!(
@@ -188,14 +188,15 @@ impl Startup {
     }
 }
 
-/// glibc's malloc raises its mmap threshold after large frees, after which 16 MiB request
-/// bodies come from arenas that are never returned: RSS ratchets up across connection storms.
-/// A fixed threshold keeps large buffers in their own mappings, unmapped on free.
-fn return_freed_memory_to_the_os() {
+/// glibc's malloc raises its mmap threshold after large frees (up to 32 MiB), after which
+/// 16 MiB fetch responses and frames come from arenas and stay in RSS when freed. A fixed
+/// threshold of [`limits::MALLOC_MMAP_THRESHOLD_BYTES`] keeps such buffers in their own
+/// mappings, returned on free, while ordinary produce batches (far smaller) stay in the arenas
+/// (no mmap per request). The rest is handed back by `malloc_trim` after connections close.
+fn keep_large_buffers_in_their_own_mappings() {
     // SAFETY: mallopt only changes allocator parameters; called before any executor starts.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, limits::MALLOC_MMAP_THRESHOLD_BYTES);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, limits::MALLOC_TRIM_THRESHOLD_BYTES);
     }
 }
 

@@ -458,8 +458,9 @@ async fn read_some(
 }
 
 /// Reads one frame (without its length prefix); `None` at a clean end of stream. The body is
-/// allocated and charged to the budgets as its bytes arrive, never up front from the declared
-/// length, so a peer that declares 16 MiB and sends nothing holds nothing.
+/// charged to the budgets and filled as its bytes arrive, never allocated up front from the
+/// declared length: a peer that declares 16 MiB and sends nothing holds at most the first
+/// piece ([`limits::FRAME_FIRST_ALLOC_BYTES`]).
 async fn read_frame(
     reader: &mut futures_lite::io::ReadHalf<TcpStream>,
     shard: &Shard,
@@ -477,9 +478,21 @@ async fn read_frame(
     }
     let len = proto::frame_len(prefix, shard.cfg.max_frame_bytes).map_err(FrameOrIo::Frame)?;
     let mut held = Bytes2::empty(budget, &shard.memory);
+    // Nothing is allocated until the body's first bytes are here.
+    let mut first = [0u8; 4096];
+    let first_len = read_some(reader, watch, &mut first[..len.min(4096)]).await?;
     let mut body: Vec<u8> = Vec::new();
+    let mut carried = &first[..first_len];
     while body.len() < len {
-        let want = (len - body.len()).min(limits::READ_CHUNK_BYTES);
+        // An ordinary frame arrives in one piece; a larger one in chunks, each charged to the
+        // budgets before its bytes are zeroed and read. Capacity doubles (few reallocations);
+        // reserved capacity is not touched, so memory in use follows the bytes that arrived.
+        let step = if body.is_empty() {
+            limits::FRAME_FIRST_ALLOC_BYTES
+        } else {
+            limits::READ_CHUNK_BYTES
+        };
+        let want = (len - body.len()).min(step);
         if !held.grow_while_connected(want as u64, watch).await {
             return match watch.closed_why.borrow().clone() {
                 Some(why) => Err(FrameOrIo::Frame(FrameError::Malformed(why))),
@@ -488,12 +501,13 @@ async fn read_frame(
         }
         let start = body.len();
         if body.capacity() < start + want {
-            // Geometric growth, never past the declared length.
             let target = (body.capacity() * 2).clamp(start + want, len);
             body.reserve_exact(target - start);
         }
+        body.extend_from_slice(carried);
         body.resize(start + want, 0);
-        let mut filled = start;
+        let mut filled = start + carried.len();
+        carried = &[];
         while filled < start + want {
             filled += read_some(reader, watch, &mut body[filled..start + want]).await?;
         }
