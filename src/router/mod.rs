@@ -11,6 +11,8 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 
 use bytes::Bytes;
+
+use crate::protocol::VerifiedFrame;
 use glommio::channels::channel_mesh::Senders;
 
 use crate::metadata::MetaChange;
@@ -28,7 +30,7 @@ pub enum Envelope {
         partition: u32,
         /// The client connection (broker-wide id) the request came from; 0 = internal.
         conn: u64,
-        frame: Bytes,
+        frame: VerifiedFrame,
     },
     /// A client connection closed: release its queue leases. No reply.
     ConnectionClosed { conn: u64 },
@@ -48,7 +50,7 @@ pub enum Envelope {
     Multicast {
         from: usize,
         req_id: u64,
-        frame: Bytes,
+        frame: VerifiedFrame,
         dests: Vec<(String, u32)>,
     },
     /// Per-destination outcomes of a `Multicast`, in its order.

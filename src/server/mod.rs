@@ -11,6 +11,8 @@ use std::collections::VecDeque;
 use std::rc::Rc;
 
 use bytes::Bytes;
+
+use crate::protocol::VerifiedFrame;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::channels::channel_mesh::Receivers;
 use glommio::net::{TcpListener, TcpStream};
@@ -381,14 +383,16 @@ impl Connection {
             let Ok(slot) = permits.acquire_static_permit(1).await else {
                 break;
             };
+            // Verified here, once: everything after holds a VerifiedFrame.
+            let frame = match VerifiedFrame::verify(frame) {
+                Ok(f) => f,
+                Err(e) => {
+                    outbox.push(proto::encode_error(0, e.code(), &e.to_string()), None);
+                    break;
+                }
+            };
             let (corr, body, reserve) = {
-                let f = match proto::verify_frame(&frame) {
-                    Ok(f) => f,
-                    Err(e) => {
-                        outbox.push(proto::encode_error(0, e.code(), &e.to_string()), None);
-                        break;
-                    }
-                };
+                let f = frame.view();
                 (f.correlation_id(), f.body_type(), response_reservation(&f))
             };
             if !proto::is_request(body) {
@@ -529,20 +533,12 @@ fn spawn_reply(shard: &Rc<Shard>, pending: Pending, outbox: Rc<Outbox>, permit: 
     .detach();
 }
 
-/// The view of a request frame that `Connection::run` already verified.
-fn verified(frame: &Bytes) -> fb::Frame<'_> {
-    // SAFETY: only frames that passed `protocol::verify_frame` (which also verifies a produce's
-    // nested batch) reach `dispatch`; `Bytes` is immutable. Verifying again cost a second full
-    // pass over every produce batch.
-    unsafe { fb::root_as_frame_unchecked(frame) }
-}
-
 /// Routes a verified request. Awaited in arrival order: appends of one connection keep order.
 async fn dispatch(
     shard: &Rc<Shard>,
     corr: u64,
     body: fb::Body,
-    frame: Bytes,
+    frame: VerifiedFrame,
     conn: u64,
 ) -> Pending {
     match body {
@@ -556,7 +552,7 @@ async fn dispatch(
         _ => {}
     }
     let routed = {
-        let f = verified(&frame);
+        let f = frame.view();
         target_of(&f).map(|t| shard.route(t))
     };
     let (partition, dest) = match routed {
@@ -585,8 +581,9 @@ async fn ready(frame: Bytes) -> Bytes {
 }
 
 /// The handshake answer: this shard and the shard count, or the version we speak.
-fn handshake(shard: &Shard, corr: u64, frame: &Bytes) -> Bytes {
-    let version = verified(frame)
+fn handshake(shard: &Shard, corr: u64, frame: &VerifiedFrame) -> Bytes {
+    let version = frame
+        .view()
         .body_as_handshake()
         .map(|h| h.protocol_version())
         .unwrap_or(0);
@@ -636,7 +633,12 @@ fn target_of<'a>(f: &fb::Frame<'a>) -> Option<Target<'a>> {
 }
 
 /// Sends a request to its owning shard; the returned future yields the owner's reply.
-async fn forward(shard: &Rc<Shard>, to: (usize, u32, u64), frame: Bytes, corr: u64) -> Pending {
+async fn forward(
+    shard: &Rc<Shard>,
+    to: (usize, u32, u64),
+    frame: VerifiedFrame,
+    corr: u64,
+) -> Pending {
     let (owner, partition, conn) = to;
     let from = shard.id();
     let rx = shard
@@ -663,8 +665,8 @@ async fn forward(shard: &Rc<Shard>, to: (usize, u32, u64), frame: Bytes, corr: u
 }
 
 /// Metadata needs every shard's partitions: ask all, merge the answers.
-async fn metadata_fanout(shard: &Rc<Shard>, corr: u64, frame: Bytes) -> Pending {
-    let wanted: Vec<String> = Some(verified(&frame))
+async fn metadata_fanout(shard: &Rc<Shard>, corr: u64, frame: VerifiedFrame) -> Pending {
+    let wanted: Vec<String> = Some(frame.view())
         .and_then(|f| f.body_as_metadata())
         .and_then(|m| m.topics())
         .map(|ts| ts.iter().map(String::from).collect())
@@ -704,7 +706,7 @@ async fn metadata_fanout(shard: &Rc<Shard>, corr: u64, frame: Bytes) -> Pending 
 }
 
 /// Asks every shard (this one directly, the others over the mesh) and returns their replies.
-async fn ask_all(shard: &Rc<Shard>, corr: u64, frame: Bytes) -> Vec<Pending> {
+async fn ask_all(shard: &Rc<Shard>, corr: u64, frame: VerifiedFrame) -> Vec<Pending> {
     let mut replies = Vec::with_capacity(shard.count());
     for s in 0..shard.count() {
         if s == shard.id() {
@@ -724,7 +726,7 @@ fn reply_body<T>(bytes: &Bytes, read: impl FnOnce(fb::Frame<'_>) -> Option<T>) -
 }
 
 /// Subscriptions live on every shard owning a partition of the topic: ask all, sum per name.
-async fn subscriptions_fanout(shard: &Rc<Shard>, corr: u64, frame: Bytes) -> Pending {
+async fn subscriptions_fanout(shard: &Rc<Shard>, corr: u64, frame: VerifiedFrame) -> Pending {
     let replies = ask_all(shard, corr, frame).await;
     Box::pin(async move {
         let mut by: std::collections::BTreeMap<String, proto::queue::SubStatsOut> =
@@ -771,7 +773,7 @@ async fn merged<T>(
 }
 
 /// Every shard's partition health, merged.
-async fn status_fanout(shard: &Rc<Shard>, corr: u64, frame: Bytes) -> Pending {
+async fn status_fanout(shard: &Rc<Shard>, corr: u64, frame: VerifiedFrame) -> Pending {
     let replies = ask_all(shard, corr, frame).await;
     Box::pin(merged(
         replies,
@@ -785,7 +787,7 @@ async fn status_fanout(shard: &Rc<Shard>, corr: u64, frame: Bytes) -> Pending {
 }
 
 /// Every shard's counters, merged.
-async fn stats_fanout(shard: &Rc<Shard>, corr: u64, frame: Bytes) -> Pending {
+async fn stats_fanout(shard: &Rc<Shard>, corr: u64, frame: VerifiedFrame) -> Pending {
     let replies = ask_all(shard, corr, frame).await;
     Box::pin(merged(
         replies,
@@ -799,7 +801,7 @@ async fn stats_fanout(shard: &Rc<Shard>, corr: u64, frame: Bytes) -> Pending {
 }
 
 /// Every shard coordinates some groups: ask all, merge the names.
-async fn list_groups_fanout(shard: &Rc<Shard>, corr: u64, frame: Bytes) -> Pending {
+async fn list_groups_fanout(shard: &Rc<Shard>, corr: u64, frame: VerifiedFrame) -> Pending {
     let replies = ask_all(shard, corr, frame).await;
     Box::pin(merged(
         replies,
@@ -815,13 +817,13 @@ async fn list_groups_fanout(shard: &Rc<Shard>, corr: u64, frame: Bytes) -> Pendi
 /// A multicast: resolve each destination, send ONE copy of the frame to each other shard that
 /// owns some destinations (with its list), append locally to ours, and gather per-destination
 /// results in request order.
-async fn multicast(shard: &Rc<Shard>, corr: u64, frame: Bytes) -> Pending {
+async fn multicast(shard: &Rc<Shard>, corr: u64, frame: VerifiedFrame) -> Pending {
     use proto::multicast::DestResult;
     use std::collections::BTreeMap;
     let mut results: Vec<Option<DestResult>> = Vec::new();
     let mut by_shard: BTreeMap<usize, Vec<(usize, String, u32)>> = BTreeMap::new();
     {
-        let Some(m) = verified(&frame).body_as_multicast_produce() else {
+        let Some(m) = frame.view().body_as_multicast_produce() else {
             let e = proto::encode_error(corr, fb::ErrorCode::Malformed, "not a multicast");
             return Box::pin(async move { e });
         };

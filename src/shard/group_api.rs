@@ -8,9 +8,11 @@ use std::rc::Rc;
 
 use bytes::Bytes;
 
+use crate::protocol::VerifiedFrame;
+
 use super::groups::{GroupError, Tp};
 use super::state_log::{Restored, StateLog};
-use super::{parse, Shard};
+use super::Shard;
 use crate::limits;
 use crate::protocol::{self as proto, fb, groups as g};
 
@@ -93,8 +95,8 @@ impl Shard {
         self.coordinator.borrow_mut().expire(now, &pof);
     }
 
-    pub(super) async fn group_request(&self, corr: u64, frame: Bytes) -> Bytes {
-        let f = parse(&frame);
+    pub(super) async fn group_request(&self, corr: u64, frame: VerifiedFrame) -> Bytes {
+        let f = frame.view();
         match f.body_type() {
             fb::Body::JoinGroup => self.join_group(corr, &frame),
             fb::Body::Heartbeat => {
@@ -161,8 +163,8 @@ impl Shard {
         }
     }
 
-    fn join_group(&self, corr: u64, frame: &Bytes) -> Bytes {
-        let Some(j) = parse(frame).body_as_join_group() else {
+    fn join_group(&self, corr: u64, frame: &VerifiedFrame) -> Bytes {
+        let Some(j) = frame.view().body_as_join_group() else {
             return invalid(corr, "not a join");
         };
         if let Err(e) = crate::metadata::validate_topic_name(j.group()) {
@@ -207,8 +209,8 @@ impl Shard {
         g::encode_group_assignment(corr, &a)
     }
 
-    async fn commit_offsets(&self, corr: u64, frame: &Bytes) -> Bytes {
-        let Some(c) = parse(frame).body_as_commit_offsets() else {
+    async fn commit_offsets(&self, corr: u64, frame: &VerifiedFrame) -> Bytes {
+        let Some(c) = frame.view().body_as_commit_offsets() else {
             return invalid(corr, "not a commit");
         };
         let group = c.group().to_string();
@@ -249,8 +251,13 @@ impl Shard {
     }
 
     /// ListOffset on the partition's owner: -1 = start, -2 = end, else by timestamp.
-    pub(super) async fn list_offset(&self, corr: u64, partition: u32, frame: Bytes) -> Bytes {
-        let Some(l) = parse(&frame).body_as_list_offset() else {
+    pub(super) async fn list_offset(
+        &self,
+        corr: u64,
+        partition: u32,
+        frame: VerifiedFrame,
+    ) -> Bytes {
+        let Some(l) = frame.view().body_as_list_offset() else {
             return invalid(corr, "not a list offset");
         };
         let (topic, ts) = (l.topic().to_string(), l.timestamp_ms());

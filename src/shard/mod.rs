@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use crate::protocol::VerifiedFrame;
+
 use crate::limits;
 use crate::metadata::{self, MetaChange, Metadata, TopicMeta};
 use crate::protocol::{self as proto, fb};
@@ -96,12 +98,6 @@ pub struct Shard {
 
 fn ready(frame: Bytes) -> Pending {
     Box::pin(async move { frame })
-}
-
-fn parse(frame: &Bytes) -> fb::Frame<'_> {
-    // SAFETY: every frame handed to a shard was verified with `protocol::verify_frame` by the
-    // server of the shard that read it from the socket; `Bytes` is immutable since.
-    unsafe { fb::root_as_frame_unchecked(frame) }
 }
 
 pub fn now_ms() -> i64 {
@@ -354,8 +350,13 @@ impl Shard {
 
     /// Starts a request this shard owns. Awaited in arrival order (so appends keep the order of
     /// a connection); the returned future finishes it and is run as its own task.
-    pub async fn start(self: &Rc<Self>, partition: u32, conn: u64, frame: Bytes) -> Pending {
-        let f = parse(&frame);
+    pub async fn start(
+        self: &Rc<Self>,
+        partition: u32,
+        conn: u64,
+        frame: VerifiedFrame,
+    ) -> Pending {
+        let f = frame.view();
         let corr = f.correlation_id();
         match f.body_type() {
             fb::Body::Produce => self.start_produce(corr, partition, frame).await,
@@ -405,8 +406,8 @@ impl Shard {
         }
     }
 
-    async fn start_produce(&self, corr: u64, partition: u32, frame: Bytes) -> Pending {
-        let topic = match parse(&frame).body_as_produce() {
+    async fn start_produce(&self, corr: u64, partition: u32, frame: VerifiedFrame) -> Pending {
+        let topic = match frame.view().body_as_produce() {
             Some(p) => p.topic().to_string(),
             None => {
                 return ready(proto::encode_error(
@@ -423,7 +424,7 @@ impl Shard {
         if let Err(e) = log.reserve().await {
             return ready(storage_error(corr, &e));
         }
-        let Some(p) = parse(&frame).body_as_produce() else {
+        let Some(p) = frame.view().body_as_produce() else {
             return ready(proto::encode_error(
                 corr,
                 fb::ErrorCode::Internal,
@@ -465,8 +466,8 @@ impl Shard {
         }
     }
 
-    async fn fetch(&self, corr: u64, partition: u32, frame: Bytes) -> Bytes {
-        let Some(f) = parse(&frame).body_as_fetch() else {
+    async fn fetch(&self, corr: u64, partition: u32, frame: VerifiedFrame) -> Bytes {
+        let Some(f) = frame.view().body_as_fetch() else {
             return proto::encode_error(corr, fb::ErrorCode::Internal, "not a fetch");
         };
         let (topic, offset, max_bytes) = (
@@ -509,8 +510,9 @@ impl Shard {
     }
 
     /// A metadata response holding only the partitions this shard owns.
-    pub fn metadata_local(&self, corr: u64, frame: &Bytes) -> Bytes {
-        let wanted: Vec<String> = parse(frame)
+    pub fn metadata_local(&self, corr: u64, frame: &VerifiedFrame) -> Bytes {
+        let wanted: Vec<String> = frame
+            .view()
             .body_as_metadata()
             .and_then(|m| m.topics())
             .map(|ts| ts.iter().map(String::from).collect())
@@ -601,8 +603,8 @@ impl Shard {
             .collect()
     }
 
-    async fn create_topic(&self, corr: u64, frame: Bytes) -> Bytes {
-        let Some(c) = parse(&frame).body_as_create_topic() else {
+    async fn create_topic(&self, corr: u64, frame: VerifiedFrame) -> Bytes {
+        let Some(c) = frame.view().body_as_create_topic() else {
             return proto::encode_error(corr, fb::ErrorCode::Internal, "not a create");
         };
         let (name, partitions) = (c.name().to_string(), c.partitions());
@@ -650,8 +652,8 @@ impl Shard {
         }
     }
 
-    async fn delete_topic(&self, corr: u64, frame: Bytes) -> Bytes {
-        let Some(d) = parse(&frame).body_as_delete_topic() else {
+    async fn delete_topic(&self, corr: u64, frame: VerifiedFrame) -> Bytes {
+        let Some(d) = frame.view().body_as_delete_topic() else {
             return proto::encode_error(corr, fb::ErrorCode::Internal, "not a delete");
         };
         let name = d.name().to_string();

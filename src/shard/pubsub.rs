@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::{parse, storage_error, PartitionLog, Shard};
+use crate::protocol::VerifiedFrame;
+
+use super::{storage_error, PartitionLog, Shard};
 use crate::filter::{Filter, RecordFields};
 use crate::limits;
 use crate::protocol::multicast::{self as mc, DestResult, ShardStatsOut};
@@ -49,7 +51,7 @@ impl Shard {
     /// future waits until each is durable.
     pub async fn multicast_start(
         self: &Rc<Self>,
-        frame: Bytes,
+        frame: VerifiedFrame,
         dests: Vec<(String, u32)>,
     ) -> PendingResults {
         let mut started: Vec<(String, u32, Started)> = Vec::new();
@@ -66,7 +68,7 @@ impl Shard {
                 started.push((topic, p, Err(r)));
                 continue;
             }
-            let Some(m) = parse(&frame).body_as_multicast_produce() else {
+            let Some(m) = frame.view().body_as_multicast_produce() else {
                 let r = err_result(&topic, p, fb::ErrorCode::Internal, "not a multicast".into());
                 started.push((topic, p, Err(r)));
                 continue;

@@ -10,9 +10,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use crate::protocol::VerifiedFrame;
+
 use super::queue_state::{QueueState, Reason, SubConfig};
 use super::state_log::QueueAcks;
-use super::{now_ms, parse, storage_error, PartitionLog, Shard};
+use super::{now_ms, storage_error, PartitionLog, Shard};
 use crate::limits;
 use crate::protocol::queue::{self as q, SubStatsOut, DELIVER_AT_HEADER};
 use crate::protocol::{self as proto, fb, PartitionChoice, RecordIn};
@@ -228,9 +230,9 @@ impl Shard {
         corr: u64,
         partition: u32,
         conn: u64,
-        frame: Bytes,
+        frame: VerifiedFrame,
     ) -> Bytes {
-        let Some(f) = parse(&frame).body_as_queue_fetch() else {
+        let Some(f) = frame.view().body_as_queue_fetch() else {
             return invalid(corr, "not a queue fetch");
         };
         let topic = f.topic().to_string();
@@ -450,8 +452,12 @@ impl Shard {
     }
 
     /// Runs a request built here (with its length prefix) on shard `to`; returns the reply.
+    /// The request is verified like any other before a shard sees it.
     async fn call_shard(self: &Rc<Self>, to: usize, partition: u32, prefixed: Bytes) -> Bytes {
-        let frame = prefixed.slice(proto::LEN_PREFIX_BYTES..);
+        let frame = match VerifiedFrame::verify_encoded(&prefixed) {
+            Ok(f) => f,
+            Err(e) => return proto::encode_error(0, fb::ErrorCode::Internal, &e.to_string()),
+        };
         if to == self.id() {
             return self.start(partition, 0, frame).await.await;
         }
@@ -475,8 +481,13 @@ impl Shard {
         }
     }
 
-    pub(super) async fn queue_settle(&self, corr: u64, partition: u32, frame: Bytes) -> Bytes {
-        let Some(f) = parse(&frame).body_as_queue_settle() else {
+    pub(super) async fn queue_settle(
+        &self,
+        corr: u64,
+        partition: u32,
+        frame: VerifiedFrame,
+    ) -> Bytes {
+        let Some(f) = frame.view().body_as_queue_settle() else {
             return invalid(corr, "not a settle");
         };
         let key: QKey = (
@@ -550,8 +561,8 @@ impl Shard {
     }
 
     /// Counters of this shard's subscriptions of a topic (summed over partitions).
-    pub(super) fn subscription_info_local(&self, corr: u64, frame: &Bytes) -> Bytes {
-        let Some(f) = parse(frame).body_as_subscription_info() else {
+    pub(super) fn subscription_info_local(&self, corr: u64, frame: &VerifiedFrame) -> Bytes {
+        let Some(f) = frame.view().body_as_subscription_info() else {
             return invalid(corr, "not a subscription info");
         };
         let want = f.subscription().map(String::from);
