@@ -1,0 +1,341 @@
+//! A seeded, deterministic simulation of one node's partition logic: a replicated-style
+//! partition log over `MemStorage` (commit index moved from outside, uncommitted suffixes
+//! truncated, power lost at random points) and a queue subscription's state machine under a
+//! fake clock (dispatch, ack, nack, lease expiry, consumer loss, dead letters).
+//!
+//! Checked after every step: every committed batch is present once, in order, with its bytes,
+//! across crashes and truncations; the commit index never goes back; readers never see past
+//! it; an acked queue message is never delivered again; at the end every message was acked or
+//! dead-lettered exactly once.
+//!
+//!     cargo test --release --test sim                       # 300 seeds (CI)
+//!     RINGMQ_SIM_SEEDS=20000 cargo test --release --test sim -- --nocapture   # long run
+//!     RINGMQ_SIM_SEED=N cargo test --release --test sim -- --nocapture       # replay one
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use ringmq::shard::queue_state::{QueueState, SubConfig};
+use ringmq::storage::mem::{Fault, FaultOp, Rng};
+use ringmq::storage::{
+    batch, BatchMeta, CommitPolicy, Durability, FormatTag, Log, LogConfig, MemStorage, StorageError,
+};
+
+fn seeds() -> Vec<u64> {
+    if let Some(s) = std::env::var("RINGMQ_SIM_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return vec![s];
+    }
+    let n = std::env::var("RINGMQ_SIM_SEEDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300u64);
+    (1..=n).collect()
+}
+
+fn run<T: Send + 'static, F: std::future::Future<Output = T> + 'static>(
+    f: impl FnOnce() -> F + Send + 'static,
+) -> T {
+    ringmq::runtime::block_on(move || Box::pin(f())).expect("executor")
+}
+
+fn cfg() -> LogConfig {
+    LogConfig {
+        segment_bytes_max: 16 * 1024,
+        index_interval_bytes: 512,
+        tail_cache_bytes_max: 8 * 1024,
+        write_buffer_bytes_max: 4 * 1024,
+        durability: Durability::Always,
+        commit_policy: CommitPolicy::External,
+        ..LogConfig::default()
+    }
+}
+
+fn meta(count: u32) -> BatchMeta {
+    BatchMeta {
+        format: FormatTag::Opaque,
+        record_count: count,
+        first_timestamp_ms: 1,
+        max_timestamp_ms: 1,
+    }
+}
+
+/// Every batch readable below the commit index: (base offset, payload).
+async fn committed_view(log: &Log<MemStorage>) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
+    let mut out = Vec::new();
+    let mut at = log.start_offset();
+    loop {
+        let r = log.read(at, 1 << 20).await?;
+        if r.batches.is_empty() {
+            return Ok(out);
+        }
+        for b in &r.batches {
+            let h = batch::decode_verified(b).expect("reads return verified batches");
+            assert!(
+                h.next_offset() <= log.end_offset(),
+                "a read past the commit index"
+            );
+            out.push((h.base_offset, batch::payload(b).to_vec()));
+        }
+        at = r.next_offset;
+    }
+}
+
+/// Power loss and restart: unsynced writes torn or lost; the commit index comes back from the
+/// cluster, and nothing below it may be missing.
+async fn restart(
+    storage: &MemStorage,
+    dir: &Path,
+    log: Log<MemStorage>,
+    rng: &mut Rng,
+    commit_end: u64,
+) -> Log<MemStorage> {
+    drop(log);
+    storage.crash(rng.next_u64());
+    let log = Log::open(storage.clone(), dir, cfg()).await.unwrap();
+    let end = log.log_end();
+    assert!(
+        end >= commit_end,
+        "committed data lost ({end} < {commit_end})"
+    );
+    log.advance_commit(commit_end).unwrap();
+    log
+}
+
+/// One seed of the partition-log simulation. Returns a line describing what it did.
+async fn log_sim(seed: u64) -> String {
+    let mut rng = Rng::new(seed);
+    let storage = MemStorage::new();
+    let dir = Path::new("/sim/p0");
+    let mut log = Log::open(storage.clone(), dir, cfg()).await.unwrap();
+    // The model: batches the "cluster" committed (base -> payload), and all appended ones.
+    let mut committed: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+    let mut appended: BTreeMap<u64, (u32, Vec<u8>)> = BTreeMap::new();
+    let mut commit_end = 0u64;
+    let (mut crashes, mut truncations, mut appends) = (0, 0, 0);
+    for step in 0..300u32 {
+        match rng.below(100) {
+            0..=54 => {
+                let count = 1 + rng.below(4) as u32;
+                let len = 1 + rng.below(900) as usize;
+                let payload: Vec<u8> = (0..len).map(|i| (seed as usize + i) as u8).collect();
+                let info = if rng.below(2) == 0 {
+                    log.append(meta(count), &payload).await
+                } else {
+                    log.append_buffered(meta(count), &payload)
+                };
+                let info = info.unwrap_or_else(|e| panic!("seed {seed} step {step}: {e}"));
+                appended.insert(info.base_offset, (count, payload));
+                appends += 1;
+            }
+            55..=69 => {
+                // A majority (here: this node) persisted up to its durable end.
+                log.sync().await.unwrap();
+                let durable = log.durable_end();
+                let bases: Vec<u64> = appended
+                    .range(commit_end..)
+                    .map(|(b, (c, _))| b + u64::from(*c))
+                    .filter(|&e| e <= durable)
+                    .collect();
+                if let Some(&to) = bases.get(rng.below(bases.len() as u64 + 1) as usize) {
+                    log.advance_commit(to).unwrap();
+                    for (b, (_, p)) in appended.range(commit_end..to) {
+                        committed.insert(*b, p.clone());
+                    }
+                    commit_end = to;
+                }
+            }
+            70..=84 => {
+                // A new leader's log diverges: cut an uncommitted suffix at a batch boundary.
+                let cuts: Vec<u64> = appended.range(commit_end..).map(|(b, _)| *b).collect();
+                if let Some(&cut) = cuts.get(rng.below(cuts.len() as u64 + 1) as usize) {
+                    // Sometimes the power goes out in the middle of the truncation.
+                    let dies = rng.below(4) == 0;
+                    if dies {
+                        storage.inject(Fault {
+                            op: FaultOp::Any,
+                            after: rng.below(12),
+                            kind: std::io::ErrorKind::Other,
+                        });
+                    }
+                    match log.truncate_suffix(cut).await {
+                        Ok(()) => {
+                            appended.retain(|&b, _| b < cut);
+                            assert_eq!(log.log_end(), cut, "seed {seed} step {step}");
+                            truncations += 1;
+                        }
+                        Err(e) if dies => {
+                            let _ = e;
+                            storage.clear_faults();
+                            log = restart(&storage, dir, log, &mut rng, commit_end).await;
+                            let end = log.log_end();
+                            appended.retain(|&b, (c, _)| b + u64::from(*c) <= end);
+                            crashes += 1;
+                        }
+                        Err(e) => panic!("seed {seed} step {step}: {e}"),
+                    }
+                    storage.clear_faults();
+                }
+            }
+            _ => {
+                log = restart(&storage, dir, log, &mut rng, commit_end).await;
+                let end = log.log_end();
+                appended.retain(|&b, (c, _)| b + u64::from(*c) <= end);
+                crashes += 1;
+            }
+        }
+        let seen = committed_view(&log).await.unwrap();
+        let want: Vec<(u64, Vec<u8>)> = committed.iter().map(|(b, p)| (*b, p.clone())).collect();
+        assert_eq!(seen, want, "seed {seed} step {step}: committed batches");
+        assert_eq!(log.end_offset(), commit_end, "seed {seed} step {step}");
+    }
+    format!("{appends} appends, {truncations} truncations, {crashes} crashes, commit {commit_end}")
+}
+
+#[test]
+fn partition_log_simulation() {
+    let seeds = seeds();
+    let n = seeds.len();
+    let last = run(move || async move {
+        let mut last = String::new();
+        for seed in seeds {
+            last = log_sim(seed).await;
+        }
+        last
+    });
+    eprintln!("{n} seeds; last: {last}");
+}
+
+/// One seed of the queue-subscription simulation.
+fn queue_sim(seed: u64) -> (u64, u64) {
+    let mut rng = Rng::new(seed);
+    let max_deliveries = rng.below(4) as u32; // 0 = never dead-letter
+    let cfg = SubConfig {
+        key_shared: rng.below(2) == 0,
+        ack_timeout_ms: 100 + rng.below(400),
+        max_deliveries,
+        dead_letter_topic: "t.dlq".into(),
+        max_unacked: 64,
+    };
+    let mut q = QueueState::new(cfg, 0);
+    let mut now = 0u64;
+    let total = 40 + rng.below(60);
+    let mut read = 0u64;
+    let mut leased: BTreeMap<u64, u64> = BTreeMap::new(); // offset -> consumer
+    let mut acked: BTreeSet<u64> = BTreeSet::new();
+    let mut dead: BTreeSet<u64> = BTreeSet::new();
+    for step in 0..2_000u32 {
+        now += rng.below(50);
+        q.expire(now);
+        match rng.below(10) {
+            0..=1 if read < total => {
+                let (from, room) = q.read_window();
+                assert_eq!(from, read, "seed {seed}: reads continue where they stopped");
+                for _ in 0..room.min((total - read) as usize).min(8) {
+                    let key = Some(vec![(read % 5) as u8]);
+                    q.add_read(read, key, now);
+                    read += 1;
+                }
+            }
+            2..=4 => {
+                let consumer = 1 + rng.below(3);
+                let d = q.dispatch(consumer, 1 + rng.below(5) as usize, now);
+                for (o, _) in d.deliver {
+                    assert!(
+                        !acked.contains(&o),
+                        "seed {seed} step {step}: acked offset {o} delivered again"
+                    );
+                    leased.insert(o, consumer);
+                }
+                for (o, _, _) in d.dead {
+                    // The dead-letter append succeeds, then the source acks it.
+                    assert!(dead.insert(o), "seed {seed}: {o} dead-lettered twice");
+                    assert_eq!(q.apply_ack(&[o]), 1);
+                }
+            }
+            5..=6 => {
+                let picks: Vec<u64> = leased
+                    .keys()
+                    .copied()
+                    .filter(|_| rng.below(2) == 0)
+                    .collect();
+                let ackable = q.ackable(&picks);
+                q.apply_ack(&ackable);
+                for o in ackable {
+                    leased.remove(&o);
+                    assert!(acked.insert(o), "seed {seed}: {o} acked twice");
+                }
+            }
+            7 => {
+                let picks: Vec<u64> = leased
+                    .keys()
+                    .copied()
+                    .filter(|_| rng.below(3) == 0)
+                    .collect();
+                q.nack(&picks, rng.below(100), now);
+            }
+            8 => {
+                let consumer = 1 + rng.below(3);
+                q.release_consumer(consumer, now);
+            }
+            _ => {
+                let picks: Vec<u64> = leased.keys().copied().collect();
+                q.extend(&picks, rng.below(300), now);
+            }
+        }
+        assert!(
+            q.in_flight() + q.pending() <= 64 + 8,
+            "seed {seed}: ack state bounded"
+        );
+    }
+    // Drain: one patient consumer acks everything that comes.
+    for _ in 0..100_000 {
+        if acked.len() + dead.len() == total as usize {
+            break;
+        }
+        now += 1_000;
+        q.expire(now);
+        let (from, room) = q.read_window();
+        for o in from..(from + room as u64).min(total) {
+            q.add_read(o, Some(vec![(o % 5) as u8]), now);
+        }
+        let d = q.dispatch(9, 64, now);
+        for (o, _, _) in d.dead {
+            assert!(dead.insert(o), "seed {seed}: {o} dead-lettered twice");
+            q.apply_ack(&[o]);
+        }
+        let offsets: Vec<u64> = d.deliver.iter().map(|(o, _)| *o).collect();
+        for &o in &offsets {
+            assert!(
+                !acked.contains(&o),
+                "seed {seed}: acked offset {o} delivered again"
+            );
+        }
+        q.apply_ack(&offsets);
+        acked.extend(offsets);
+    }
+    assert!(
+        acked.is_disjoint(&dead),
+        "seed {seed}: acked and dead-lettered"
+    );
+    assert_eq!(
+        acked.len() + dead.len(),
+        total as usize,
+        "seed {seed}: every message settled once"
+    );
+    (acked.len() as u64, dead.len() as u64)
+}
+
+#[test]
+fn queue_subscription_simulation() {
+    let (mut acked, mut dead) = (0, 0);
+    let seeds = seeds();
+    for &seed in &seeds {
+        let (a, d) = queue_sim(seed);
+        acked += a;
+        dead += d;
+    }
+    eprintln!("{} seeds: {acked} acked, {dead} dead-lettered", seeds.len());
+}
