@@ -27,9 +27,6 @@
 
 pub mod bench;
 pub mod cli;
-pub mod cli_consume;
-pub mod cli_group;
-pub mod cli_queue;
 pub mod client;
 pub mod filter;
 pub mod limits;

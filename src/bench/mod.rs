@@ -75,19 +75,19 @@ impl Report {
                 .map(|(k, v)| {
                     format!(
                         "{}:{}",
-                        crate::cli::json_string(k),
-                        crate::cli::json_string(v)
+                        crate::cli::output::json_string(k),
+                        crate::cli::output::json_string(v)
                     )
                 })
                 .collect();
             let extra: Vec<String> = self
                 .extra
                 .iter()
-                .map(|(k, v)| format!("{}:{v:.3}", crate::cli::json_string(k)))
+                .map(|(k, v)| format!("{}:{v:.3}", crate::cli::output::json_string(k)))
                 .collect();
             println!(
                 "{{\"scenario\":{},\"params\":{{{}}},\"messages\":{},\"seconds\":{:.3},\"msgs_per_s\":{rate:.1},\"mb_per_s\":{mbps:.2},\"latency_us\":{{\"p50\":{},\"p90\":{},\"p99\":{},\"p999\":{},\"max\":{},\"count\":{}}},\"extra\":{{{}}}}}",
-                crate::cli::json_string(&self.scenario),
+                crate::cli::output::json_string(&self.scenario),
                 params.join(","),
                 self.messages,
                 self.seconds,

@@ -8,72 +8,19 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use crate::cli::{parse_from, print_record, start_offset, ConsumeArgs, From};
+use super::args::ConsumeArgs;
+use super::common::{connect, parse_from, start_offset, From, Subscription, PATTERN_REFRESH_MS};
+use super::output::print_record;
 use crate::client::Client;
-use crate::filter::Filter;
-use crate::metadata::{pattern_matches, validate_pattern};
 use crate::protocol::fb;
-
-/// How often a pattern subscription looks for new topics.
-pub const PATTERN_REFRESH_MS: u64 = 500;
-
-pub fn connect(server: &str) -> Result<Client, String> {
-    Client::connect(server).map_err(|e| format!("cannot reach the broker at {server}: {e}"))
-}
-
-/// What a consumer reads: one topic or every topic matching a pattern.
-pub enum Subscription {
-    Topic(String),
-    Pattern(String),
-}
-
-impl Subscription {
-    pub fn from_args(a: &ConsumeArgs) -> Result<Self, String> {
-        if let Some(f) = &a.filter {
-            Filter::compile(f).map_err(|e| format!("--filter: {e}"))?;
-        }
-        match (&a.topic, &a.pattern) {
-            (_, Some(p)) => {
-                validate_pattern(p)?;
-                Ok(Self::Pattern(p.clone()))
-            }
-            (Some(t), None) => Ok(Self::Topic(t.clone())),
-            (None, None) => Err("give a TOPIC or --pattern".into()),
-        }
-    }
-
-    pub fn label(&self) -> String {
-        match self {
-            Self::Topic(t) => format!("{t:?}"),
-            Self::Pattern(p) => format!("pattern {p:?}"),
-        }
-    }
-
-    /// Matching topics with their partition counts. A named topic must exist.
-    pub fn topics(&self, c: &mut Client) -> Result<Vec<(String, u32)>, String> {
-        let meta = match self {
-            Self::Topic(t) => c.metadata(&[t.as_str()]),
-            Self::Pattern(_) => c.metadata(&[]),
-        }
-        .map_err(|e| format!("consuming {}: {e}", self.label()))?;
-        Ok(meta
-            .into_iter()
-            .filter(|t| match self {
-                Self::Topic(name) => &t.name == name,
-                Self::Pattern(p) => pattern_matches(p, &t.name),
-            })
-            .map(|t| (t.name, t.partitions.len() as u32))
-            .collect())
-    }
-}
 
 pub fn consume(server: &str, a: &ConsumeArgs) -> Result<(), String> {
     let sub = Subscription::from_args(a)?;
     if let Some(g) = &a.group {
-        return crate::cli_group::consume_group(server, a, g, &sub);
+        return super::group::consume_group(server, a, g, &sub);
     }
     if let Some(s) = &a.shared {
-        return crate::cli_queue::consume_shared(server, a, s, &sub);
+        return super::queue::consume_shared(server, a, s, &sub);
     }
     let from = parse_from(a.from.as_deref().unwrap_or("latest"))?;
     let mut c = connect(server)?;

@@ -8,8 +8,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use crate::cli::{parse_from, print_record, start_offset, ConsumeArgs, From, GroupCommand};
-use crate::cli_consume::{connect, Subscription, PATTERN_REFRESH_MS};
+use super::args::{ConsumeArgs, GroupCommand};
+use super::common::{connect, parse_from, start_offset, From, Subscription, PATTERN_REFRESH_MS};
+use super::output::print_record;
 use crate::client::heartbeat::{
     assigned, commit_positions, heartbeat_interval, Event, Heartbeater, Pos, Tp,
 };

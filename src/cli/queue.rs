@@ -6,8 +6,9 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use crate::cli::{ConsumeArgs, JsonRecord, SubscriptionCommand};
-use crate::cli_consume::{connect, Subscription, PATTERN_REFRESH_MS};
+use super::args::{ConsumeArgs, SubscriptionCommand};
+use super::common::{connect, Subscription, PATTERN_REFRESH_MS};
+use super::output::JsonRecord;
 use crate::protocol::queue::{QueueFetchOut, QueueMessageOut, Settle};
 
 pub fn subscription(server: &str, cmd: SubscriptionCommand) -> Result<(), String> {

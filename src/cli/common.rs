@@ -1,0 +1,102 @@
+//! Leaves shared by the client commands: the connection helper, where a consumer starts, and
+//! what it subscribes to.
+//!
+//! Owns: nothing with state. Must not touch: other command modules (they import this).
+
+use crate::client::Client;
+use crate::filter::Filter;
+use crate::metadata::{pattern_matches, validate_pattern};
+
+use super::args::ConsumeArgs;
+
+/// How often a pattern subscription looks for new topics.
+pub const PATTERN_REFRESH_MS: u64 = 500;
+
+pub fn connect(server: &str) -> Result<Client, String> {
+    Client::connect(server).map_err(|e| format!("cannot reach the broker at {server}: {e}"))
+}
+
+/// What a consumer reads: one topic or every topic matching a pattern.
+pub enum Subscription {
+    Topic(String),
+    Pattern(String),
+}
+
+impl Subscription {
+    pub fn from_args(a: &ConsumeArgs) -> Result<Self, String> {
+        if let Some(f) = &a.filter {
+            Filter::compile(f).map_err(|e| format!("--filter: {e}"))?;
+        }
+        match (&a.topic, &a.pattern) {
+            (_, Some(p)) => {
+                validate_pattern(p)?;
+                Ok(Self::Pattern(p.clone()))
+            }
+            (Some(t), None) => Ok(Self::Topic(t.clone())),
+            (None, None) => Err("give a TOPIC or --pattern".into()),
+        }
+    }
+
+    pub fn label(&self) -> String {
+        match self {
+            Self::Topic(t) => format!("{t:?}"),
+            Self::Pattern(p) => format!("pattern {p:?}"),
+        }
+    }
+
+    /// Matching topics with their partition counts. A named topic must exist.
+    pub fn topics(&self, c: &mut Client) -> Result<Vec<(String, u32)>, String> {
+        let meta = match self {
+            Self::Topic(t) => c.metadata(&[t.as_str()]),
+            Self::Pattern(_) => c.metadata(&[]),
+        }
+        .map_err(|e| format!("consuming {}: {e}", self.label()))?;
+        Ok(meta
+            .into_iter()
+            .filter(|t| match self {
+                Self::Topic(name) => &t.name == name,
+                Self::Pattern(p) => pattern_matches(p, &t.name),
+            })
+            .map(|t| (t.name, t.partitions.len() as u32))
+            .collect())
+    }
+}
+
+/// Where a consumer starts.
+#[derive(Clone, Copy, Debug)]
+pub enum From {
+    Earliest,
+    Latest,
+    Offset(u64),
+    Time(i64),
+}
+
+pub fn parse_from(s: &str) -> Result<From, String> {
+    match s {
+        "earliest" => Ok(From::Earliest),
+        "latest" => Ok(From::Latest),
+        t if t.starts_with('@') => t[1..]
+            .parse()
+            .map(From::Time)
+            .map_err(|_| format!("--from @UNIX_MS needs a number of ms, not {t:?}")),
+        n => n.parse().map(From::Offset).map_err(|_| {
+            format!("--from must be earliest, latest, an offset or @UNIX_MS, not {n:?}")
+        }),
+    }
+}
+
+/// The start offset of `partition` under `from`.
+pub fn start_offset(
+    c: &mut Client,
+    topic: &str,
+    partition: u32,
+    from: From,
+) -> Result<u64, String> {
+    let r = match from {
+        From::Earliest => c.list_offset(topic, partition, -1),
+        From::Latest => c.list_offset(topic, partition, -2),
+        From::Offset(o) => return Ok(o),
+        From::Time(ms) => c.list_offset(topic, partition, ms.max(0)),
+    };
+    r.map_err(|e| format!("finding the start of {topic:?} partition {partition}: {e}"))
+}
