@@ -129,6 +129,11 @@ impl Member<'_> {
         let keep = assigned(&a);
         let taken = {
             let mut st = self.hb.lock();
+            if a.generation < st.applied_generation {
+                // Older than what the heartbeat thread already confirmed: the newer one is
+                // (or was) applied instead; applying this would re-add revoked partitions.
+                return Ok(());
+            }
             st.applying = true;
             let revoked = st.revoked_by(&a);
             st.take(&revoked)
@@ -152,7 +157,12 @@ impl Member<'_> {
             taken,
         ) {
             Ok(Ok(())) => {}
-            Ok(Err(refused)) => self.hb.lock().refused += refused,
+            Ok(Err(refused)) => {
+                // Fenced: never confirm giving up what could not be committed; the coordinator
+                // expires the revocation, and the heartbeat thread reports the fencing.
+                self.hb.lock().refused += refused;
+                return Ok(());
+            }
             Err(e) => return Err(format!("committing offsets: {e}")),
         }
         let new: Vec<Tp> = {

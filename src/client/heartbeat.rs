@@ -321,14 +321,12 @@ fn hand_over(shared: &Shared, client: &mut Client, group: &str, a: AssignmentOut
     }
     match committed {
         Ok(Ok(())) => st.applied(a.generation),
-        Ok(Err(refused)) => st.refused += refused,
-        Err(e) => {
-            // Not confirmed: the coordinator will expire the revocation and fence us.
-            eprintln!("ringmq: committing revoked partitions: {e}");
-            st.refused += taken
-                .iter()
-                .map(|(_, p)| p.delivered_uncommitted)
-                .sum::<u64>();
+        Ok(Err(_)) | Err(_) => {
+            // Not confirmed: the positions go back, and the loop retries the commit when it
+            // applies the assignment (and does not confirm if that is refused too).
+            for (k, p) in taken {
+                st.positions.entry(k).or_insert(p);
+            }
         }
     }
     st.latest = Some(a);

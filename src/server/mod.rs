@@ -35,6 +35,8 @@ struct Watch {
     mid_frame: Cell<bool>,
     /// When the write in progress started (a client that does not read stalls it).
     writing_since: Cell<Option<Instant>>,
+    /// Since when the reader waits for memory (the budget is spent).
+    waiting_since: Cell<Option<Instant>>,
     /// Last time bytes arrived (or a frame began).
     last_read: Cell<Instant>,
     /// The read side was shut down by the sweeper; the reason for the close.
@@ -98,6 +100,17 @@ async fn sweep_loop(shard: Rc<Shard>, watches: Watches) {
                 w.shut_read(format!(
                     "closed: a partial frame was stalled for {} ms (--stalled-connection-ms {idle_ms})",
                     idle.as_millis()
+                ));
+            }
+            let waiting = w
+                .waiting_since
+                .get()
+                .map(|t| now.saturating_duration_since(t));
+            if waiting.is_some_and(|d| d >= limit) {
+                // Memory never came (every byte of the budget held by requests that wait too):
+                // give this connection's bytes back so the others can go on.
+                w.shut_read(format!(
+                    "closed: no memory for {idle_ms} ms (--memory-max-bytes)"
                 ));
             }
             let writing = w
@@ -230,7 +243,10 @@ impl Bytes2 {
                 }
             }
         };
-        futures_lite::future::or(self.grow(n), gone).await
+        watch.waiting_since.set(Some(Instant::now()));
+        let got = futures_lite::future::or(self.grow(n), gone).await;
+        watch.waiting_since.set(None);
+        got
     }
 }
 
@@ -319,6 +335,7 @@ impl Connection {
             fd: stream.as_raw_fd(),
             mid_frame: Cell::new(false),
             writing_since: Cell::new(None),
+            waiting_since: Cell::new(None),
             last_read: Cell::new(Instant::now()),
             closed_why: RefCell::new(None),
             kill: Notify::new(),
@@ -415,7 +432,28 @@ impl Connection {
                 handshaken = true;
             }
             let mut reply_bytes = Bytes2::empty(&budget, &shard.memory);
+            if shard.is_shutting_down() {
+                // Answered at once, with no memory to wait for.
+                let msg = "the broker is shutting down";
+                let held = Held {
+                    _slot: slot,
+                    _bytes: [body_bytes, reply_bytes],
+                };
+                outbox.push(
+                    proto::encode_error(corr, fb::ErrorCode::ShuttingDown, msg),
+                    Some(held),
+                );
+                continue;
+            }
             if !reply_bytes.grow_while_connected(reserve, watch).await {
+                let why = watch.closed_why.borrow().clone();
+                let why = why.unwrap_or_else(|| "closed while waiting for memory".into());
+                let code = if shard.is_shutting_down() {
+                    fb::ErrorCode::ShuttingDown
+                } else {
+                    fb::ErrorCode::Internal
+                };
+                outbox.push(proto::encode_error(corr, code, &why), None);
                 break;
             }
             let permit = Held {
@@ -955,15 +993,14 @@ async fn write_loop(
             wait.await;
             continue;
         }
-        watch.writing_since.set(Some(Instant::now()));
         let ok = if batch.len() == 1 {
-            writer.write_all(&batch[0].0).await.is_ok()
+            write_timed(&mut writer, &watch, &batch[0].0).await
         } else {
             buf.clear();
             for (f, _) in &batch {
                 buf.extend_from_slice(f);
             }
-            writer.write_all(&buf).await.is_ok()
+            write_timed(&mut writer, &watch, &buf).await
         };
         watch.writing_since.set(None);
         let n: usize = batch.iter().map(|(f, _)| f.len()).sum();
@@ -981,6 +1018,24 @@ async fn write_loop(
         }
     }
     let _ = writer.close().await;
+}
+
+/// Writes `data` in pieces, timing each for the stall sweeper: a client that reads a large
+/// response slowly but steadily is not stalled; one that reads nothing is.
+async fn write_timed(
+    writer: &mut futures_lite::io::WriteHalf<TcpStream>,
+    watch: &Watch,
+    data: &[u8],
+) -> bool {
+    for piece in data.chunks(limits::WRITE_COALESCE_BYTES) {
+        watch.writing_since.set(Some(Instant::now()));
+        let ok = writer.write_all(piece).await.is_ok();
+        watch.writing_since.set(None);
+        if !ok {
+            return false;
+        }
+    }
+    true
 }
 
 /// Serves envelopes from one peer shard until the mesh closes.

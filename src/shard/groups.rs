@@ -207,7 +207,7 @@ impl Coordinator {
         if let Some(last) = self.last_expire_ms {
             let gap = now_ms.saturating_sub(last);
             if gap > STALL_MS {
-                self.forgive(gap);
+                self.forgive(gap, now_ms);
             }
         }
         self.last_expire_ms = Some(now_ms);
@@ -238,14 +238,15 @@ impl Coordinator {
         n
     }
 
-    /// Moves every member's last-seen time and revocation start forward by `gap_ms`.
-    fn forgive(&mut self, gap_ms: u64) {
+    /// Moves every member's last-seen time and revocation start forward by `gap_ms`, never
+    /// past `now_ms`.
+    fn forgive(&mut self, gap_ms: u64, now_ms: u64) {
         for g in self.groups.values_mut() {
             for m in g.members.values_mut() {
-                m.last_seen_ms += gap_ms;
+                m.last_seen_ms = (m.last_seen_ms + gap_ms).min(now_ms);
             }
             for r in g.revoking.values_mut() {
-                r.2 += gap_ms;
+                r.2 = (r.2 + gap_ms).min(now_ms);
             }
         }
     }

@@ -725,18 +725,21 @@ impl Shard {
 
     /// Periodic log work: writes/syncs for `--fsync never|MS`, and retention.
     pub async fn run_ticker(self: Rc<Self>) {
+        // Expiry runs in its own task: a slow log tick (fsync) or retention pass must not look
+        // like a stall of the coordinator (which forgives members the time it did not run).
+        let expiry = self.clone();
+        glommio::spawn_local(async move {
+            while !expiry.is_shutting_down() {
+                crate::runtime::sleep(Duration::from_millis(limits::GROUP_EXPIRY_CHECK_MS)).await;
+                expiry.expire_members();
+                expiry.expire_leases();
+            }
+        })
+        .detach();
         let mut last_retention = Instant::now();
-        let mut last_expiry = Instant::now();
         while !self.is_shutting_down() {
             crate::runtime::sleep(Duration::from_millis(limits::LOG_TICK_MS)).await;
             let now = Instant::now();
-            if now.duration_since(last_expiry)
-                >= Duration::from_millis(limits::GROUP_EXPIRY_CHECK_MS)
-            {
-                last_expiry = now;
-                self.expire_members();
-                self.expire_leases();
-            }
             if self.cfg.durability != storage::Durability::Always {
                 for log in self.logs() {
                     if let Err(e) = log.tick(now).await {

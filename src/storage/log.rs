@@ -142,6 +142,8 @@ struct State<F> {
     durable_end: u64,
     /// The high watermark: readers see offsets below it; see the module doc.
     committed_end: u64,
+    /// A truncation is running: the commit index and retention wait (they would race it).
+    truncating: bool,
     /// The term stamped on batches appended now (replication sets it; 0 on a single node).
     leader_term: u32,
     unsynced_writes: bool,
@@ -231,6 +233,7 @@ impl<S: Storage> Log<S> {
                 written_end: next_offset,
                 durable_end: next_offset,
                 committed_end,
+                truncating: false,
                 leader_term: 0,
                 unsynced_writes: false,
                 flushing: false,
@@ -306,6 +309,11 @@ impl<S: Storage> Log<S> {
             if self.cfg.commit_policy != CommitPolicy::External {
                 return Err(StorageError::InvalidTruncation(
                     "the commit index follows durability on this log".into(),
+                ));
+            }
+            if st.truncating {
+                return Err(StorageError::InvalidTruncation(
+                    "a truncation is running; commit after it".into(),
                 ));
             }
             if offset > st.next_offset {
@@ -672,6 +680,7 @@ impl<S: Storage> Log<S> {
         {
             let mut st = self.st.borrow_mut();
             st.flushing = false;
+            // After a change on disk, any error leaves memory and disk apart: stop the log.
             if let Err(e @ (StorageError::Io { .. } | StorageError::Corrupt { .. })) = &res {
                 st.failed = Some(e.to_string());
             }
@@ -698,6 +707,13 @@ impl<S: Storage> Log<S> {
     }
 
     async fn truncate_exclusive(&self, offset: u64) -> Result<(), StorageError> {
+        self.st.borrow_mut().truncating = true;
+        let res = self.truncate_inner(offset).await;
+        self.st.borrow_mut().truncating = false;
+        res
+    }
+
+    async fn truncate_inner(&self, offset: u64) -> Result<(), StorageError> {
         let (committed, next, written) = {
             let st = self.st.borrow();
             (st.committed_end, st.next_offset, st.written_end)
@@ -786,13 +802,16 @@ impl<S: Storage> Log<S> {
     /// state from what is left on disk (synced).
     async fn cut_on_disk(&self, offset: u64, cut: (u64, Option<u64>)) -> Result<(), StorageError> {
         let (base, pos) = cut;
+        // A cut at a segment's base empties that segment in place (never delete and recreate:
+        // a crash between the two would leave no segment, and the log would restart at 0).
+        let pos = pos.unwrap_or(0);
         let doomed: Vec<u64> = {
             let st = self.st.borrow();
             st.segments
                 .keys()
                 .rev()
                 .copied()
-                .filter(|&b| b > base || (b == base && pos.is_none()))
+                .filter(|&b| b > base)
                 .collect()
         };
         for b in doomed {
@@ -800,26 +819,21 @@ impl<S: Storage> Log<S> {
             self.remove_segment_files(b).await?;
         }
         let mut report = RecoveryReport::default();
-        let seg = match pos {
-            Some(pos) => {
-                let (file, path) = {
-                    let st = self.st.borrow();
-                    let seg = st.segments.get(&base).ok_or_else(|| {
-                        StorageError::InvalidTruncation(format!("segment {base} vanished"))
-                    })?;
-                    (seg.file.clone(), seg.path.clone())
-                };
-                file.truncate(pos)
-                    .await
-                    .map_err(|e| StorageError::io(&path, "truncate", e))?;
-                file.sync_data()
-                    .await
-                    .map_err(|e| StorageError::io(&path, "fdatasync", e))?;
-                // Rescan what is left: indexes, next offset, write position (unsealed again).
-                recover_active(&self.storage, &self.dir, base, &mut report).await?
-            }
-            None => create_segment(&self.storage, &self.dir, offset).await?,
+        let (file, path) = {
+            let st = self.st.borrow();
+            let seg = st.segments.get(&base).ok_or_else(|| {
+                StorageError::InvalidTruncation(format!("segment {base} vanished"))
+            })?;
+            (seg.file.clone(), seg.path.clone())
         };
+        file.truncate(pos)
+            .await
+            .map_err(|e| StorageError::io(&path, "truncate", e))?;
+        file.sync_data()
+            .await
+            .map_err(|e| StorageError::io(&path, "fdatasync", e))?;
+        // Rescan what is left: indexes, next offset, write position (unsealed again).
+        let seg = recover_active(&self.storage, &self.dir, base, &mut report).await?;
         let mut st = self.st.borrow_mut();
         st.segments.insert(seg.base_offset, seg);
         st.log_start = *st.segments.keys().next().unwrap_or(&offset);
@@ -1027,6 +1041,9 @@ impl<S: Storage> Log<S> {
     pub async fn delete_before(&self, offset: u64) -> Result<usize, StorageError> {
         let victims: Vec<u64> = {
             let st = self.st.borrow();
+            if st.truncating {
+                return Ok(0);
+            }
             let bases: Vec<u64> = st.segments.keys().copied().collect();
             bases
                 .windows(2)
@@ -1064,6 +1081,9 @@ impl<S: Storage> Log<S> {
     /// (by their max timestamp). Never the active segment. Returns how many were deleted.
     pub async fn enforce_retention(&self, now_ms: i64) -> Result<usize, StorageError> {
         let mut deleted = 0;
+        if self.st.borrow().truncating {
+            return Ok(0); // next time
+        }
         loop {
             let victim = {
                 let st = self.st.borrow();
