@@ -73,15 +73,19 @@ impl Shard {
         let Some(state) = self.state.borrow().clone() else {
             return;
         };
-        // Only when memory holds every durable change: a change durable but not yet applied
-        // would be missing from the snapshot and deleted with the old segments.
-        if self.compacting.get() || self.state_order.in_flight() > 0 || !state.needs_compaction() {
+        if self.compacting.get() || !state.needs_compaction() {
             return;
         }
         self.compacting.set(true);
+        // Only when memory holds every durable change: a change durable but not yet applied
+        // would be missing from the snapshot and deleted with the old segments. New changes
+        // wait at the gate meanwhile; those after the snapshot get higher sequence numbers.
+        self.state_order.close_gate();
+        self.state_order.drained().await;
         let offsets = self.coordinator.borrow().all_offsets();
         let queues = self.queue_snapshot();
         let (chunks, before) = state.snapshot(&offsets, &queues);
+        self.state_order.open_gate();
         if let Err(e) = state.compact(chunks, before).await {
             eprintln!("ringmq: shard {}: state log compaction: {e}", self.id());
         }
@@ -232,7 +236,7 @@ impl Shard {
         let records: Vec<(String, g::OffsetOut)> =
             offsets.iter().map(|o| (group.clone(), o.clone())).collect();
         // Durable, then applied (in append order), then acknowledged.
-        let ticket = self.state_order.begin();
+        let ticket = self.state_order.begin().await;
         let durable = state.append(&records).await;
         self.state_order.wait_turn(ticket).await;
         if durable.is_ok() {

@@ -391,7 +391,7 @@ impl Shard {
         let Some(state) = state else {
             return;
         };
-        let ticket = self.state_order.begin();
+        let ticket = self.state_order.begin().await;
         let durable = state.append_acks(&key.0, &key.1, key.2, &offsets).await;
         self.state_order.wait_turn(ticket).await;
         match durable {
@@ -519,7 +519,7 @@ impl Shard {
                 };
                 // Durable, then applied, then acknowledged. If the append fails the client
                 // gets an error and the messages stay leased (redelivered at their timeout).
-                let ticket = self.state_order.begin();
+                let ticket = self.state_order.begin().await;
                 let durable = state.append_acks(&key.0, &key.1, partition, &ackable).await;
                 self.state_order.wait_turn(ticket).await;
                 let n = match &durable {

@@ -257,22 +257,56 @@ impl StateLog {
 /// were appended (the order replay uses), and a count of changes between the two so that a
 /// compaction snapshot is taken only when memory holds every durable change.
 ///
-/// Use: `let t = order.begin();` right before the append (no await between, so tickets follow
-/// sequence numbers); await the append; `order.wait_turn(t).await`; apply if it succeeded;
-/// `order.finish(t)`. `finish` must run for every ticket, failed or not.
+/// Use: `let t = order.begin().await;` right before the append (no await between, so tickets
+/// follow sequence numbers); await the append; `order.wait_turn(t).await`; apply if it
+/// succeeded; `order.finish(t)`. `finish` must run for every ticket, failed or not.
+///
+/// A compaction closes the gate ([`ApplyOrder::close_gate`]): new changes wait at `begin`
+/// while those in flight drain, so a snapshot is never starved by a steady stream of changes.
 #[derive(Default)]
 pub struct ApplyOrder {
     next_ticket: Cell<u64>,
     next_apply: Cell<u64>,
     turn: crate::runtime::Notify,
+    gate_closed: Cell<bool>,
+    gate: crate::runtime::Notify,
 }
 
 impl ApplyOrder {
-    /// Takes the next ticket (a change is now in flight).
-    pub fn begin(&self) -> u64 {
+    /// Takes the next ticket (a change is now in flight), after the gate opens.
+    pub async fn begin(&self) -> u64 {
+        while self.gate_closed.get() {
+            let w = self.gate.wait();
+            if !self.gate_closed.get() {
+                break;
+            }
+            w.await;
+        }
         let t = self.next_ticket.get();
         self.next_ticket.set(t + 1);
         t
+    }
+
+    /// Holds new changes at `begin` (a snapshot is about to be taken).
+    pub fn close_gate(&self) {
+        self.gate_closed.set(true);
+    }
+
+    /// Lets changes in again.
+    pub fn open_gate(&self) {
+        self.gate_closed.set(false);
+        self.gate.notify_all();
+    }
+
+    /// Waits until no change is between its append and its apply.
+    pub async fn drained(&self) {
+        loop {
+            let w = self.turn.wait();
+            if self.in_flight() == 0 {
+                return;
+            }
+            w.await;
+        }
     }
 
     /// Waits until every earlier ticket has been applied or abandoned.
@@ -310,7 +344,7 @@ mod apply_order_tests {
             Box::pin(async {
                 let order = Rc::new(ApplyOrder::default());
                 let applied = Rc::new(std::cell::RefCell::new(Vec::new()));
-                let (a, b) = (order.begin(), order.begin());
+                let (a, b) = (order.begin().await, order.begin().await);
                 assert_eq!(order.in_flight(), 2);
                 // b's append finishes first; it must still apply after a.
                 let (o, ap) = (order.clone(), applied.clone());
