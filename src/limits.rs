@@ -167,3 +167,7 @@ pub const GROUPS_PER_SHARD_MAX: usize = 10_000;
 /// ordinary produce batch never pays an mmap per request; small enough that 16 MiB responses
 /// do not pile up in the arenas.
 pub const MALLOC_MMAP_THRESHOLD_BYTES: i32 = 4 << 20;
+
+/// Recent truncations a partition log remembers, so an appender waiting since before them
+/// learns whether its batch was cut. One that waited through more is told it was (it retries).
+pub const TRUNCATIONS_REMEMBERED: usize = 64;

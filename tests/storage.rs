@@ -539,16 +539,17 @@ fn the_commit_index_gates_readers_and_never_goes_back() {
             log.advance_commit(11),
             Err(StorageError::OffsetOutOfRange { .. })
         ));
-        // A waiter for offset 8 resolves when the commit index passes it.
-        log.advance_commit(8).unwrap();
-        log.wait_committed(8).await.unwrap();
-        assert_eq!(log.end_offset(), 8);
+        // A waiter resolves when the commit index passes its batch.
+        let info = log.append(meta(1, 1), b"w").await.unwrap();
+        log.advance_commit(info.next_offset).unwrap();
+        log.wait_committed(info).await.unwrap();
+        assert_eq!(log.end_offset(), 11);
         // Committed data cannot be truncated.
         assert!(matches!(
             log.truncate_suffix(7).await,
             Err(StorageError::InvalidTruncation(_))
         ));
-        assert_eq!(log.log_end(), 10, "a refused truncation changes nothing");
+        assert_eq!(log.log_end(), 11, "a refused truncation changes nothing");
     });
 }
 
@@ -624,7 +625,7 @@ fn buffered_batches_waiting_for_a_flush_get_truncated_errors() {
             Err(StorageError::Truncated { .. })
         ));
         assert!(matches!(
-            log.wait_committed(b.next_offset).await,
+            log.wait_committed(b).await,
             Err(StorageError::Truncated { .. })
         ));
     });
@@ -681,4 +682,37 @@ fn truncate_suffix_crash_at_every_step_recovers_to_one_side() {
         sides[0] > 0 && sides[1] > 0,
         "both sides reached: {sides:?}"
     );
+}
+
+/// A waiter whose batch was cut learns it even when a new leader's batches reach the same
+/// offsets before it looks.
+#[test]
+fn a_cut_batch_is_never_acknowledged_after_a_re_append_at_its_offsets() {
+    run(|| async {
+        let log = Log::open(
+            MemStorage::new(),
+            Path::new("/mem/reappend"),
+            replicated_cfg(),
+        )
+        .await
+        .unwrap();
+        fill(&log, 3).await;
+        let old = log.append_buffered(meta(1, 1), b"old").unwrap();
+        log.truncate_suffix(old.base_offset).await.unwrap();
+        let new = log.append(meta(1, 1), b"new").await.unwrap();
+        assert_eq!(
+            (new.base_offset, new.next_offset),
+            (old.base_offset, old.next_offset)
+        );
+        log.advance_commit(new.next_offset).unwrap();
+        assert!(matches!(
+            log.wait_durable(old).await,
+            Err(StorageError::Truncated { .. })
+        ));
+        assert!(matches!(
+            log.wait_committed(old).await,
+            Err(StorageError::Truncated { .. })
+        ));
+        log.wait_committed(new).await.unwrap();
+    });
 }

@@ -88,6 +88,9 @@ pub struct AppendInfo {
     pub base_offset: u64,
     /// Offset after the batch's last record.
     pub next_offset: u64,
+    /// How many truncations the log had seen when the batch was appended: a waiter whose
+    /// batch was cut learns it even if new batches have since reached the same offsets.
+    pub epoch: u64,
 }
 
 /// Whole stored batches (header + payload, as written) from a read.
@@ -144,6 +147,9 @@ struct State<F> {
     committed_end: u64,
     /// A truncation is running: the commit index and retention wait (they would race it).
     truncating: bool,
+    /// Truncations so far, and the recent cuts as (epoch after the cut, cut offset).
+    truncation_epoch: u64,
+    recent_cuts: VecDeque<(u64, u64)>,
     /// The term stamped on batches appended now (replication sets it; 0 on a single node).
     leader_term: u32,
     unsynced_writes: bool,
@@ -234,6 +240,8 @@ impl<S: Storage> Log<S> {
                 durable_end: next_offset,
                 committed_end,
                 truncating: false,
+                truncation_epoch: 0,
+                recent_cuts: VecDeque::new(),
                 leader_term: 0,
                 unsynced_writes: false,
                 flushing: false,
@@ -329,11 +337,13 @@ impl<S: Storage> Log<S> {
         Ok(())
     }
 
-    /// Resolves once everything below `offset` is committed; `Truncated` if the batch ending
-    /// there was removed first.
-    pub async fn wait_committed(&self, offset: u64) -> Result<(), StorageError> {
+    /// Resolves once the batch of `info` is committed; `Truncated` if it was removed first
+    /// (even if other batches have since reached the same offsets).
+    pub async fn wait_committed(&self, info: AppendInfo) -> Result<(), StorageError> {
+        let offset = info.next_offset;
         loop {
             let wait = self.data.wait();
+            self.check_not_cut(&info)?;
             {
                 let st = self.st.borrow();
                 check_failed(&st)?;
@@ -435,8 +445,38 @@ impl<S: Storage> Log<S> {
         Ok(info)
     }
 
-    /// Resolves once the batch of `info` is durable under the log's [`Durability`].
+    /// Resolves once the batch of `info` is durable under the log's [`Durability`];
+    /// `Truncated` if it was cut first.
     pub async fn wait_durable(&self, info: AppendInfo) -> Result<(), StorageError> {
+        self.check_not_cut(&info)?;
+        self.wait_durable_offsets(info).await?;
+        self.check_not_cut(&info)
+    }
+
+    /// `Truncated` if a truncation since `info`'s append removed its batch.
+    fn check_not_cut(&self, info: &AppendInfo) -> Result<(), StorageError> {
+        let st = self.st.borrow();
+        if info.epoch == st.truncation_epoch {
+            return Ok(());
+        }
+        let known_since = st.recent_cuts.front().map(|c| c.0 <= info.epoch + 1);
+        let cut = st
+            .recent_cuts
+            .iter()
+            .filter(|(e, _)| *e > info.epoch)
+            .map(|c| c.1)
+            .min();
+        match (known_since, cut) {
+            (Some(true), Some(c)) if c > info.base_offset => Ok(()),
+            (Some(true), None) => Ok(()),
+            // Cut at or below the batch, or too many truncations ago to tell: removed.
+            _ => Err(StorageError::Truncated {
+                offset: cut.unwrap_or(info.base_offset),
+            }),
+        }
+    }
+
+    async fn wait_durable_offsets(&self, info: AppendInfo) -> Result<(), StorageError> {
         match self.cfg.durability {
             Durability::Always => self.commit(info.next_offset, true).await,
             Durability::IntervalMs(_) | Durability::Never => {
@@ -473,6 +513,7 @@ impl<S: Storage> Log<S> {
         let info = AppendInfo {
             base_offset: base,
             next_offset: header.next_offset(),
+            epoch: st.truncation_epoch,
         };
         Ok(info)
     }
@@ -762,6 +803,7 @@ impl<S: Storage> Log<S> {
         st.pending_bytes = st.pending.iter().map(|b| b.bytes.len()).sum();
         drop_cached_from(&mut st, offset);
         st.next_offset = offset;
+        record_cut(&mut st, offset);
         Ok(())
     }
 
@@ -844,6 +886,7 @@ impl<S: Storage> Log<S> {
         st.written_end = offset;
         st.durable_end = offset;
         st.unsynced_writes = false;
+        record_cut(&mut st, offset);
         Ok(())
     }
 
@@ -1152,6 +1195,15 @@ fn parse_intent(name: &str) -> Option<u64> {
         .strip_suffix(".intent")?
         .parse()
         .ok()
+}
+
+/// Counts a truncation at `offset` (for waiters appended before it).
+fn record_cut<F>(st: &mut State<F>, offset: u64) {
+    st.truncation_epoch += 1;
+    st.recent_cuts.push_back((st.truncation_epoch, offset));
+    if st.recent_cuts.len() > limits::TRUNCATIONS_REMEMBERED {
+        st.recent_cuts.pop_front();
+    }
 }
 
 /// Forgets cached batches at or after `offset`.
