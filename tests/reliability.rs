@@ -162,22 +162,7 @@ fn disk_errors_stop_one_partition_and_lose_nothing_acknowledged() {
     let dir = temp_dir("diskerr");
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let mut child = Command::new(bin())
-        .args(["serve", "--data"])
-        .arg(&dir)
-        .args(["--listen", &addr, "--cores", "2"])
-        .env(ringmq::storage::io::FAULT_FILES_ENV, "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert!(line.contains("listening on"), "{line}");
+    let mut child = start_with_fault_files(&dir, &addr, 2);
     let mut c = ringmq::client::Client::connect(addr.as_str()).unwrap();
     c.create_topic("fsync", 1, -1, -1).unwrap();
     c.create_topic("full", 1, -1, -1).unwrap();
@@ -345,25 +330,7 @@ fn a_commit_that_cannot_be_made_durable_is_not_applied() {
     let dir = temp_dir("state-fault");
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let start = |dir: &Path| {
-        let mut child = Command::new(bin())
-            .args(["serve", "--data"])
-            .arg(dir)
-            .args(["--listen", &addr, "--cores", "1"])
-            .env(ringmq::storage::io::FAULT_FILES_ENV, "1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        assert!(line.contains("listening on"), "{line}");
-        KillOnDrop(child)
-    };
+    let start = |dir: &Path| KillOnDrop(start_with_fault_files(dir, &addr, 1));
     let child = start(&dir);
     let mut c = ringmq::client::Client::connect(addr.as_str()).unwrap();
     c.create_topic("t", 1, -1, -1).unwrap();
@@ -391,6 +358,28 @@ fn a_commit_that_cannot_be_made_durable_is_not_applied() {
         c.fetch_offsets("g", &[]).unwrap(),
         vec![("t".to_string(), 0, 3)]
     );
+}
+
+/// A broker with the fault-file hook armed (files in a log directory make its writes or
+/// fdatasyncs fail), once it listens.
+fn start_with_fault_files(dir: &Path, addr: &str, cores: usize) -> std::process::Child {
+    let mut child = Command::new(bin())
+        .args(["serve", "--data"])
+        .arg(dir)
+        .args(["--listen", addr, "--cores", &cores.to_string()])
+        .env(ringmq::storage::io::FAULT_FILES_ENV, "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert!(line.contains("listening on"), "{line}");
+    child
 }
 
 /// A child process killed (SIGKILL) when dropped, also when a test panics.

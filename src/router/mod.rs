@@ -18,6 +18,7 @@ use glommio::channels::channel_mesh::Senders;
 use crate::metadata::MetaChange;
 use crate::protocol::multicast::DestResult;
 use crate::runtime::oneshot;
+use route::Dest;
 
 /// What travels between shards.
 #[derive(Debug)]
@@ -161,6 +162,37 @@ impl Router {
 
     pub fn close(&self) {
         self.senders.close();
+    }
+}
+
+/// How a request reaches the shard (and, once the cluster lands, the node) that owns it, and
+/// how its reply comes back. Today the only transport is this node's mesh ([`Router`]); the
+/// cluster adds node-to-node. Callers route with `route::route` and hand the [`Dest`] here,
+/// so a cross-core or cross-node hop is visible at the call site.
+#[allow(async_fn_in_trait)]
+pub trait Transport {
+    /// Sends the envelope made by `make(req_id)` to `to` (waiting while its channel is full)
+    /// and returns the receiver of the reply.
+    async fn send_request(
+        &self,
+        to: Dest,
+        make: impl FnOnce(u64) -> Envelope,
+    ) -> Result<oneshot::Receiver<Envelope>, String>;
+}
+
+impl Transport for Router {
+    async fn send_request(
+        &self,
+        to: Dest,
+        make: impl FnOnce(u64) -> Envelope,
+    ) -> Result<oneshot::Receiver<Envelope>, String> {
+        if to.node != route::LOCAL_NODE {
+            return Err(format!(
+                "node {} is not reachable: node-to-node transport is not built yet",
+                to.node
+            ));
+        }
+        self.call(to.shard, make).await
     }
 }
 

@@ -22,8 +22,9 @@ use std::time::{Duration, Instant};
 
 use crate::limits;
 use crate::protocol::{self as proto, fb, FrameError};
-use crate::router::route::Target;
+use crate::router::route::{Dest, Target};
 use crate::router::Envelope;
+use crate::router::Transport;
 use crate::runtime::budget::{Budget, Reservation};
 use crate::runtime::Notify;
 use crate::shard::{Pending, Shard};
@@ -611,7 +612,7 @@ async fn dispatch(
     if dest.shard == shard.id() {
         return shard.start(partition, conn, frame).await;
     }
-    forward(shard, (dest.shard, partition, conn), frame, corr).await
+    forward(shard, (dest, partition, conn), frame, corr).await
 }
 
 async fn ready(frame: Bytes) -> Bytes {
@@ -673,15 +674,15 @@ fn target_of<'a>(f: &fb::Frame<'a>) -> Option<Target<'a>> {
 /// Sends a request to its owning shard; the returned future yields the owner's reply.
 async fn forward(
     shard: &Rc<Shard>,
-    to: (usize, u32, u64),
+    to: (Dest, u32, u64),
     frame: VerifiedFrame,
     corr: u64,
 ) -> Pending {
-    let (owner, partition, conn) = to;
+    let (dest, partition, conn) = to;
     let from = shard.id();
     let rx = shard
         .router
-        .call(owner, move |req_id| Envelope::Request {
+        .send_request(dest, move |req_id| Envelope::Request {
             from,
             req_id,
             partition,
@@ -750,7 +751,7 @@ async fn ask_all(shard: &Rc<Shard>, corr: u64, frame: VerifiedFrame) -> Vec<Pend
         if s == shard.id() {
             replies.push(shard.start(0, 0, frame.clone()).await);
         } else {
-            replies.push(forward(shard, (s, 0, 0), frame.clone(), corr).await);
+            replies.push(forward(shard, (Dest::local(s), 0, 0), frame.clone(), corr).await);
         }
     }
     replies
