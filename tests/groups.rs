@@ -553,9 +553,14 @@ fn a_member_whose_commit_is_refused_exits_non_zero() {
         c.produce("t", PartitionChoice::Explicit(1), &recs).unwrap();
     }
     let args = ["--session-timeout-ms", "1000", "--idle-ms", "1500"];
-    let stuck = spawn_group_consumer(&b, "t", "g", &args);
-    // Let it fill its pipe on partition 1, then join a second member that takes partition 1.
-    std::thread::sleep(Duration::from_millis(500));
+    let mut stuck = spawn_group_consumer(&b, "t", "g", &args);
+    // Wait until it delivers partition 1 (its first output), then stop reading: its pipe fills
+    // and it blocks mid-partition. Then a second member joins and takes partition 1.
+    let mut stuck_stdout = std::io::BufReader::new(stuck.stdout.take().unwrap());
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut stuck_stdout, &mut first).unwrap();
+    assert!(!first.is_empty(), "the first member printed nothing");
+    std::thread::sleep(Duration::from_millis(300));
     let other = spawn_group_consumer(&b, "t", "g", &args);
     let other_out = other.wait_with_output().unwrap();
     assert!(
@@ -568,8 +573,11 @@ fn a_member_whose_commit_is_refused_exits_non_zero() {
         other_lines, 2000,
         "the new owner delivers from the last commit"
     );
-    let stuck_out = stuck.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&stuck_out.stderr);
-    assert!(!stuck_out.status.success(), "must exit non-zero: {err}");
+    let mut rest = Vec::new();
+    std::io::Read::read_to_end(&mut stuck_stdout, &mut rest).unwrap();
+    let status = stuck.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut stuck.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "must exit non-zero: {err}");
     assert!(err.contains("could not be committed"), "{err}");
 }
