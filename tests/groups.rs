@@ -279,7 +279,7 @@ fn offsets_survive_restart_and_replay_by_timestamp() {
         .unwrap();
     }
     std::thread::sleep(Duration::from_millis(30));
-    let t = ringmq::shard::now_ms();
+    let t = ringmq::runtime::clock::system_now_ms();
     std::thread::sleep(Duration::from_millis(30));
     for i in 0..5 {
         c.produce(

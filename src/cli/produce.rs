@@ -86,7 +86,7 @@ fn line_record(line: String, a: &ProduceArgs, headers: &[(String, Vec<u8>)]) -> 
 pub fn produce(server: &str, a: ProduceArgs) -> Result<(), String> {
     let mut headers = parse_headers(&a.headers)?;
     if let Some(d) = a.delay_ms {
-        let at = crate::shard::now_ms().max(0) as u64 + d;
+        let at = crate::runtime::clock::system_now_ms().max(0) as u64 + d;
         headers.push((
             crate::protocol::queue::DELIVER_AT_HEADER.to_string(),
             at.to_string().into_bytes(),

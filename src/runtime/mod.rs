@@ -5,6 +5,7 @@
 
 pub mod boot;
 pub mod budget;
+pub mod clock;
 pub mod config;
 pub mod exclusive;
 pub mod notify;

@@ -22,6 +22,7 @@ use crate::metadata::{self, MetaChange, Metadata, TopicMeta};
 use crate::protocol::{self as proto, fb};
 use crate::router::route::{self, Dest, RouteError, Target};
 use crate::router::{Envelope, Router};
+use crate::runtime::clock::Clock;
 use crate::runtime::config::ServeConfig;
 use crate::runtime::Notify;
 use crate::storage::{
@@ -81,6 +82,8 @@ pub struct Shard {
     /// This shard's share of `--memory-max-bytes`: request bodies and reserved responses of
     /// all its connections. At the limit connections are not read (backpressure).
     pub memory: Rc<crate::runtime::budget::Budget>,
+    /// Wall-clock time: message timestamps, lease and delay deadlines, retention by age.
+    clock: Rc<dyn Clock>,
     coordinator: RefCell<groups::Coordinator>,
     /// Destination appends made here from multicasts.
     fanout_appends: Cell<u64>,
@@ -98,13 +101,6 @@ pub struct Shard {
 
 fn ready(frame: Bytes) -> Pending {
     Box::pin(async move { frame })
-}
-
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// The wire code of a routing error.
@@ -140,6 +136,11 @@ fn storage_error(corr: u64, e: &StorageError) -> Bytes {
 
 impl Shard {
     pub fn new(cfg: Rc<ServeConfig>, router: Router) -> Self {
+        Self::with_clock(cfg, router, Rc::new(crate::runtime::clock::SystemClock))
+    }
+
+    /// A shard reading wall-clock time from `clock` (tests and simulation pass a manual one).
+    pub fn with_clock(cfg: Rc<ServeConfig>, router: Router, clock: Rc<dyn Clock>) -> Self {
         let memory = crate::runtime::budget::Budget::new(cfg.memory_per_shard_bytes());
         Self {
             cfg,
@@ -154,6 +155,7 @@ impl Shard {
             connection_counter: Cell::new(0),
             requests_in_flight: Cell::new(0),
             memory,
+            clock,
             coordinator: RefCell::new(groups::Coordinator::new()),
             fanout_appends: Cell::new(0),
             queues: RefCell::new(HashMap::new()),
@@ -171,6 +173,11 @@ impl Shard {
         let n = self.connection_counter.get() + 1;
         self.connection_counter.set(n);
         ((self.id() as u64) << 48) | n
+    }
+
+    /// Milliseconds since the Unix epoch, from this shard's clock.
+    pub fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
     }
 
     pub fn id(&self) -> usize {
@@ -441,7 +448,7 @@ impl Shard {
         let (first, max) = if facts.max_timestamp_ms > 0 {
             (facts.first_timestamp_ms, facts.max_timestamp_ms)
         } else {
-            let now = now_ms();
+            let now = self.now_ms();
             (now, now)
         };
         let meta = BatchMeta {
@@ -752,7 +759,7 @@ impl Shard {
             {
                 last_retention = now;
                 for log in self.logs() {
-                    if let Err(e) = log.enforce_retention(now_ms()).await {
+                    if let Err(e) = log.enforce_retention(self.now_ms()).await {
                         eprintln!("ringmq: retention {}: {e}", log.dir().display());
                     }
                 }

@@ -86,7 +86,7 @@ impl Shard {
             let (first, max) = if facts.max_timestamp_ms > 0 {
                 (facts.first_timestamp_ms, facts.max_timestamp_ms)
             } else {
-                let now = super::now_ms();
+                let now = self.now_ms();
                 (now, now)
             };
             let meta = BatchMeta {

@@ -14,7 +14,7 @@ use crate::protocol::VerifiedFrame;
 
 use super::queue_state::{QueueState, Reason, SubConfig};
 use super::state_log::QueueAcks;
-use super::{now_ms, storage_error, PartitionLog, Shard};
+use super::{storage_error, PartitionLog, Shard};
 use crate::limits;
 use crate::protocol::queue::{self as q, SubStatsOut, DELIVER_AT_HEADER};
 use crate::protocol::{self as proto, fb, PartitionChoice, RecordIn};
@@ -115,7 +115,7 @@ impl Shard {
 
     /// A consumer's connection closed: its leases return to their queues at once.
     pub fn release_connection(&self, conn: u64) {
-        let now = now_ms() as u64;
+        let now = self.now_ms() as u64;
         let mut n = 0;
         for s in self.queues.borrow_mut().values_mut() {
             n += s.release_consumer(conn, now);
@@ -271,7 +271,7 @@ impl Shard {
             if let Err(e) = self.refill(&key, &log, credit).await {
                 return storage_error(corr, &e);
             }
-            let now = now_ms() as u64;
+            let now = self.now_ms() as u64;
             let (d, next_event) = {
                 let mut qs = self.queues.borrow_mut();
                 let Some(s) = qs.get_mut(&key) else {
@@ -374,7 +374,7 @@ impl Shard {
         }
         let ok = self.produce_internal(&dlq, &records).await;
         let offsets: Vec<u64> = dead.iter().map(|d| d.0).collect();
-        let now = now_ms() as u64;
+        let now = self.now_ms() as u64;
         if let Err(e) = &ok {
             eprintln!("ringmq: dead-lettering to {dlq}: {e}");
             if let Some(s) = self.queues.borrow_mut().get_mut(key) {
@@ -497,7 +497,7 @@ impl Shard {
         );
         let offsets: Vec<u64> = f.offsets().iter().collect();
         let (action, delay) = (f.action(), u64::from(f.delay_ms()));
-        let now = now_ms() as u64;
+        let now = self.now_ms() as u64;
         let settled = match action {
             0 => {
                 let ackable = match self.queues.borrow().get(&key) {
@@ -593,7 +593,7 @@ impl Shard {
 
     /// Expires leases everywhere (ticker) so waiting fetches see redeliveries.
     pub fn expire_leases(&self) {
-        let now = now_ms() as u64;
+        let now = self.now_ms() as u64;
         let mut any = false;
         for s in self.queues.borrow_mut().values_mut() {
             let before = s.in_flight();

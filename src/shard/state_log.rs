@@ -163,8 +163,8 @@ impl StateLog {
         let meta = BatchMeta {
             format: FormatTag::Opaque,
             record_count: lines as u32,
-            first_timestamp_ms: crate::shard::now_ms(),
-            max_timestamp_ms: crate::shard::now_ms(),
+            first_timestamp_ms: crate::runtime::clock::system_now_ms(),
+            max_timestamp_ms: crate::runtime::clock::system_now_ms(),
         };
         self.log.append(meta, text.as_bytes()).await.map(|_| ())
     }
