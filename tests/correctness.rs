@@ -220,8 +220,9 @@ fn handshake() -> Vec<u8> {
     proto::encode_handshake(1, "test").to_vec()
 }
 
-/// A 2-core broker with a 160 MiB memory budget and the given stall timeout; (broker, budget).
-fn budgeted_broker(name: &str, stalled_ms: &str) -> (Broker, u64) {
+/// A 2-core broker with a 160 MiB memory budget and the given stall timeout: (its directory,
+/// the broker, the budget). Bind the directory first so it is removed after the broker stops.
+fn budgeted_broker(name: &str, stalled_ms: &str) -> (TempDir, Broker, u64) {
     let budget: u64 = 160 << 20;
     let flags = [
         "--memory-max-bytes",
@@ -231,14 +232,16 @@ fn budgeted_broker(name: &str, stalled_ms: &str) -> (Broker, u64) {
         "--fsync",
         "never",
     ];
-    (Broker::start(&temp_dir(name), 2, &flags), budget)
+    let dir = temp_dir(name);
+    let b = Broker::start(&dir, 2, &flags);
+    (dir, b, budget)
 }
 
 /// Connections that declare a 16 MiB frame and send nothing more hold no memory; connections
 /// that send part of a body hold at most the budget; after they close RSS comes back.
 #[test]
 fn memory_is_bounded_broker_wide_and_returned_after_close() {
-    let (b, budget) = budgeted_broker("memory", "3000");
+    let (_dir, b, budget) = budgeted_broker("memory", "3000");
     b.client().create_topic("t", 1, -1, -1).unwrap();
     let pid = b.child.id();
     let baseline = rss_bytes(pid);
@@ -316,7 +319,7 @@ fn memory_is_bounded_broker_wide_and_returned_after_close() {
 /// as stalled, after which memory returns.
 #[test]
 fn consumers_that_never_read_are_bounded_and_dropped() {
-    let (b, budget) = budgeted_broker("no-read", "2000");
+    let (_dir, b, budget) = budgeted_broker("no-read", "2000");
     let mut c = b.client();
     c.create_topic("t", 1, -1, -1).unwrap();
     let value = "v".repeat(64 * 1024);

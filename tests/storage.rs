@@ -125,6 +125,7 @@ fn round_trip_across_rolls_dma() {
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
+    let _ = std::fs::remove_dir_all(&dir);
     assert!(names.contains(&"00000000000000000000.log".to_string()));
     assert!(names.contains(&"00000000000000000000.index".to_string()));
     assert!(names.contains(&"00000000000000000000.timeindex".to_string()));

@@ -18,14 +18,46 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-pub fn temp_dir(name: &str) -> PathBuf {
+/// A fresh directory under the test target's tmp dir, removed (with everything a broker
+/// wrote in it) when the test that made it ends, passing or failing.
+pub fn temp_dir(name: &str) -> TempDir {
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let d =
         Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("mkdir");
-    d
+    TempDir(d)
+}
+
+/// A directory removed on drop. Declare it before the broker that uses it, so the broker is
+/// stopped first (locals drop in reverse order).
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TempDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for TempDir {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.0.as_os_str()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// A running broker; killed (SIGKILL) on drop.
