@@ -3,8 +3,9 @@
 //! # Data path
 //!
 //! client → [`server`] (sockets of one core; verifies each frame once with [`protocol`]) →
-//! [`router`] (which shard owns the partition; the channel mesh) → [`shard`] (the only code
-//! that mutates a partition) → [`storage`] (one partition's log on disk) → back the same way.
+//! [`router`] (which shard owns the partition; the channel mesh) → [`shard`] (request
+//! handling on the owning core) → [`partition`] (one partition's log and queue subscriptions,
+//! typed methods) → [`storage`] (one partition's log on disk) → back the same way.
 //!
 //! # Module map
 //!
@@ -13,9 +14,10 @@
 //! | [`limits`] | every named bound and default | anything with state |
 //! | [`protocol`] | frames ⇄ typed views, verification, encoders, partitioner (sans I/O) | sockets, files |
 //! | [`metadata`] | the topic table each shard keeps a copy of | files, partitions |
-//! | [`server`] | listeners, connections, frame reading and response writing | partitions |
+//! | [`server`] | listeners, connections, frame reading, response writing, wire error codes | partitions |
 //! | [`router`] | the mesh between shards, forwarding, replies, copy counters | partitions, sockets |
-//! | [`shard`] | the partitions of one core and the request handlers | sockets, other shards' state |
+//! | [`shard`] | the partitions of one core, the request handlers, groups, the state log | sockets, other shards' state |
+//! | [`partition`] | one partition: its log and queue subscriptions (generic over storage and clock) | frames, sockets, the state log |
 //! | [`storage`] | segment files, indexes, recovery, retention of one partition log | shards, sockets |
 //! | [`client`] | the blocking Rust client | server internals |
 //! | [`runtime`] | glommio (executors, timers, notify), config, boot and shutdown | request handling |
@@ -31,6 +33,7 @@ pub mod client;
 pub mod filter;
 pub mod limits;
 pub mod metadata;
+pub mod partition;
 pub mod protocol;
 pub mod router;
 pub mod runtime;

@@ -15,7 +15,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use ringmq::shard::queue_state::{QueueState, SubConfig};
+use ringmq::partition::{QueueState, SubConfig};
 use ringmq::storage::mem::{Fault, FaultOp, Rng};
 use ringmq::storage::{
     batch, BatchMeta, CommitPolicy, Durability, FormatTag, Log, LogConfig, MemStorage, StorageError,

@@ -17,16 +17,6 @@ pub enum FrameError {
     UnknownRequest(u8),
 }
 
-impl FrameError {
-    pub fn code(&self) -> fb::ErrorCode {
-        match self {
-            Self::TooLarge { .. } => fb::ErrorCode::FrameTooLarge,
-            Self::Malformed(_) => fb::ErrorCode::Malformed,
-            Self::UnknownRequest(_) => fb::ErrorCode::UnknownRequest,
-        }
-    }
-}
-
 impl std::fmt::Display for FrameError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -114,6 +104,62 @@ impl VerifiedFrame {
     pub fn bytes(&self) -> &Bytes {
         &self.0
     }
+
+    /// The record batch of a produce or multicast frame, sliced out without copying; `None`
+    /// for other requests, an error if the batch breaks a rule the verifier does not check
+    /// (no records).
+    pub fn batch(&self) -> Option<Result<VerifiedBatch, FrameError>> {
+        let f = self.view();
+        let nested = match f.body_type() {
+            fb::Body::Produce => f.body_as_produce()?.batch().bytes(),
+            fb::Body::MulticastProduce => f.body_as_multicast_produce()?.batch().bytes(),
+            _ => return None,
+        };
+        // SAFETY: `verify_frame` verified this nested batch when `self` was made.
+        let facts = batch_facts(unsafe { flatbuffers::root_unchecked::<fb::RecordBatch>(nested) });
+        Some(facts.map(|facts| VerifiedBatch {
+            bytes: self.0.slice_ref(nested),
+            facts,
+        }))
+    }
+}
+
+/// A record batch that passed the flatbuffers verifier, with the facts its log header needs.
+/// Only this module makes one (from a [`VerifiedFrame`], or by verifying bytes the broker
+/// built itself), so a partition can store it without looking inside again. Owned and
+/// cheap to clone (the bytes are shared), so it can cross cores.
+#[derive(Clone, Debug)]
+pub struct VerifiedBatch {
+    bytes: Bytes,
+    facts: BatchFacts,
+}
+
+impl VerifiedBatch {
+    /// Verifies batch bytes built inside the broker (a dead-letter batch).
+    pub fn verify(bytes: Bytes) -> Result<Self, FrameError> {
+        let facts = verify_record_batch(&bytes)?;
+        Ok(Self { bytes, facts })
+    }
+
+    /// The flatbuffers bytes, as they will be stored.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    pub fn facts(&self) -> BatchFacts {
+        self.facts
+    }
+}
+
+/// The `RecordBatch` of a batch payload read back from a partition's own log.
+///
+/// # Safety
+/// `payload` must be the payload of a stored batch whose format tag says RingmqFlatbuffers:
+/// those bytes came from a [`VerifiedBatch`] and reads check the batch CRC (the tail cache
+/// holds the very bytes that were verified).
+pub unsafe fn stored_record_batch(payload: &[u8]) -> fb::RecordBatch<'_> {
+    // SAFETY: the caller's contract above.
+    unsafe { flatbuffers::root_unchecked::<fb::RecordBatch>(payload) }
 }
 
 /// Verifies a frame (without its length prefix). For a produce, also verifies the nested batch.
@@ -157,15 +203,6 @@ pub fn verify_record_batch(bytes: &[u8]) -> Result<BatchFacts, FrameError> {
     let b = flatbuffers::root::<fb::RecordBatch>(bytes)
         .map_err(|e| FrameError::Malformed(format!("record batch: {e}")))?;
     batch_facts(b)
-}
-
-/// The facts of a batch that [`verify_frame`] already verified (no second verification).
-///
-/// # Safety
-/// `bytes` must be the `batch` of a produce frame that passed [`verify_frame`].
-pub unsafe fn verified_batch_facts(bytes: &[u8]) -> Result<BatchFacts, FrameError> {
-    // SAFETY: the caller guarantees these bytes passed the verifier.
-    batch_facts(unsafe { flatbuffers::root_unchecked::<fb::RecordBatch>(bytes) })
 }
 
 fn batch_facts(b: fb::RecordBatch<'_>) -> Result<BatchFacts, FrameError> {

@@ -29,6 +29,9 @@ use crate::runtime::budget::{Budget, Reservation};
 use crate::runtime::Notify;
 use crate::shard::{Pending, Shard};
 
+pub mod wire_error;
+use wire_error::WireCode;
+
 /// What the sweeper knows of one open connection.
 struct Watch {
     fd: RawFd,
@@ -394,7 +397,7 @@ impl Connection {
                 Ok(None) => break,
                 Err(FrameOrIo::Io) => break,
                 Err(FrameOrIo::Frame(e)) => {
-                    outbox.push(proto::encode_error(0, e.code(), &e.to_string()), None);
+                    outbox.push(wire_error::frame(0, &e), None);
                     break;
                 }
             };
@@ -405,7 +408,7 @@ impl Connection {
             let frame = match VerifiedFrame::verify(frame) {
                 Ok(f) => f,
                 Err(e) => {
-                    outbox.push(proto::encode_error(0, e.code(), &e.to_string()), None);
+                    outbox.push(wire_error::frame(0, &e), None);
                     break;
                 }
             };
@@ -597,7 +600,7 @@ async fn dispatch(
     let (partition, dest) = match routed {
         Some(Ok(r)) => r,
         Some(Err(e)) => {
-            let e = crate::shard::route_error_frame(corr, &e);
+            let e = wire_error::frame(corr, &e);
             return Box::pin(ready(e));
         }
         None => {
@@ -886,7 +889,7 @@ async fn multicast(shard: &Rc<Shard>, corr: u64, frame: VerifiedFrame) -> Pendin
                     results[i] = Some(DestResult {
                         topic: d.topic().to_string(),
                         partition: partition.unwrap_or(0),
-                        outcome: Err((crate::shard::route_error_code(&e).0, e.to_string())),
+                        outcome: Err((e.wire_code().0, e.to_string())),
                     })
                 }
             }

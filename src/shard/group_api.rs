@@ -265,19 +265,13 @@ impl Shard {
             return invalid(corr, "not a list offset");
         };
         let (topic, ts) = (l.topic().to_string(), l.timestamp_ms());
-        let log = match self.log(corr, &topic, partition) {
-            Ok(l) => l,
+        let part = match self.partition(corr, &topic, partition) {
+            Ok(p) => p,
             Err(e) => return e,
         };
-        let offset = match ts {
-            -1 => Ok(log.start_offset()),
-            -2 => Ok(log.end_offset()),
-            t if t >= 0 => log.offset_for_timestamp(t).await,
-            _ => return invalid(corr, "timestamp must be ≥ 0, -1 (start) or -2 (end)"),
-        };
-        match offset {
+        match part.list_offset(ts).await {
             Ok(o) => g::encode_list_offset_response(corr, partition, o),
-            Err(e) => super::storage_error(corr, &e),
+            Err(e) => crate::server::wire_error::frame(corr, &e),
         }
     }
 }

@@ -19,30 +19,30 @@ use crate::protocol::VerifiedFrame;
 
 use crate::limits;
 use crate::metadata::{self, MetaChange, Metadata, TopicMeta};
+use crate::partition::Partition;
 use crate::protocol::{self as proto, fb};
 use crate::router::route::{self, Dest, RouteError, Target};
 use crate::router::{Envelope, Router};
 use crate::runtime::clock::Clock;
 use crate::runtime::config::ServeConfig;
 use crate::runtime::Notify;
-use crate::storage::{
-    self, meta_file, BatchMeta, DmaStorage, FormatTag, Log, LogConfig, StorageError,
-};
+use crate::server::wire_error;
+use crate::storage::{self, meta_file, DmaStorage, LogConfig};
 
 pub mod group_api;
 pub mod groups;
 pub mod pubsub;
 pub mod queue_api;
-pub mod queue_state;
 pub mod state_log;
 
-pub type PartitionLog = Log<DmaStorage>;
+/// A partition of this shard: its log is on the data directory's filesystem.
+pub type LocalPartition = Partition<DmaStorage>;
 
 /// The rest of a request's work, run as its own task; yields the response frame.
 pub type Pending = Pin<Box<dyn Future<Output = Bytes>>>;
 
 enum Slot {
-    Ready(Rc<PartitionLog>),
+    Ready(Rc<LocalPartition>),
     /// The log could not be opened (e.g. a corrupt sealed segment); other partitions serve on.
     Failed(String),
     /// The log is being opened (recovery scan); requests get a retryable PartitionUnavailable.
@@ -50,7 +50,8 @@ enum Slot {
 }
 
 /// One line per partition opened: what recovery found and how long it took.
-fn log_recovery(topic: &str, partition: u32, log: &PartitionLog, took: Duration) {
+fn log_recovery(topic: &str, partition: u32, part: &LocalPartition, took: Duration) {
+    let log = part.log();
     let r = log.recovery_report();
     let cut = match &r.truncated {
         Some(t) => format!(", cut a torn/corrupt tail: {t:?}"),
@@ -64,6 +65,30 @@ fn log_recovery(topic: &str, partition: u32, log: &PartitionLog, took: Duration)
         log.segment_count(),
         took.as_millis()
     );
+}
+
+/// Why a request cannot reach a partition on this shard.
+#[derive(Debug)]
+pub enum Unavailable {
+    /// The route has none (unknown topic or partition).
+    Route(RouteError),
+    /// Its log could not be opened.
+    Failed(String),
+    /// Its log is being recovered (retryable).
+    Recovering(String),
+    /// Placed here by the table but not open yet: being created (retryable).
+    NotOpenYet(String),
+}
+
+impl std::fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Route(e) => write!(f, "{e}"),
+            Self::Failed(why) => write!(f, "{why}"),
+            Self::Recovering(p) => write!(f, "partition {p} is still recovering; retry shortly"),
+            Self::NotOpenYet(p) => write!(f, "partition {p} is not open yet; retry shortly"),
+        }
+    }
 }
 
 /// One core's shard.
@@ -87,10 +112,8 @@ pub struct Shard {
     coordinator: RefCell<groups::Coordinator>,
     /// Destination appends made here from multicasts.
     fanout_appends: Cell<u64>,
-    queues: RefCell<HashMap<queue_api::QKey, queue_state::QueueState>>,
+    /// Durable queue ack state from the state log, handed to each partition as it opens.
     restored_queues: RefCell<std::collections::BTreeMap<queue_api::QKey, state_log::QueueAcks>>,
-    /// Woken when queue state changes (acks, nacks, disconnects) for waiting queue fetches.
-    queue_changed: Notify,
     /// A state-log compaction is running.
     compacting: Cell<bool>,
     /// Order and count of state-log changes between durable and applied.
@@ -101,37 +124,6 @@ pub struct Shard {
 
 fn ready(frame: Bytes) -> Pending {
     Box::pin(async move { frame })
-}
-
-/// The wire code of a routing error.
-pub(crate) fn route_error_code(e: &RouteError) -> fb::ErrorCode {
-    match e {
-        RouteError::UnknownTopic(_) => fb::ErrorCode::UnknownTopic,
-        RouteError::UnknownPartition { .. } => fb::ErrorCode::UnknownPartition,
-    }
-}
-
-pub(crate) fn route_error_frame(corr: u64, e: &RouteError) -> Bytes {
-    proto::encode_error(corr, route_error_code(e), &e.to_string())
-}
-
-/// The one mapping of storage errors to wire error codes.
-pub(crate) fn storage_error_code(e: &StorageError) -> fb::ErrorCode {
-    match e {
-        StorageError::OffsetOutOfRange { .. } => fb::ErrorCode::OffsetOutOfRange,
-        StorageError::BatchTooLarge { .. } => fb::ErrorCode::BatchTooLarge,
-        StorageError::InvalidBatch(_) => fb::ErrorCode::InvalidRequest,
-        // Not committed before a leader change removed it: the producer retries.
-        StorageError::Truncated { .. } => fb::ErrorCode::PartitionUnavailable,
-        StorageError::InvalidTruncation(_) => fb::ErrorCode::Internal,
-        StorageError::Failed(_) | StorageError::Io { .. } | StorageError::Corrupt { .. } => {
-            fb::ErrorCode::StorageFailed
-        }
-    }
-}
-
-fn storage_error(corr: u64, e: &StorageError) -> Bytes {
-    proto::encode_error(corr, storage_error_code(e), &e.to_string())
 }
 
 impl Shard {
@@ -158,9 +150,7 @@ impl Shard {
             clock,
             coordinator: RefCell::new(groups::Coordinator::new()),
             fanout_appends: Cell::new(0),
-            queues: RefCell::new(HashMap::new()),
             restored_queues: RefCell::new(std::collections::BTreeMap::new()),
-            queue_changed: Notify::new(),
             compacting: Cell::new(false),
             state_order: state_log::ApplyOrder::default(),
             state: RefCell::new(None),
@@ -264,10 +254,20 @@ impl Shard {
                 .borrow_mut()
                 .insert(key.clone(), Slot::Opening);
             let began = Instant::now();
-            let slot = match Log::open(DmaStorage, &dir, self.log_config(t)).await {
-                Ok(log) => {
-                    log_recovery(&t.name, p, &log, began.elapsed());
-                    Slot::Ready(Rc::new(log))
+            let opened = Partition::open(
+                DmaStorage,
+                &dir,
+                self.log_config(t),
+                &t.name,
+                p,
+                self.clock.clone(),
+            )
+            .await;
+            let slot = match opened {
+                Ok(part) => {
+                    log_recovery(&t.name, p, &part, began.elapsed());
+                    part.restore_subscriptions(self.take_restored_queues(&t.name, p));
+                    Slot::Ready(Rc::new(part))
                 }
                 Err(e) => {
                     let msg = format!("partition {}-{p} unavailable: {e}", t.name);
@@ -302,42 +302,58 @@ impl Shard {
         }
     }
 
-    fn log(&self, corr: u64, topic: &str, partition: u32) -> Result<Rc<PartitionLog>, Bytes> {
+    /// The durable queue ack state recovered for one partition (taken once).
+    fn take_restored_queues(
+        &self,
+        topic: &str,
+        partition: u32,
+    ) -> Vec<(String, state_log::QueueAcks)> {
+        let mut restored = self.restored_queues.borrow_mut();
+        let keys: Vec<queue_api::QKey> = restored
+            .keys()
+            .filter(|(t, _, p)| t == topic && *p == partition)
+            .cloned()
+            .collect();
+        keys.into_iter()
+            .filter_map(|k| restored.remove(&k).map(|acks| (k.1, acks)))
+            .collect()
+    }
+
+    /// The open partition, or the error frame saying why there is none.
+    fn partition(
+        &self,
+        corr: u64,
+        topic: &str,
+        partition: u32,
+    ) -> Result<Rc<LocalPartition>, Bytes> {
+        self.open_partition(topic, partition)
+            .map_err(|e| wire_error::frame(corr, &e))
+    }
+
+    /// The open partition, or why there is none.
+    fn open_partition(
+        &self,
+        topic: &str,
+        partition: u32,
+    ) -> Result<Rc<LocalPartition>, Unavailable> {
+        let name = || format!("{topic}-{partition}");
         match self
             .partitions
             .borrow()
             .get(&(topic.to_string(), partition))
         {
-            Some(Slot::Ready(log)) => Ok(log.clone()),
-            Some(Slot::Failed(why)) => Err(proto::encode_error(
-                corr,
-                fb::ErrorCode::PartitionUnavailable,
-                why,
-            )),
-            Some(Slot::Opening) => Err(proto::encode_error(
-                corr,
-                fb::ErrorCode::PartitionUnavailable,
-                &format!("partition {topic}-{partition} is still recovering; retry shortly"),
-            )),
-            None => Err(self.unknown(corr, topic, partition)),
-        }
-    }
-
-    /// The error for a partition this shard does not hold: why the route has none.
-    fn unknown(&self, corr: u64, topic: &str, partition: u32) -> Bytes {
-        let t = Target::Partition { topic, partition };
-        let e = match route::route(&self.meta.borrow(), self.count(), t, 0) {
-            Err(e) => e,
-            // Placed here by the table but not open: a partition being created.
-            Ok(_) => {
-                return proto::encode_error(
-                    corr,
-                    fb::ErrorCode::PartitionUnavailable,
-                    &format!("partition {topic}-{partition} is not open yet; retry shortly"),
-                )
+            Some(Slot::Ready(part)) => Ok(part.clone()),
+            Some(Slot::Failed(why)) => Err(Unavailable::Failed(why.clone())),
+            Some(Slot::Opening) => Err(Unavailable::Recovering(name())),
+            None => {
+                let t = Target::Partition { topic, partition };
+                match route::route(&self.meta.borrow(), self.count(), t, 0) {
+                    Err(e) => Err(Unavailable::Route(e)),
+                    // Placed here by the table but not open: a partition being created.
+                    Ok(_) => Err(Unavailable::NotOpenYet(name())),
+                }
             }
-        };
-        route_error_frame(corr, &e)
+        }
     }
 
     /// Routes a request with this shard's copy of the placement table (see
@@ -414,60 +430,32 @@ impl Shard {
     }
 
     async fn start_produce(&self, corr: u64, partition: u32, frame: VerifiedFrame) -> Pending {
-        let topic = match frame.view().body_as_produce() {
-            Some(p) => p.topic().to_string(),
-            None => {
-                return ready(proto::encode_error(
-                    corr,
-                    fb::ErrorCode::Internal,
-                    "not a produce",
-                ))
-            }
-        };
-        let log = match self.log(corr, &topic, partition) {
-            Ok(l) => l,
-            Err(e) => return ready(e),
-        };
-        if let Err(e) = log.reserve().await {
-            return ready(storage_error(corr, &e));
-        }
-        let Some(p) = frame.view().body_as_produce() else {
+        let (Some(p), Some(batch)) = (frame.view().body_as_produce(), frame.batch()) else {
             return ready(proto::encode_error(
                 corr,
                 fb::ErrorCode::Internal,
                 "not a produce",
             ));
         };
-        let batch = p.batch().bytes();
-        // SAFETY: `frame` passed `verify_frame` (which verifies the nested batch) on the shard
-        // that read it from the socket.
-        let facts = match unsafe { proto::verified_batch_facts(batch) } {
-            Ok(f) => f,
-            Err(e) => return ready(proto::encode_error(corr, e.code(), &e.to_string())),
+        let batch = match batch {
+            Ok(b) => b,
+            Err(e) => return ready(wire_error::frame(corr, &e)),
         };
-        let (first, max) = if facts.max_timestamp_ms > 0 {
-            (facts.first_timestamp_ms, facts.max_timestamp_ms)
-        } else {
-            let now = self.now_ms();
-            (now, now)
+        let part = match self.partition(corr, p.topic(), partition) {
+            Ok(part) => part,
+            Err(e) => return ready(e),
         };
-        let meta = BatchMeta {
-            format: FormatTag::RingmqFlatbuffers,
-            record_count: facts.record_count,
-            first_timestamp_ms: first,
-            max_timestamp_ms: max,
-        };
-        match log.append_buffered(meta, batch) {
-            Err(e) => ready(storage_error(corr, &e)),
-            Ok(info) => Box::pin(async move {
-                match log.wait_durable(info).await {
+        match part.produce(&batch).await {
+            Err(e) => ready(wire_error::frame(corr, &e)),
+            Ok(appended) => Box::pin(async move {
+                match part.acknowledged(&appended).await {
                     Ok(()) => proto::encode_produce_response(
                         corr,
                         partition,
-                        info.base_offset,
-                        facts.record_count,
+                        appended.info.base_offset,
+                        appended.record_count,
                     ),
-                    Err(e) => storage_error(corr, &e),
+                    Err(e) => wire_error::frame(corr, &e),
                 }
             }),
         }
@@ -484,21 +472,21 @@ impl Shard {
         );
         let wait_ms = f.max_wait_ms().min(limits::FETCH_WAIT_MS_MAX);
         let filter = f.filter().map(String::from);
-        let log = match self.log(corr, &topic, partition) {
-            Ok(l) => l,
+        let part = match self.partition(corr, &topic, partition) {
+            Ok(p) => p,
             Err(e) => return e,
         };
         if let Some(src) = filter {
             return self
-                .fetch_filtered(corr, (partition, log, offset, max_bytes, wait_ms), &src)
+                .fetch_filtered(corr, (part, offset, max_bytes, wait_ms), &src)
                 .await;
         }
         let deadline = Instant::now() + Duration::from_millis(u64::from(wait_ms));
         loop {
-            let changed = log.data_changed();
-            let r = match log.read(offset, max_bytes as usize).await {
+            let changed = part.data_changed();
+            let r = match part.fetch(offset, max_bytes as usize).await {
                 Ok(r) => r,
-                Err(e) => return storage_error(corr, &e),
+                Err(e) => return wire_error::frame(corr, &e),
             };
             let now = Instant::now();
             if !r.batches.is_empty() || now >= deadline || self.is_shutting_down() {
@@ -533,7 +521,8 @@ impl Shard {
             }
             let mut partitions = Vec::new();
             for p in 0..t.partitions() {
-                if let Some(Slot::Ready(log)) = parts.get(&(t.name.clone(), p)) {
+                if let Some(Slot::Ready(part)) = parts.get(&(t.name.clone(), p)) {
+                    let log = part.log();
                     partitions.push(proto::PartitionMetaOut {
                         partition: p,
                         shard: self.id() as u32,
@@ -566,9 +555,10 @@ impl Shard {
             .iter()
             .map(|((t, p), slot)| {
                 let (healthy, message) = match slot {
-                    Slot::Ready(log) => (
+                    Slot::Ready(part) => (
                         true,
-                        log.recovery_report()
+                        part.log()
+                            .recovery_report()
                             .truncated
                             .as_ref()
                             .map(|x| {
@@ -580,7 +570,7 @@ impl Shard {
                                     x.reason
                                 )
                             })
-                            .or_else(|| log.failure().map(|f| format!("failed: {f}")))
+                            .or_else(|| part.log().failure().map(|f| format!("failed: {f}")))
                             .unwrap_or_default(),
                     ),
                     Slot::Failed(why) => (false, why.clone()),
@@ -719,12 +709,13 @@ impl Shard {
         }
     }
 
-    fn logs(&self) -> Vec<Rc<PartitionLog>> {
+    /// The open partitions of this shard.
+    pub fn open_partitions(&self) -> Vec<Rc<LocalPartition>> {
         self.partitions
             .borrow()
             .values()
             .filter_map(|s| match s {
-                Slot::Ready(l) => Some(l.clone()),
+                Slot::Ready(p) => Some(p.clone()),
                 Slot::Failed(_) | Slot::Opening => None,
             })
             .collect()
@@ -748,7 +739,8 @@ impl Shard {
             crate::runtime::sleep(Duration::from_millis(limits::LOG_TICK_MS)).await;
             let now = Instant::now();
             if self.cfg.durability != storage::Durability::Always {
-                for log in self.logs() {
+                for part in self.open_partitions() {
+                    let log = part.log();
                     if let Err(e) = log.tick(now).await {
                         eprintln!("ringmq: {}: {e}", log.dir().display());
                     }
@@ -758,7 +750,8 @@ impl Shard {
                 >= Duration::from_millis(self.cfg.retention_check_ms)
             {
                 last_retention = now;
-                for log in self.logs() {
+                for part in self.open_partitions() {
+                    let log = part.log();
                     if let Err(e) = log.enforce_retention(self.now_ms()).await {
                         eprintln!("ringmq: retention {}: {e}", log.dir().display());
                     }
@@ -775,7 +768,8 @@ impl Shard {
                 eprintln!("ringmq: sync state log: {e}");
             }
         }
-        for log in self.logs() {
+        for part in self.open_partitions() {
+            let log = part.log();
             if let Err(e) = log.sync().await {
                 eprintln!("ringmq: sync {}: {e}", log.dir().display());
             }

@@ -13,94 +13,51 @@ use bytes::Bytes;
 
 use crate::protocol::VerifiedFrame;
 
-use super::{storage_error, PartitionLog, Shard};
+use super::{LocalPartition, Shard};
 use crate::filter::{Filter, RecordFields};
 use crate::limits;
+use crate::partition::Appended;
 use crate::protocol::multicast::{self as mc, DestResult, ShardStatsOut};
 use crate::protocol::{self as proto, fb};
-use crate::storage::{batch, BatchMeta, FormatTag, StorageError};
+use crate::server::wire_error::{self, WireCode};
+use crate::storage::batch;
 
-/// A destination append that was buffered (log, offsets, record count) or failed at once.
-type Started = Result<(Rc<PartitionLog>, crate::storage::AppendInfo, u32), DestResult>;
+/// A destination append that was buffered (partition, what was appended) or failed at once.
+type Started = Result<(Rc<LocalPartition>, Appended), DestResult>;
 
-/// Where a filtered fetch reads: (partition, log, offset, max bytes, wait ms).
-pub(super) type FetchAt = (u32, Rc<PartitionLog>, u64, u32, u32);
+/// Where a filtered fetch reads: (partition, offset, max bytes, wait ms).
+pub(super) type FetchAt = (Rc<LocalPartition>, u64, u32, u32);
 
 /// The rest of a multicast's work on this shard.
 pub type PendingResults = Pin<Box<dyn Future<Output = Vec<DestResult>>>>;
 
-fn err_result(topic: &str, partition: u32, code: fb::ErrorCode, msg: String) -> DestResult {
+fn err_result(topic: &str, partition: u32, e: &impl WireCode) -> DestResult {
     DestResult {
         topic: topic.to_string(),
         partition,
-        outcome: Err((code.0, msg)),
+        outcome: Err((e.wire_code().0, e.to_string())),
     }
-}
-
-fn storage_result(topic: &str, partition: u32, e: &StorageError) -> DestResult {
-    err_result(
-        topic,
-        partition,
-        super::storage_error_code(e),
-        e.to_string(),
-    )
 }
 
 impl Shard {
     /// Appends the multicast's batch to each of `dests` owned here, in order; the returned
-    /// future waits until each is durable.
+    /// future waits until each is acknowledged (committed).
     pub async fn multicast_start(
         self: &Rc<Self>,
         frame: VerifiedFrame,
         dests: Vec<(String, u32)>,
     ) -> PendingResults {
+        let batch = frame.batch();
         let mut started: Vec<(String, u32, Started)> = Vec::new();
         for (topic, p) in dests {
-            let log = match self.partitions_log(&topic, p) {
-                Ok(l) => l,
-                Err(r) => {
-                    started.push((topic, p, Err(r)));
-                    continue;
-                }
-            };
-            if let Err(e) = log.reserve().await {
-                let r = storage_result(&topic, p, &e);
-                started.push((topic, p, Err(r)));
-                continue;
-            }
-            let Some(m) = frame.view().body_as_multicast_produce() else {
-                let r = err_result(&topic, p, fb::ErrorCode::Internal, "not a multicast".into());
-                started.push((topic, p, Err(r)));
-                continue;
-            };
-            let batch_bytes = m.batch().bytes();
-            // SAFETY: the frame passed `verify_frame`, which verifies the nested batch.
-            let facts = match unsafe { proto::verified_batch_facts(batch_bytes) } {
-                Ok(f) => f,
-                Err(e) => {
-                    let r = err_result(&topic, p, e.code(), e.to_string());
-                    started.push((topic, p, Err(r)));
-                    continue;
-                }
-            };
-            let (first, max) = if facts.max_timestamp_ms > 0 {
-                (facts.first_timestamp_ms, facts.max_timestamp_ms)
-            } else {
-                let now = self.now_ms();
-                (now, now)
-            };
-            let meta = BatchMeta {
-                format: FormatTag::RingmqFlatbuffers,
-                record_count: facts.record_count,
-                first_timestamp_ms: first,
-                max_timestamp_ms: max,
-            };
-            let r = match log.append_buffered(meta, batch_bytes) {
-                Ok(info) => {
-                    self.fanout_appends.set(self.fanout_appends.get() + 1);
-                    Ok((log, info, facts.record_count))
-                }
-                Err(e) => Err(storage_result(&topic, p, &e)),
+            let r = match &batch {
+                Some(Ok(batch)) => self.multicast_append(&topic, p, batch).await,
+                Some(Err(e)) => Err(err_result(&topic, p, e)),
+                None => Err(DestResult {
+                    topic: topic.clone(),
+                    partition: p,
+                    outcome: Err((fb::ErrorCode::Internal.0, "not a multicast".into())),
+                }),
             };
             started.push((topic, p, r));
         }
@@ -109,13 +66,13 @@ impl Shard {
             for (topic, p, r) in started {
                 out.push(match r {
                     Err(r) => r,
-                    Ok((log, info, count)) => match log.wait_durable(info).await {
+                    Ok((part, appended)) => match part.acknowledged(&appended).await {
                         Ok(()) => DestResult {
                             topic,
                             partition: p,
-                            outcome: Ok((info.base_offset, count)),
+                            outcome: Ok((appended.info.base_offset, appended.record_count)),
                         },
-                        Err(e) => storage_result(&topic, p, &e),
+                        Err(e) => err_result(&topic, p, &e),
                     },
                 });
             }
@@ -123,15 +80,18 @@ impl Shard {
         })
     }
 
-    fn partitions_log(&self, topic: &str, partition: u32) -> Result<Rc<PartitionLog>, DestResult> {
-        self.log(0, topic, partition).map_err(|frame| {
-            let (code, msg) = proto::verify_frame(&frame[proto::LEN_PREFIX_BYTES..])
-                .ok()
-                .and_then(|f| f.body_as_error())
-                .map(|e| (e.code(), e.message().unwrap_or_default().to_string()))
-                .unwrap_or((fb::ErrorCode::Internal, "unavailable".into()));
-            err_result(topic, partition, code, msg)
-        })
+    /// Appends one multicast copy to destination `topic`-`p` owned here.
+    async fn multicast_append(&self, topic: &str, p: u32, batch: &proto::VerifiedBatch) -> Started {
+        let part = self
+            .open_partition(topic, p)
+            .map_err(|e| err_result(topic, p, &e))?;
+        match part.produce(batch).await {
+            Ok(appended) => {
+                self.fanout_appends.set(self.fanout_appends.get() + 1);
+                Ok((part, appended))
+            }
+            Err(e) => Err(err_result(topic, p, &e)),
+        }
     }
 
     /// This shard's counters.
@@ -151,7 +111,8 @@ impl Shard {
     /// A fetch with a content filter: scans forward past non-matching messages (until a match,
     /// the end of the log, or the deadline) and returns only matching records.
     pub(super) async fn fetch_filtered(&self, corr: u64, at: FetchAt, filter_src: &str) -> Bytes {
-        let (partition, log, mut offset, max_bytes, wait_ms) = at;
+        let (part, mut offset, max_bytes, wait_ms) = at;
+        let partition = part.id();
         let filter = match Filter::compile(filter_src) {
             Ok(f) => f,
             Err(e) => {
@@ -161,10 +122,10 @@ impl Shard {
         let deadline = Instant::now()
             + Duration::from_millis(u64::from(wait_ms.min(limits::FETCH_WAIT_MS_MAX)));
         loop {
-            let changed = log.data_changed();
-            let r = match log.read(offset, max_bytes as usize).await {
+            let changed = part.data_changed();
+            let r = match part.fetch(offset, max_bytes as usize).await {
                 Ok(r) => r,
-                Err(e) => return storage_error(corr, &e),
+                Err(e) => return wire_error::frame(corr, &e),
             };
             let mut matched = Vec::new();
             for stored in &r.batches {

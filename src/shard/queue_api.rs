@@ -12,217 +12,58 @@ use bytes::Bytes;
 
 use crate::protocol::VerifiedFrame;
 
-use super::queue_state::{QueueState, Reason, SubConfig};
-use super::state_log::QueueAcks;
-use super::{storage_error, PartitionLog, Shard};
+use super::{LocalPartition, Shard};
 use crate::limits;
-use crate::protocol::queue::{self as q, SubStatsOut, DELIVER_AT_HEADER};
+use crate::partition::{QueueAcks, Reason, Settle, SubConfig};
+use crate::protocol::queue::{self as q, SubStatsOut};
 use crate::protocol::{self as proto, fb, PartitionChoice, RecordIn};
 use crate::router::route::{Target, CONTROLLER_SHARD};
 use crate::router::Envelope;
-use crate::storage::batch;
+use crate::server::wire_error;
 
 /// (topic, subscription, partition).
 pub type QKey = (String, String, u32);
 
-/// Bytes read from the log per refill of a queue's pending set.
-const QUEUE_READ_BYTES: usize = 256 * 1024;
+/// Why an ack was not recorded.
+#[derive(Debug)]
+pub enum AckError {
+    Partition(crate::partition::PartitionError),
+    StateLogClosed,
+    /// The state-log append failed: nothing was applied.
+    StateLog(String),
+}
+
+impl std::fmt::Display for AckError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Partition(e) => write!(f, "{e}"),
+            Self::StateLogClosed => write!(f, "state log not open"),
+            Self::StateLog(e) => write!(f, "state log: {e}"),
+        }
+    }
+}
 
 fn invalid(corr: u64, msg: &str) -> Bytes {
     proto::encode_error(corr, fb::ErrorCode::InvalidRequest, msg)
 }
 
-/// The RecordBatch of a stored batch read from this shard's own log, without verifying it
-/// again: its payload passed `verify_frame` when it was produced, and reads from disk check the
-/// batch CRC (the tail cache holds the very bytes that were verified). Only batches whose
-/// format tag says RingmqFlatbuffers are interpreted.
-fn stored_batch(stored: &[u8]) -> Option<fb::RecordBatch<'_>> {
-    let h = batch::decode_header(stored).ok()?;
-    if h.format != batch::FormatTag::RingmqFlatbuffers || stored.len() < h.stored_len() {
-        return None;
-    }
-    // SAFETY: see above: these bytes passed the flatbuffers verifier before they were stored,
-    // and are CRC-checked when read back from disk.
-    Some(unsafe {
-        flatbuffers::root_unchecked::<fb::RecordBatch>(
-            &batch::payload(stored)[..h.payload_len as usize],
-        )
-    })
-}
-
-/// Stored batches loaded for building a response: (base offset, next offset, max timestamp,
-/// stored bytes), sorted by base offset; each batch's flatbuffer verified once when loaded.
-struct Loaded(Vec<(u64, u64, i64, Bytes)>);
-
-impl Loaded {
-    fn find(&self, offset: u64) -> Option<(i64, fb::Record<'_>)> {
-        let i = self.0.partition_point(|b| b.1 <= offset);
-        let (base, next, max_ts, bytes) = self.0.get(i)?;
-        if offset < *base || offset >= *next {
-            return None;
-        }
-        let rb = stored_batch(bytes)?;
-        let r = rb.records().get((offset - base) as usize);
-        let ts = if r.timestamp_ms() > 0 {
-            r.timestamp_ms()
-        } else {
-            *max_ts
-        };
-        Some((ts, r))
-    }
-
-    async fn load(&mut self, log: &PartitionLog, offset: u64) -> bool {
-        if self.find(offset).is_some() {
-            return true;
-        }
-        let Ok(r) = log.read(offset, 1).await else {
-            return false;
-        };
-        for b in r.batches {
-            let Ok(h) = batch::decode_header(&b) else {
-                continue;
-            };
-            let ok = stored_batch(&b)
-                .is_some_and(|rb| rb.records().len() as u64 == u64::from(h.record_count));
-            if !ok || self.0.iter().any(|x| x.0 == h.base_offset) {
-                continue;
-            }
-            let i = self.0.partition_point(|x| x.0 < h.base_offset);
-            self.0
-                .insert(i, (h.base_offset, h.next_offset(), h.max_timestamp_ms, b));
-        }
-        self.find(offset).is_some()
-    }
-}
-
 impl Shard {
     /// Queue states of this shard for compaction snapshots.
     pub fn queue_snapshot(&self) -> Vec<(QKey, QueueAcks)> {
-        self.queues
-            .borrow()
-            .iter()
-            .map(|(k, s)| {
-                (
-                    k.clone(),
-                    QueueAcks {
-                        floor: s.floor(),
-                        acked: s.acked_above_floor().copied().collect(),
-                    },
-                )
-            })
-            .collect()
+        let mut out = Vec::new();
+        for part in self.open_partitions() {
+            for (sub, acks) in part.subscription_acks() {
+                out.push(((part.topic().to_string(), sub, part.id()), acks));
+            }
+        }
+        out
     }
 
     /// A consumer's connection closed: its leases return to their queues at once.
     pub fn release_connection(&self, conn: u64) {
-        let now = self.now_ms() as u64;
-        let mut n = 0;
-        for s in self.queues.borrow_mut().values_mut() {
-            n += s.release_consumer(conn, now);
+        for part in self.open_partitions() {
+            part.release_consumer(conn);
         }
-        if n > 0 {
-            self.queue_changed.notify_all();
-        }
-    }
-
-    /// Creates the subscription's state on first use, within
-    /// [`limits::SUBSCRIPTIONS_PER_PARTITION_MAX`].
-    fn ensure_queue(
-        &self,
-        key: &QKey,
-        cfg: SubConfig,
-        log: &PartitionLog,
-        latest: bool,
-    ) -> Result<(), String> {
-        if self.queues.borrow().contains_key(key) {
-            return Ok(());
-        }
-        let here = self
-            .queues
-            .borrow()
-            .keys()
-            .filter(|(t, _, p)| *t == key.0 && *p == key.2)
-            .count();
-        if here >= limits::SUBSCRIPTIONS_PER_PARTITION_MAX {
-            return Err(format!(
-                "partition {}-{} has {here} subscriptions, its limit ({})",
-                key.0,
-                key.2,
-                limits::SUBSCRIPTIONS_PER_PARTITION_MAX
-            ));
-        }
-        let start = if latest {
-            log.end_offset()
-        } else {
-            log.start_offset()
-        };
-        let mut st = QueueState::new(cfg, start);
-        if let Some(r) = self.restored_queues.borrow_mut().remove(key) {
-            st.restore(r.floor.max(log.start_offset()), r.acked);
-        }
-        self.queues.borrow_mut().insert(key.clone(), st);
-        Ok(())
-    }
-
-    /// Reads new messages into the queue's pending set, within its ack-state room.
-    async fn refill(
-        &self,
-        key: &QKey,
-        log: &PartitionLog,
-        credit: usize,
-    ) -> Result<(), crate::storage::StorageError> {
-        let (cursor, room, pending) = match self.queues.borrow().get(key) {
-            Some(s) => {
-                let (c, r) = s.read_window();
-                (c, r, s.pending())
-            }
-            None => return Ok(()),
-        };
-        // Read ahead only as far as dispatch needs: pending stays small.
-        if room == 0 || pending >= credit.max(1) * 2 || cursor >= log.end_offset() {
-            return Ok(());
-        }
-        let from = cursor.max(log.start_offset());
-        let r = log.read(from, QUEUE_READ_BYTES).await?;
-        let mut qs = self.queues.borrow_mut();
-        let Some(s) = qs.get_mut(key) else {
-            return Ok(());
-        };
-        if from > cursor {
-            s.skip_to(from);
-        }
-        let mut added = 0;
-        'outer: for stored in &r.batches {
-            let Ok(h) = batch::decode_header(stored) else {
-                continue;
-            };
-            let Some(rb) = stored_batch(stored) else {
-                continue;
-            };
-            for (i, rec) in rb.records().iter().enumerate() {
-                let o = h.base_offset + i as u64;
-                if o < s.read_window().0 {
-                    continue;
-                }
-                if added >= room {
-                    break 'outer;
-                }
-                let ready_at = rec
-                    .headers()
-                    .and_then(|hs| hs.iter().find(|x| x.key() == DELIVER_AT_HEADER))
-                    .and_then(|x| {
-                        std::str::from_utf8(x.value()?.bytes())
-                            .ok()?
-                            .trim()
-                            .parse::<u64>()
-                            .ok()
-                    })
-                    .unwrap_or(0);
-                s.add_read(o, rec.key().map(|k| k.bytes().to_vec()), ready_at);
-                added += 1;
-            }
-        }
-        Ok(())
     }
 
     pub(super) async fn queue_fetch(
@@ -256,42 +97,36 @@ impl Shard {
             return invalid(corr, &format!("dead-letter topic name: {e}"));
         }
         let latest = f.initial_position() == 1;
-        let log = match self.log(corr, &topic, partition) {
-            Ok(l) => l,
+        let part = match self.partition(corr, &topic, partition) {
+            Ok(p) => p,
             Err(e) => return e,
         };
-        let key: QKey = (topic.clone(), sub.clone(), partition);
-        if let Err(msg) = self.ensure_queue(&key, cfg, &log, latest) {
-            return invalid(corr, &msg);
+        if let Err(e) = part.subscribe(&sub, cfg, latest) {
+            return wire_error::frame(corr, &e);
         }
         let deadline = Instant::now() + Duration::from_millis(u64::from(wait_ms));
         loop {
-            let data = log.data_changed();
-            let changed = self.queue_changed.wait();
-            if let Err(e) = self.refill(&key, &log, credit).await {
-                return storage_error(corr, &e);
+            let data = part.data_changed();
+            let changed = part.queue_changed();
+            if let Err(e) = part.refill(&sub, credit).await {
+                return wire_error::frame(corr, &e);
             }
-            let now = self.now_ms() as u64;
-            let (d, next_event) = {
-                let mut qs = self.queues.borrow_mut();
-                let Some(s) = qs.get_mut(&key) else {
-                    return invalid(corr, "subscription vanished");
-                };
-                s.expire(now);
-                (s.dispatch(conn, credit, now), s.next_event_ms())
+            let Some(d) = part.dispatch(&sub, conn, credit) else {
+                return invalid(corr, "subscription vanished");
             };
-            if !d.dead.is_empty() {
-                self.dead_letter(&key, &log, d.dead).await;
+            if !d.dispatch.dead.is_empty() {
+                self.dead_letter(&part, &sub, d.dispatch.dead).await;
             }
-            if !d.deliver.is_empty() {
-                return self.deliver(corr, partition, &log, &d.deliver).await;
+            if !d.dispatch.deliver.is_empty() {
+                return deliver(corr, &part, &d.dispatch.deliver).await;
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() || self.is_shutting_down() {
                 return q::encode_queue_fetch_response(corr, partition, &[]);
             }
-            let until_event = next_event
-                .map(|t| Duration::from_millis(t.saturating_sub(now).max(1)))
+            let until_event = d
+                .next_event_ms
+                .map(|t| Duration::from_millis(t.saturating_sub(d.now_ms).max(1)))
                 .unwrap_or(left);
             let timer = crate::runtime::sleep(left.min(until_event));
             let stop = self.shutdown.wait();
@@ -303,42 +138,21 @@ impl Shard {
         }
     }
 
-    async fn deliver(
-        &self,
-        corr: u64,
-        partition: u32,
-        log: &PartitionLog,
-        offsets: &[(u64, u32)],
-    ) -> Bytes {
-        let mut loaded = Loaded(Vec::new());
-        for (o, _) in offsets {
-            loaded.load(log, *o).await;
-        }
-        let mut msgs = Vec::with_capacity(offsets.len());
-        for (o, count) in offsets {
-            if let Some((ts, r)) = loaded.find(*o) {
-                msgs.push((*o, *count, ts, r));
-            }
-        }
-        q::encode_queue_fetch_response(corr, partition, &msgs)
-    }
-
     /// Moves messages to the dead-letter topic (created if missing) with their origin in
     /// headers, then acks them on the source. On failure they return to pending.
     async fn dead_letter(
         self: &Rc<Self>,
-        key: &QKey,
-        log: &PartitionLog,
+        part: &LocalPartition,
+        sub: &str,
         dead: Vec<(u64, u32, Reason)>,
     ) {
-        let dlq = match self.queues.borrow().get(key) {
-            Some(s) => s.cfg.dead_letter_topic.clone(),
-            None => return,
+        let Some(dlq) = part.dead_letter_topic(sub) else {
+            return;
         };
-        let mut loaded = Loaded(Vec::new());
+        let offsets: Vec<u64> = dead.iter().map(|d| d.0).collect();
+        let loaded = part.records(offsets.iter().copied()).await;
         let mut records = Vec::new();
         for (o, count, reason) in &dead {
-            loaded.load(log, *o).await;
             let Some((ts, r)) = loaded.find(*o) else {
                 continue;
             };
@@ -356,10 +170,10 @@ impl Shard {
                 })
                 .unwrap_or_default();
             for (k, v) in [
-                ("rq-origin-topic", key.0.clone()),
-                ("rq-origin-partition", key.2.to_string()),
+                ("rq-origin-topic", part.topic().to_string()),
+                ("rq-origin-partition", part.id().to_string()),
                 ("rq-origin-offset", o.to_string()),
-                ("rq-origin-subscription", key.1.clone()),
+                ("rq-origin-subscription", sub.to_string()),
                 ("rq-delivery-count", count.to_string()),
                 ("rq-reason", reason.as_str().to_string()),
             ] {
@@ -372,16 +186,9 @@ impl Shard {
                 timestamp_ms: ts,
             });
         }
-        let ok = self.produce_internal(&dlq, &records).await;
-        let offsets: Vec<u64> = dead.iter().map(|d| d.0).collect();
-        let now = self.now_ms() as u64;
-        if let Err(e) = &ok {
+        if let Err(e) = self.produce_internal(&dlq, &records).await {
             eprintln!("ringmq: dead-lettering to {dlq}: {e}");
-            if let Some(s) = self.queues.borrow_mut().get_mut(key) {
-                for o in offsets {
-                    s.dead_letter_failed(o, now);
-                }
-            }
+            part.dead_letter_failed(sub, &offsets);
             return;
         }
         // Stored in the dead-letter topic: ack on the source (durable, then applied). If the
@@ -392,21 +199,17 @@ impl Shard {
             return;
         };
         let ticket = self.state_order.begin().await;
-        let durable = state.append_acks(&key.0, &key.1, key.2, &offsets).await;
+        let durable = state
+            .append_acks(part.topic(), sub, part.id(), &offsets)
+            .await;
         self.state_order.wait_turn(ticket).await;
         match durable {
             Ok(()) => {
-                if let Some(s) = self.queues.borrow_mut().get_mut(key) {
-                    s.apply_ack(&offsets);
-                }
+                part.apply_ack(sub, &offsets);
             }
             Err(e) => {
                 eprintln!("ringmq: recording dead-letter acks: {e}");
-                if let Some(s) = self.queues.borrow_mut().get_mut(key) {
-                    for o in &offsets {
-                        s.dead_letter_failed(*o, now);
-                    }
-                }
+                part.dead_letter_failed(sub, &offsets);
             }
         }
         self.state_order.finish(ticket);
@@ -490,74 +293,52 @@ impl Shard {
         let Some(f) = frame.view().body_as_queue_settle() else {
             return invalid(corr, "not a settle");
         };
-        let key: QKey = (
-            f.topic().to_string(),
-            f.subscription().to_string(),
-            partition,
-        );
+        let (topic, sub) = (f.topic().to_string(), f.subscription().to_string());
         let offsets: Vec<u64> = f.offsets().iter().collect();
         let (action, delay) = (f.action(), u64::from(f.delay_ms()));
-        let now = self.now_ms() as u64;
+        let part = match self.partition(corr, &topic, partition) {
+            Ok(p) => p,
+            Err(e) => return e,
+        };
         let settled = match action {
-            0 => {
-                let ackable = match self.queues.borrow().get(&key) {
-                    Some(s) => s.ackable(&offsets),
-                    None => {
-                        return proto::encode_error(
-                            corr,
-                            fb::ErrorCode::InvalidRequest,
-                            "no such subscription on this partition",
-                        )
-                    }
-                };
-                let Some(state) = self.state.borrow().clone() else {
-                    return proto::encode_error(
-                        corr,
-                        fb::ErrorCode::Internal,
-                        "state log not open",
-                    );
-                };
-                // Durable, then applied, then acknowledged. If the append fails the client
-                // gets an error and the messages stay leased (redelivered at their timeout).
-                let ticket = self.state_order.begin().await;
-                let durable = state.append_acks(&key.0, &key.1, partition, &ackable).await;
-                self.state_order.wait_turn(ticket).await;
-                let n = match &durable {
-                    Ok(()) => self
-                        .queues
-                        .borrow_mut()
-                        .get_mut(&key)
-                        .map(|s| s.apply_ack(&ackable))
-                        .unwrap_or(0),
-                    Err(_) => 0,
-                };
-                self.state_order.finish(ticket);
-                if let Err(e) = durable {
-                    return proto::encode_error(
-                        corr,
-                        fb::ErrorCode::StorageFailed,
-                        &format!("state log: {e}"),
-                    );
-                }
-                self.maybe_compact_state().await;
-                n
-            }
-            1 => self
-                .queues
-                .borrow_mut()
-                .get_mut(&key)
-                .map(|s| s.nack(&offsets, delay, now))
-                .unwrap_or(0),
-            2 => self
-                .queues
-                .borrow_mut()
-                .get_mut(&key)
-                .map(|s| s.extend(&offsets, delay, now))
-                .unwrap_or(0),
+            0 => match self.ack(&part, &sub, &offsets).await {
+                Ok(n) => n,
+                Err(e) => return wire_error::frame(corr, &e),
+            },
+            1 => part.settle(&sub, Settle::Nack { delay_ms: delay }, &offsets),
+            2 => part.settle(&sub, Settle::Extend { ms: delay }, &offsets),
             other => return invalid(corr, &format!("unknown settle action {other}")),
         };
-        self.queue_changed.notify_all();
         q::encode_queue_settle_response(corr, settled as u32)
+    }
+
+    /// Acks: durable in the state log, then applied, then answered. If the append fails the
+    /// client gets an error and the messages stay leased (redelivered at their timeout).
+    async fn ack(
+        &self,
+        part: &LocalPartition,
+        sub: &str,
+        offsets: &[u64],
+    ) -> Result<usize, AckError> {
+        let ackable = part.ackable(sub, offsets).map_err(AckError::Partition)?;
+        let state = self
+            .state
+            .borrow()
+            .clone()
+            .ok_or(AckError::StateLogClosed)?;
+        let ticket = self.state_order.begin().await;
+        let durable = state
+            .append_acks(part.topic(), sub, part.id(), &ackable)
+            .await;
+        self.state_order.wait_turn(ticket).await;
+        let n = match &durable {
+            Ok(()) => part.apply_ack(sub, &ackable),
+            Err(_) => 0,
+        };
+        self.state_order.finish(ticket);
+        durable.map_err(|e| AckError::StateLog(e.to_string()))?;
+        self.maybe_compact_state().await;
+        Ok(n)
     }
 
     /// Counters of this shard's subscriptions of a topic (summed over partitions).
@@ -565,27 +346,25 @@ impl Shard {
         let Some(f) = frame.view().body_as_subscription_info() else {
             return invalid(corr, "not a subscription info");
         };
-        let want = f.subscription().map(String::from);
+        let want = f.subscription();
         let mut by: BTreeMap<String, SubStatsOut> = BTreeMap::new();
-        for ((t, s, p), st) in self.queues.borrow().iter() {
-            if t != f.topic() || want.as_ref().is_some_and(|w| w != s) {
+        for part in self.open_partitions() {
+            if part.topic() != f.topic() {
                 continue;
             }
-            let end = match self.log(corr, t, *p) {
-                Ok(l) => l.end_offset(),
-                Err(_) => 0,
-            };
-            let e = by.entry(s.clone()).or_insert_with(|| SubStatsOut {
-                topic: t.clone(),
-                subscription: s.clone(),
-                key_shared: st.cfg.key_shared,
-                ..Default::default()
-            });
-            e.backlog += st.backlog(end);
-            e.in_flight += st.in_flight() as u64;
-            e.redeliveries += st.redeliveries;
-            e.dead_lettered += st.dead_lettered;
-            e.acked += st.acked_total;
+            for (s, st) in part.subscription_stats(want) {
+                let e = by.entry(s.clone()).or_insert_with(|| SubStatsOut {
+                    topic: part.topic().to_string(),
+                    subscription: s,
+                    key_shared: st.key_shared,
+                    ..Default::default()
+                });
+                e.backlog += st.backlog;
+                e.in_flight += st.in_flight;
+                e.redeliveries += st.redeliveries;
+                e.dead_lettered += st.dead_lettered;
+                e.acked += st.acked;
+            }
         }
         let v: Vec<SubStatsOut> = by.into_values().collect();
         q::encode_subscription_info_response(corr, &v)
@@ -593,15 +372,20 @@ impl Shard {
 
     /// Expires leases everywhere (ticker) so waiting fetches see redeliveries.
     pub fn expire_leases(&self) {
-        let now = self.now_ms() as u64;
-        let mut any = false;
-        for s in self.queues.borrow_mut().values_mut() {
-            let before = s.in_flight();
-            s.expire(now);
-            any |= s.in_flight() != before;
-        }
-        if any {
-            self.queue_changed.notify_all();
+        for part in self.open_partitions() {
+            part.expire_leases();
         }
     }
+}
+
+/// A queue-fetch response delivering `offsets` ((offset, delivery count)) of `part`.
+async fn deliver(corr: u64, part: &LocalPartition, offsets: &[(u64, u32)]) -> Bytes {
+    let loaded = part.records(offsets.iter().map(|(o, _)| *o)).await;
+    let mut msgs = Vec::with_capacity(offsets.len());
+    for (o, count) in offsets {
+        if let Some((ts, r)) = loaded.find(*o) {
+            msgs.push((*o, *count, ts, r));
+        }
+    }
+    q::encode_queue_fetch_response(corr, part.id(), &msgs)
 }

@@ -14,7 +14,7 @@
 //! Names cannot hold tabs or newlines (validated at the edge).
 
 use std::cell::Cell;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::limits;
@@ -23,12 +23,7 @@ use crate::storage::{
     self, BatchMeta, DmaStorage, Durability, FormatTag, Log, LogConfig, StorageError,
 };
 
-/// Acked state of one (topic, subscription, partition).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct QueueAcks {
-    pub floor: u64,
-    pub acked: BTreeSet<u64>,
-}
+pub use crate::partition::queue::QueueAcks;
 
 /// Everything replayed at boot.
 #[derive(Debug, Clone, Default)]

@@ -2,7 +2,8 @@
 //! nacks, visibility timeouts, redelivery, delivery counts, dead-letter decisions, key-shared
 //! ordering, delayed delivery, and the bounded ack state. No I/O; time is passed in.
 //!
-//! Owns: that state. Must not touch: logs (the shard reads records and persists acks).
+//! Owns: that state. Must not touch: logs (the partition reads records; the shard persists
+//! acks).
 //!
 //! Invariants: an offset is in at most one of {pending, in flight, acked}; a message is in
 //! flight at one consumer at a time; below `floor` everything is acked; with `key_shared`, a
@@ -11,6 +12,14 @@
 //! by `max_unacked`: at the bound no new message is read (nothing is dropped).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+/// The durable ack state of one subscription on one partition: everything below `floor` is
+/// acked, and so are the offsets in `acked`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueAcks {
+    pub floor: u64,
+    pub acked: BTreeSet<u64>,
+}
 
 /// Settings fixed when the subscription is created.
 #[derive(Debug, Clone, PartialEq, Eq)]
