@@ -55,6 +55,11 @@ pub const MAX_IN_FLIGHT_DEFAULT: usize = 64;
 /// sender wait (backpressure).
 pub const MESH_CHANNEL_CAPACITY: usize = 1024;
 
+/// Replies buffered per ordered pair of shards on the mesh's reply lane. Each reply answers a
+/// request the receiver made and is drained at once (no handler runs on it), so a reply
+/// never waits behind requests; a full lane makes the replier wait.
+pub const MESH_REPLY_CHANNEL_CAPACITY: usize = 1024;
+
 /// Responses queued per connection for its writer task (bounded; equals max in flight + 1).
 pub const WRITE_QUEUE_FRAMES_EXTRA: usize = 1;
 

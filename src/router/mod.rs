@@ -1,8 +1,9 @@
 //! Who owns a partition and how to get there: the channel mesh between shards, request
 //! forwarding and the replies that come back.
 //!
-//! Owns: this shard's mesh senders, the table of requests awaiting a reply from another shard,
-//! and the cross-core copy counters. Must not touch: partitions or sockets. Every envelope is
+//! Owns: this shard's mesh senders (two lanes: requests, and replies, so a reply never queues
+//! behind requests), the table of requests awaiting a reply from another shard, and the
+//! cross-core copy counters. Must not touch: partitions or sockets. Every envelope is
 //! owned data (`Bytes`, strings); nothing borrowed crosses a core.
 
 pub mod route;
@@ -12,7 +13,7 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 
-use crate::protocol::VerifiedFrame;
+use crate::protocol::{VerifiedBatch, VerifiedFrame};
 use glommio::channels::channel_mesh::Senders;
 
 use crate::metadata::MetaChange;
@@ -20,7 +21,8 @@ use crate::protocol::multicast::DestResult;
 use crate::runtime::oneshot;
 use route::Dest;
 
-/// What travels between shards.
+/// What travels between shards on the request lane; each kind that wants an answer gets one
+/// [`Reply`] on the reply lane.
 #[derive(Debug)]
 pub enum Envelope {
     /// A client request (verified frame bytes, no length prefix) for a partition the receiver
@@ -35,8 +37,13 @@ pub enum Envelope {
     },
     /// A client connection closed: release its queue leases. No reply.
     ConnectionClosed { conn: u64 },
-    /// The reply to a `Request`: a complete response frame, length prefix included.
-    Response { req_id: u64, frame: Bytes },
+    /// A typed request the broker makes of itself (no frame); answered with
+    /// `Reply::Internal`.
+    Internal {
+        from: usize,
+        req_id: u64,
+        call: Internal,
+    },
     /// A metadata change from the controller, with the table version it makes; answered
     /// with `Ack` (a stale version is acknowledged and ignored).
     Meta {
@@ -45,8 +52,6 @@ pub enum Envelope {
         version: u64,
         change: MetaChange,
     },
-    /// The answer to `Meta`: `None` or why applying failed on that shard.
-    Ack { req_id: u64, error: Option<String> },
     /// One copy of a multicast batch (the verified frame) for the receiver's destinations.
     Multicast {
         from: usize,
@@ -54,23 +59,48 @@ pub enum Envelope {
         frame: VerifiedFrame,
         dests: Vec<(String, u32)>,
     },
+}
+
+/// Requests the broker makes of its own shards, as typed calls.
+#[derive(Debug)]
+pub enum Internal {
+    /// Create the topic if it does not exist (the controller shard only): a dead-letter topic.
+    EnsureTopic { name: String, partitions: u32 },
+    /// Append a verified batch to a partition the receiver owns and wait until it is
+    /// acknowledged: a dead letter.
+    Append {
+        topic: String,
+        partition: u32,
+        batch: VerifiedBatch,
+    },
+}
+
+/// What travels back on the reply lane.
+#[derive(Debug)]
+pub enum Reply {
+    /// The answer to a `Request`: a complete response frame, length prefix included.
+    Response { req_id: u64, frame: Bytes },
+    /// The answer to `Meta`: `None` or why applying failed on that shard.
+    Ack { req_id: u64, error: Option<String> },
     /// Per-destination outcomes of a `Multicast`, in its order.
     MulticastResult {
         req_id: u64,
         results: Vec<DestResult>,
     },
+    /// The answer to an `Internal` call: done, or why not.
+    Internal {
+        req_id: u64,
+        result: Result<(), String>,
+    },
 }
 
-impl Envelope {
+impl Reply {
     fn req_id(&self) -> u64 {
         match self {
-            Self::Request { req_id, .. }
-            | Self::Response { req_id, .. }
-            | Self::Meta { req_id, .. }
+            Self::Response { req_id, .. }
             | Self::Ack { req_id, .. }
-            | Self::Multicast { req_id, .. }
-            | Self::MulticastResult { req_id, .. } => *req_id,
-            Self::ConnectionClosed { .. } => 0,
+            | Self::MulticastResult { req_id, .. }
+            | Self::Internal { req_id, .. } => *req_id,
         }
     }
 }
@@ -89,21 +119,34 @@ pub struct Router {
     pub shard_id: usize,
     pub shard_count: usize,
     senders: Senders<Envelope>,
-    pending: RefCell<HashMap<u64, oneshot::Sender<Envelope>>>,
+    reply_senders: Senders<Reply>,
+    pending: RefCell<HashMap<u64, oneshot::Sender<Reply>>>,
     next_req_id: Cell<u64>,
     pub copies: CopyCounters,
 }
 
 impl Router {
-    pub fn new(senders: Senders<Envelope>) -> Self {
-        Self {
+    /// This shard's ends of the two lanes. Both meshes number their peers the same way
+    /// (glommio orders peers by executor id), which is checked here.
+    pub fn new(senders: Senders<Envelope>, reply_senders: Senders<Reply>) -> Result<Self, String> {
+        if senders.peer_id() != reply_senders.peer_id()
+            || senders.nr_consumers() != reply_senders.nr_consumers()
+        {
+            return Err(format!(
+                "the request and reply meshes disagree on this shard's id ({} vs {})",
+                senders.peer_id(),
+                reply_senders.peer_id()
+            ));
+        }
+        Ok(Self {
             shard_id: senders.peer_id(),
             shard_count: senders.nr_consumers(),
             senders,
+            reply_senders,
             pending: RefCell::new(HashMap::new()),
             next_req_id: Cell::new(1),
             copies: CopyCounters::default(),
-        }
+        })
     }
 
     fn new_req_id(&self) -> u64 {
@@ -118,7 +161,7 @@ impl Router {
         &self,
         to: usize,
         make: impl FnOnce(u64) -> Envelope,
-    ) -> Result<oneshot::Receiver<Envelope>, String> {
+    ) -> Result<oneshot::Receiver<Reply>, String> {
         let req_id = self.new_req_id();
         let (tx, rx) = oneshot::channel();
         self.pending.borrow_mut().insert(req_id, tx);
@@ -136,11 +179,11 @@ impl Router {
         Ok(rx)
     }
 
-    /// Sends a reply (`Response` or `Ack`) back to shard `to`.
-    pub async fn reply(&self, to: usize, env: Envelope) {
+    /// Sends a reply back to shard `to` on the reply lane.
+    pub async fn reply(&self, to: usize, reply: Reply) {
         bump(&self.copies.replies);
         // A closed mesh means shutdown; the requester is going away too.
-        let _ = self.senders.send_to(to, env).await;
+        let _ = self.reply_senders.send_to(to, reply).await;
     }
 
     /// Tells every other shard that connection `conn` closed.
@@ -154,14 +197,15 @@ impl Router {
     }
 
     /// Hands a reply to the task awaiting it.
-    pub fn complete(&self, env: Envelope) {
-        if let Some(tx) = self.pending.borrow_mut().remove(&env.req_id()) {
-            tx.send(env);
+    pub fn complete(&self, reply: Reply) {
+        if let Some(tx) = self.pending.borrow_mut().remove(&reply.req_id()) {
+            tx.send(reply);
         }
     }
 
     pub fn close(&self) {
         self.senders.close();
+        self.reply_senders.close();
     }
 }
 
@@ -177,7 +221,7 @@ pub trait Transport {
         &self,
         to: Dest,
         make: impl FnOnce(u64) -> Envelope,
-    ) -> Result<oneshot::Receiver<Envelope>, String>;
+    ) -> Result<oneshot::Receiver<Reply>, String>;
 }
 
 impl Transport for Router {
@@ -185,7 +229,7 @@ impl Transport for Router {
         &self,
         to: Dest,
         make: impl FnOnce(u64) -> Envelope,
-    ) -> Result<oneshot::Receiver<Envelope>, String> {
+    ) -> Result<oneshot::Receiver<Reply>, String> {
         if to.node != route::LOCAL_NODE {
             return Err(format!(
                 "node {} is not reachable: node-to-node transport is not built yet",

@@ -8,13 +8,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use glommio::channels::channel_mesh::MeshBuilder;
+use glommio::channels::channel_mesh::{Full, MeshBuilder};
 use glommio::net::TcpListener;
 use glommio::{LocalExecutorBuilder, Placement};
 
 use super::config::ServeConfig;
 use crate::limits;
-use crate::router::{Envelope, Router};
+use crate::router::{Envelope, Reply, Router};
 use crate::server;
 use crate::shard::Shard;
 use crate::storage::meta_file;
@@ -74,8 +74,10 @@ pub fn serve(mut cfg: ServeConfig) -> Result<(), String> {
         cfg.stalled_connection_ms
     );
     install_signal_handlers();
-    let mesh: MeshBuilder<Envelope, _> =
-        MeshBuilder::full(cfg.cores, limits::MESH_CHANNEL_CAPACITY);
+    let mesh = Meshes {
+        requests: MeshBuilder::full(cfg.cores, limits::MESH_CHANNEL_CAPACITY),
+        replies: MeshBuilder::full(cfg.cores, limits::MESH_REPLY_CHANNEL_CAPACITY),
+    };
     let bound = Arc::new(Startup::default());
     let error: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
     let mut handles = Vec::new();
@@ -115,20 +117,34 @@ pub fn serve(mut cfg: ServeConfig) -> Result<(), String> {
     }
 }
 
+/// The two lanes between shards: requests, and the replies to them.
+#[derive(Clone)]
+struct Meshes {
+    requests: MeshBuilder<Envelope, Full>,
+    replies: MeshBuilder<Reply, Full>,
+}
+
 async fn shard_main(
-    mesh: MeshBuilder<Envelope, glommio::channels::channel_mesh::Full>,
+    mesh: Meshes,
     cfg: ServeConfig,
     bound: Arc<Startup>,
     restored: Arc<crate::shard::state_log::Restored>,
 ) -> Result<(), String> {
     let (senders, receivers) = mesh
+        .requests
         .join()
         .await
-        .map_err(|_| "joining the mesh failed".to_string())?;
+        .map_err(|_| "joining the request mesh failed".to_string())?;
+    let (reply_senders, reply_receivers) = mesh
+        .replies
+        .join()
+        .await
+        .map_err(|_| "joining the reply mesh failed".to_string())?;
     let cores = cfg.cores;
     let listen = cfg.listen;
-    let shard = std::rc::Rc::new(Shard::new(std::rc::Rc::new(cfg), Router::new(senders)));
-    server::spawn_mesh_loops(&shard, receivers);
+    let router = Router::new(senders, reply_senders)?;
+    let shard = std::rc::Rc::new(Shard::new(std::rc::Rc::new(cfg), router));
+    server::spawn_mesh_loops(&shard, receivers, reply_receivers);
     let watcher = shard.clone();
     glommio::spawn_local(async move {
         while !SHUTDOWN.load(Ordering::SeqCst) {

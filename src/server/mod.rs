@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 use crate::limits;
 use crate::protocol::{self as proto, fb, FrameError};
 use crate::router::route::{Dest, Target};
-use crate::router::Envelope;
 use crate::router::Transport;
+use crate::router::{Envelope, Reply};
 use crate::runtime::budget::{Budget, Reservation};
 use crate::runtime::Notify;
 use crate::shard::{Pending, Shard};
@@ -696,7 +696,7 @@ async fn forward(
     Box::pin(async move {
         match rx {
             Ok(rx) => match rx.await {
-                Some(Envelope::Response { frame, .. }) => frame,
+                Some(Reply::Response { frame, .. }) => frame,
                 _ => {
                     proto::encode_error(corr, fb::ErrorCode::Internal, "owning shard did not reply")
                 }
@@ -920,7 +920,7 @@ async fn multicast(shard: &Rc<Shard>, corr: u64, frame: VerifiedFrame) -> Pendin
             Box::pin(async move {
                 match rx {
                     Ok(rx) => match rx.await {
-                        Some(Envelope::MulticastResult { results, .. }) => results,
+                        Some(Reply::MulticastResult { results, .. }) => results,
                         _ => vec![
                             DestResult {
                                 topic: String::new(),
@@ -1045,12 +1045,10 @@ async fn write_timed(
 /// Serves envelopes from one peer shard until the mesh closes.
 pub async fn mesh_loop(
     shard: Rc<Shard>,
-    peer: usize,
     rx: glommio::channels::shared_channel::ConnectedReceiver<Envelope>,
 ) {
     while let Some(env) = rx.recv().await {
         match env {
-            Envelope::Response { .. } | Envelope::Ack { .. } => shard.router.complete(env),
             Envelope::ConnectionClosed { conn } => shard.release_connection(conn),
             Envelope::Request {
                 from,
@@ -1064,7 +1062,17 @@ pub async fn mesh_loop(
                 glommio::spawn_local(async move {
                     let frame = pending.await;
                     s.router
-                        .reply(from, Envelope::Response { req_id, frame })
+                        .reply(from, Reply::Response { req_id, frame })
+                        .await;
+                })
+                .detach();
+            }
+            Envelope::Internal { from, req_id, call } => {
+                let s = shard.clone();
+                glommio::spawn_local(async move {
+                    let result = s.internal(call).await;
+                    s.router
+                        .reply(from, Reply::Internal { req_id, result })
                         .await;
                 })
                 .detach();
@@ -1080,12 +1088,11 @@ pub async fn mesh_loop(
                 glommio::spawn_local(async move {
                     let results = pending.await;
                     s.router
-                        .reply(from, Envelope::MulticastResult { req_id, results })
+                        .reply(from, Reply::MulticastResult { req_id, results })
                         .await;
                 })
                 .detach();
             }
-            Envelope::MulticastResult { .. } => shard.router.complete(env),
             Envelope::Meta {
                 from,
                 req_id,
@@ -1095,18 +1102,35 @@ pub async fn mesh_loop(
                 let s = shard.clone();
                 glommio::spawn_local(async move {
                     let error = s.apply_meta_update(version, &change).await.err();
-                    s.router.reply(from, Envelope::Ack { req_id, error }).await;
+                    s.router.reply(from, Reply::Ack { req_id, error }).await;
                 })
                 .detach();
             }
         }
     }
-    let _ = peer;
 }
 
-/// Takes this shard's receivers and spawns one loop per peer.
-pub fn spawn_mesh_loops(shard: &Rc<Shard>, mut receivers: Receivers<Envelope>) {
-    for (peer, rx) in receivers.streams() {
-        glommio::spawn_local(mesh_loop(shard.clone(), peer, rx)).detach();
+/// Hands replies from one peer shard to the tasks awaiting them until the mesh closes. Runs
+/// no handler, so the reply lane never backs up behind requests.
+pub async fn reply_loop(
+    shard: Rc<Shard>,
+    rx: glommio::channels::shared_channel::ConnectedReceiver<Reply>,
+) {
+    while let Some(reply) = rx.recv().await {
+        shard.router.complete(reply);
+    }
+}
+
+/// Takes this shard's receivers of both lanes and spawns one loop per peer and lane.
+pub fn spawn_mesh_loops(
+    shard: &Rc<Shard>,
+    mut requests: Receivers<Envelope>,
+    mut replies: Receivers<Reply>,
+) {
+    for (_, rx) in requests.streams() {
+        glommio::spawn_local(mesh_loop(shard.clone(), rx)).detach();
+    }
+    for (_, rx) in replies.streams() {
+        glommio::spawn_local(reply_loop(shard.clone(), rx)).detach();
     }
 }

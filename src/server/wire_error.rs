@@ -10,7 +10,7 @@ use crate::partition::PartitionError;
 use crate::protocol::{self as proto, fb, FrameError};
 use crate::router::route::RouteError;
 use crate::shard::queue_api::AckError;
-use crate::shard::Unavailable;
+use crate::shard::{AdminError, Unavailable};
 use crate::storage::StorageError;
 
 /// An error a client may see: its wire code (the message is its `Display`).
@@ -82,6 +82,19 @@ impl WireCode for AckError {
             Self::Partition(e) => e.wire_code(),
             Self::StateLogClosed => fb::ErrorCode::Internal,
             Self::StateLog(_) => fb::ErrorCode::StorageFailed,
+        }
+    }
+}
+
+impl WireCode for AdminError {
+    fn wire_code(&self) -> fb::ErrorCode {
+        match self {
+            Self::InvalidName(_) | Self::InvalidPartitions(_) | Self::TooManyTopics => {
+                fb::ErrorCode::InvalidRequest
+            }
+            Self::Exists(_) => fb::ErrorCode::TopicExists,
+            Self::Unknown(_) => fb::ErrorCode::UnknownTopic,
+            Self::Storage(_) => fb::ErrorCode::StorageFailed,
         }
     }
 }

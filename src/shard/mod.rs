@@ -22,7 +22,7 @@ use crate::metadata::{self, MetaChange, Metadata, TopicMeta};
 use crate::partition::Partition;
 use crate::protocol::{self as proto, fb};
 use crate::router::route::{self, Dest, RouteError, Target};
-use crate::router::{Envelope, Router};
+use crate::router::{Envelope, Internal, Reply, Router, Transport};
 use crate::runtime::clock::Clock;
 use crate::runtime::config::ServeConfig;
 use crate::runtime::Notify;
@@ -87,6 +87,49 @@ impl std::fmt::Display for Unavailable {
             Self::Failed(why) => write!(f, "{why}"),
             Self::Recovering(p) => write!(f, "partition {p} is still recovering; retry shortly"),
             Self::NotOpenYet(p) => write!(f, "partition {p} is not open yet; retry shortly"),
+        }
+    }
+}
+
+/// A topic to create.
+#[derive(Debug, Clone)]
+pub struct NewTopic {
+    pub name: String,
+    pub partitions: u32,
+    /// -1 = unlimited.
+    pub retention_bytes: i64,
+    pub retention_ms: i64,
+}
+
+/// Why a topic change was refused.
+#[derive(Debug)]
+pub enum AdminError {
+    InvalidName(String),
+    InvalidPartitions(u32),
+    Exists(String),
+    Unknown(String),
+    TooManyTopics,
+    /// Persisting or applying the change failed.
+    Storage(String),
+}
+
+impl std::fmt::Display for AdminError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::InvalidName(e) => write!(f, "{e}"),
+            Self::InvalidPartitions(n) => write!(
+                f,
+                "partitions must be 1..={}, not {n}",
+                limits::PARTITIONS_PER_TOPIC_MAX
+            ),
+            Self::Exists(name) => write!(f, "topic {name:?} already exists"),
+            Self::Unknown(name) => write!(f, "unknown topic {name:?}"),
+            Self::TooManyTopics => write!(
+                f,
+                "the broker holds {} topics, its limit; delete some first",
+                limits::TOPICS_MAX
+            ),
+            Self::Storage(e) => write!(f, "{e}"),
         }
     }
 }
@@ -604,49 +647,40 @@ impl Shard {
         let Some(c) = frame.view().body_as_create_topic() else {
             return proto::encode_error(corr, fb::ErrorCode::Internal, "not a create");
         };
-        let (name, partitions) = (c.name().to_string(), c.partitions());
-        let (retention_bytes, retention_ms) = (c.retention_bytes(), c.retention_ms());
-        if let Err(e) = metadata::validate_topic_name(&name) {
-            return proto::encode_error(corr, fb::ErrorCode::InvalidRequest, &e);
+        let topic = NewTopic {
+            name: c.name().to_string(),
+            partitions: c.partitions(),
+            retention_bytes: c.retention_bytes(),
+            retention_ms: c.retention_ms(),
+        };
+        match self.create(&topic).await {
+            Ok(()) => proto::encode_create_topic_response(corr, &topic.name, topic.partitions),
+            Err(e) => wire_error::frame(corr, &e),
         }
-        if partitions == 0 || partitions > limits::PARTITIONS_PER_TOPIC_MAX {
-            return proto::encode_error(
-                corr,
-                fb::ErrorCode::InvalidRequest,
-                &format!(
-                    "partitions must be 1..={}, not {partitions}",
-                    limits::PARTITIONS_PER_TOPIC_MAX
-                ),
-            );
+    }
+
+    /// Controller only: creates a topic and waits until every shard has applied it.
+    async fn create(&self, t: &NewTopic) -> Result<(), AdminError> {
+        metadata::validate_topic_name(&t.name).map_err(AdminError::InvalidName)?;
+        if t.partitions == 0 || t.partitions > limits::PARTITIONS_PER_TOPIC_MAX {
+            return Err(AdminError::InvalidPartitions(t.partitions));
         }
         let _guard = self.admin_lock.acquire_permit(1).await;
-        if self.meta.borrow().get(&name).is_some() {
-            return proto::encode_error(
-                corr,
-                fb::ErrorCode::TopicExists,
-                &format!("topic {name:?} already exists"),
-            );
+        if self.meta.borrow().get(&t.name).is_some() {
+            return Err(AdminError::Exists(t.name.clone()));
         }
         if self.meta.borrow().topics.len() >= limits::TOPICS_MAX {
-            return proto::encode_error(
-                corr,
-                fb::ErrorCode::InvalidRequest,
-                &format!(
-                    "the broker holds {} topics, its limit; delete some first",
-                    limits::TOPICS_MAX
-                ),
-            );
+            return Err(AdminError::TooManyTopics);
         }
         let topic = TopicMeta {
-            shards: metadata::place(&name, partitions, self.count()),
-            name: name.clone(),
-            retention_bytes,
-            retention_ms,
+            shards: metadata::place(&t.name, t.partitions, self.count()),
+            name: t.name.clone(),
+            retention_bytes: t.retention_bytes,
+            retention_ms: t.retention_ms,
         };
-        match self.commit_change(MetaChange::Upsert(topic)).await {
-            Ok(()) => proto::encode_create_topic_response(corr, &name, partitions),
-            Err(e) => proto::encode_error(corr, fb::ErrorCode::StorageFailed, &e),
-        }
+        self.commit_change(MetaChange::Upsert(topic))
+            .await
+            .map_err(AdminError::Storage)
     }
 
     async fn delete_topic(&self, corr: u64, frame: VerifiedFrame) -> Bytes {
@@ -656,15 +690,59 @@ impl Shard {
         let name = d.name().to_string();
         let _guard = self.admin_lock.acquire_permit(1).await;
         if self.meta.borrow().get(&name).is_none() {
-            return proto::encode_error(
-                corr,
-                fb::ErrorCode::UnknownTopic,
-                &format!("unknown topic {name:?}"),
-            );
+            return wire_error::frame(corr, &AdminError::Unknown(name));
         }
         match self.commit_change(MetaChange::Remove(name.clone())).await {
             Ok(()) => proto::encode_delete_topic_response(corr, &name),
-            Err(e) => proto::encode_error(corr, fb::ErrorCode::StorageFailed, &e),
+            Err(e) => wire_error::frame(corr, &AdminError::Storage(e)),
+        }
+    }
+
+    /// Runs a typed request the broker made of this shard (see [`Internal`]).
+    pub async fn internal(self: &Rc<Self>, call: Internal) -> Result<(), String> {
+        match call {
+            Internal::EnsureTopic { name, partitions } => {
+                let t = NewTopic {
+                    name,
+                    partitions,
+                    retention_bytes: -1,
+                    retention_ms: -1,
+                };
+                match self.create(&t).await {
+                    Ok(()) | Err(AdminError::Exists(_)) => Ok(()),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+            Internal::Append {
+                topic,
+                partition,
+                batch,
+            } => {
+                let part = self
+                    .open_partition(&topic, partition)
+                    .map_err(|e| e.to_string())?;
+                let appended = part.produce(&batch).await.map_err(|e| e.to_string())?;
+                part.acknowledged(&appended)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    /// Makes a typed call on `to` (this shard directly, others through the transport) and
+    /// waits for its answer.
+    pub async fn call_internal(self: &Rc<Self>, to: Dest, call: Internal) -> Result<(), String> {
+        if to == Dest::local(self.id()) {
+            return self.internal(call).await;
+        }
+        let from = self.id();
+        let rx = self
+            .router
+            .send_request(to, move |req_id| Envelope::Internal { from, req_id, call })
+            .await?;
+        match rx.await {
+            Some(Reply::Internal { result, .. }) => result,
+            _ => Err(format!("shard {} did not answer", to.shard)),
         }
     }
 
@@ -697,7 +775,7 @@ impl Shard {
         }
         for rx in acks {
             match rx.await {
-                Some(Envelope::Ack { error: Some(e), .. }) => errors.push(e),
+                Some(Reply::Ack { error: Some(e), .. }) => errors.push(e),
                 Some(_) => {}
                 None => errors.push("a shard did not answer".into()),
             }

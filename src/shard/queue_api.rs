@@ -16,9 +16,9 @@ use super::{LocalPartition, Shard};
 use crate::limits;
 use crate::partition::{QueueAcks, Reason, Settle, SubConfig};
 use crate::protocol::queue::{self as q, SubStatsOut};
-use crate::protocol::{self as proto, fb, PartitionChoice, RecordIn};
-use crate::router::route::{Target, CONTROLLER_SHARD};
-use crate::router::Envelope;
+use crate::protocol::{self as proto, fb, RecordIn, VerifiedBatch};
+use crate::router::route::{Dest, Target, CONTROLLER_SHARD};
+use crate::router::Internal;
 use crate::server::wire_error;
 
 /// (topic, subscription, partition).
@@ -215,7 +215,8 @@ impl Shard {
         self.state_order.finish(ticket);
     }
 
-    /// Produces records to `topic` from inside the broker (creating the topic if missing).
+    /// Produces records to `topic` from inside the broker (creating the topic if missing),
+    /// with typed calls to the controller and the owning shard.
     async fn produce_internal(
         self: &Rc<Self>,
         topic: &str,
@@ -225,63 +226,28 @@ impl Shard {
             return Ok(());
         }
         if self.meta.borrow().get(topic).is_none() {
-            let create = proto::encode_create_topic(0, topic, 1, -1, -1);
-            let reply = self.call_shard(CONTROLLER_SHARD, 0, create).await;
-            let exists = proto::verify_frame(&reply[proto::LEN_PREFIX_BYTES..])
-                .ok()
-                .and_then(|f| f.body_as_error())
-                .map(|e| e.code() == fb::ErrorCode::TopicExists);
-            if exists == Some(false) {
-                return Err(format!("creating dead-letter topic {topic}"));
-            }
+            let ensure = Internal::EnsureTopic {
+                name: topic.to_string(),
+                partitions: 1,
+            };
+            self.call_internal(Dest::local(CONTROLLER_SHARD), ensure)
+                .await
+                .map_err(|e| format!("creating dead-letter topic {topic}: {e}"))?;
         }
-        let batch_bytes = proto::encode_record_batch(records);
-        let frame = proto::encode_produce(0, topic, PartitionChoice::RoundRobin, &batch_bytes);
+        let bytes = Bytes::from(proto::encode_record_batch(records));
+        let batch = VerifiedBatch::verify(bytes).map_err(|e| e.to_string())?;
         let target = Target::Produce {
             topic,
             partition: None,
             key: None,
         };
         let (partition, dest) = self.route(target).map_err(|e| e.to_string())?;
-        let owner = dest.shard;
-        let reply = self.call_shard(owner, partition, frame).await;
-        match proto::verify_frame(&reply[proto::LEN_PREFIX_BYTES..])
-            .ok()
-            .and_then(|f| f.body_as_error())
-        {
-            Some(e) => Err(e.message().unwrap_or_default().to_string()),
-            None => Ok(()),
-        }
-    }
-
-    /// Runs a request built here (with its length prefix) on shard `to`; returns the reply.
-    /// The request is verified like any other before a shard sees it.
-    async fn call_shard(self: &Rc<Self>, to: usize, partition: u32, prefixed: Bytes) -> Bytes {
-        let frame = match VerifiedFrame::verify_encoded(&prefixed) {
-            Ok(f) => f,
-            Err(e) => return proto::encode_error(0, fb::ErrorCode::Internal, &e.to_string()),
+        let append = Internal::Append {
+            topic: topic.to_string(),
+            partition,
+            batch,
         };
-        if to == self.id() {
-            return self.start(partition, 0, frame).await.await;
-        }
-        let from = self.id();
-        match self
-            .router
-            .call(to, move |req_id| Envelope::Request {
-                from,
-                req_id,
-                partition,
-                conn: 0,
-                frame,
-            })
-            .await
-        {
-            Ok(rx) => match rx.await {
-                Some(Envelope::Response { frame, .. }) => frame,
-                _ => proto::encode_error(0, fb::ErrorCode::Internal, "no reply"),
-            },
-            Err(e) => proto::encode_error(0, fb::ErrorCode::Internal, &e),
-        }
+        self.call_internal(dest, append).await
     }
 
     pub(super) async fn queue_settle(
