@@ -1,9 +1,11 @@
-//! The partitions of one core: the only code that mutates a partition.
+//! The partitions of one core and the handling of requests for them.
 //!
-//! Owns: this shard's logs, its copy of the topic table, the controller role (shard 0 makes
-//! topic changes and broadcasts them), and the handlers that turn a verified request frame into
-//! a response frame. Must not touch: sockets (the server's) or another shard's state (only
-//! envelopes through the router). Storage errors become wire error codes here, at the edge.
+//! Owns: this shard's [`Partition`]s (slots: ready, failed, opening), its copy of the topic
+//! table, the controller role (shard 0 makes topic changes and broadcasts them), the group
+//! coordinator, the state log, and the handlers that turn a verified request frame into a call
+//! on a partition and its typed result into a response frame (wire codes come from
+//! `server::wire_error`). Must not touch: sockets (the server's), a partition's internals
+//! (only its methods), or another shard's state (only envelopes through the router).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;

@@ -1,8 +1,9 @@
 //! Queue (shared subscription) handlers on the shard that owns the partition: fetch with
 //! leases, settle (ack / nack / extend), dead-lettering, consumer disconnects, counters.
 //!
-//! Owns: the `QueueState`s of this shard's partitions and the order "ack durable in the state
-//! log, then applied, then answered". Must not touch: sockets.
+//! Owns: the order "ack durable in the state log, then applied, then answered" and the
+//! dead-letter path (typed internal calls). Must not touch: sockets, or a subscription's state
+//! except through `Partition` methods.
 
 use std::collections::BTreeMap;
 use std::rc::Rc;
