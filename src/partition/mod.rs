@@ -21,7 +21,7 @@ use std::rc::Rc;
 use bytes::Bytes;
 
 use crate::limits;
-use crate::protocol::queue::DELIVER_AT_HEADER;
+use crate::protocol::queue::{SubStatsOut, DELIVER_AT_HEADER};
 use crate::protocol::{self as proto, fb, FrameError, VerifiedBatch};
 use crate::runtime::clock::Clock;
 use crate::runtime::Notify;
@@ -101,17 +101,6 @@ pub struct Dispatched {
     /// Wall-clock ms of the next lease expiry or delayed message, if any.
     pub next_event_ms: Option<u64>,
     pub now_ms: u64,
-}
-
-/// Counters of one subscription on one partition.
-#[derive(Debug, Clone, Default)]
-pub struct SubscriptionStats {
-    pub key_shared: bool,
-    pub backlog: u64,
-    pub in_flight: u64,
-    pub redeliveries: u64,
-    pub dead_lettered: u64,
-    pub acked: u64,
 }
 
 /// One partition of a topic.
@@ -434,22 +423,21 @@ impl<S: Storage> Partition<S> {
     }
 
     /// Counters of the subscriptions on this partition (all, or only `only`).
-    pub fn subscription_stats(&self, only: Option<&str>) -> Vec<(String, SubscriptionStats)> {
+    pub fn subscription_stats(&self, only: Option<&str>) -> Vec<SubStatsOut> {
         let end = self.log.end_offset();
         self.subs
             .borrow()
             .iter()
             .filter(|(name, _)| only.is_none_or(|o| o == name.as_str()))
-            .map(|(name, s)| {
-                let st = SubscriptionStats {
-                    key_shared: s.cfg.key_shared,
-                    backlog: s.backlog(end),
-                    in_flight: s.in_flight() as u64,
-                    redeliveries: s.redeliveries,
-                    dead_lettered: s.dead_lettered,
-                    acked: s.acked_total,
-                };
-                (name.clone(), st)
+            .map(|(name, s)| SubStatsOut {
+                topic: self.topic.clone(),
+                subscription: name.clone(),
+                key_shared: s.cfg.key_shared,
+                backlog: s.backlog(end),
+                in_flight: s.in_flight() as u64,
+                redeliveries: s.redeliveries,
+                dead_lettered: s.dead_lettered,
+                acked: s.acked_total,
             })
             .collect()
     }

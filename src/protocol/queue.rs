@@ -205,6 +205,17 @@ pub struct SubStatsOut {
     pub acked: u64,
 }
 
+impl SubStatsOut {
+    /// Adds the counters of the same subscription on another partition.
+    pub fn absorb(&mut self, o: &SubStatsOut) {
+        self.backlog += o.backlog;
+        self.in_flight += o.in_flight;
+        self.redeliveries += o.redeliveries;
+        self.dead_lettered += o.dead_lettered;
+        self.acked += o.acked;
+    }
+}
+
 pub fn encode_subscription_info(corr: u64, topic: &str, sub: Option<&str>) -> Bytes {
     let mut b = FlatBufferBuilder::with_capacity(128);
     let t = b.create_string(topic);

@@ -779,19 +779,12 @@ async fn subscriptions_fanout(shard: &Rc<Shard>, corr: u64, frame: VerifiedFrame
                     .map(proto::queue::decode_subscription_info_response)
             });
             for s in subs.unwrap_or_default() {
-                let e =
-                    by.entry(s.subscription.clone())
-                        .or_insert_with(|| proto::queue::SubStatsOut {
-                            topic: s.topic.clone(),
-                            subscription: s.subscription.clone(),
-                            key_shared: s.key_shared,
-                            ..Default::default()
-                        });
-                e.backlog += s.backlog;
-                e.in_flight += s.in_flight;
-                e.redeliveries += s.redeliveries;
-                e.dead_lettered += s.dead_lettered;
-                e.acked += s.acked;
+                match by.get_mut(&s.subscription) {
+                    Some(e) => e.absorb(&s),
+                    None => {
+                        by.insert(s.subscription.clone(), s);
+                    }
+                }
             }
         }
         let v: Vec<_> = by.into_values().collect();

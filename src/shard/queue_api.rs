@@ -319,18 +319,13 @@ impl Shard {
             if part.topic() != f.topic() {
                 continue;
             }
-            for (s, st) in part.subscription_stats(want) {
-                let e = by.entry(s.clone()).or_insert_with(|| SubStatsOut {
-                    topic: part.topic().to_string(),
-                    subscription: s,
-                    key_shared: st.key_shared,
-                    ..Default::default()
-                });
-                e.backlog += st.backlog;
-                e.in_flight += st.in_flight;
-                e.redeliveries += st.redeliveries;
-                e.dead_lettered += st.dead_lettered;
-                e.acked += st.acked;
+            for st in part.subscription_stats(want) {
+                match by.get_mut(&st.subscription) {
+                    Some(e) => e.absorb(&st),
+                    None => {
+                        by.insert(st.subscription.clone(), st);
+                    }
+                }
             }
         }
         let v: Vec<SubStatsOut> = by.into_values().collect();
