@@ -49,6 +49,9 @@ iperf3 -s -D -1 >/dev/null 2>&1; sleep 0.5
 run iperf3 -c 127.0.0.1 -t "$SECS" -f g | grep -E "sender|receiver"
 sockperf server -i 127.0.0.1 -p 11111 >/dev/null 2>&1 & sleep 0.5
 run sockperf ping-pong -i 127.0.0.1 -p 11111 -m 64 -t "$SECS" | grep -E "Summary|percentile 50.000|percentile 99.000|percentile 99.900"
+# The floor every latency target is a ratio to: a blocking 64 B ping-pong paced exactly like
+# `bench produce --rate` (sleep, then spin the last 200 us), at the rates of the scenarios below.
+for rate in 0 1000 10000; do run $R bench floor --rate $rate --seconds "$SECS"; done
 
 echo; echo "## storage (ringmq bench log, no broker)"
 for a in "1 1024 always" "8 1024 always" "64 1024 always" "1 1024 never" "1 65536 never" "64 65536 always"; do
@@ -63,6 +66,10 @@ run $P --producers 8 --message-bytes 1024 --batch 64 --partitions 4 --fsync neve
 run $P --producers 8 --message-bytes 1024 --batch 64 --partitions 4 --fsync always
 run $P --producers 1 --message-bytes 100 --batch 1 --window 1 --partitions 1 --fsync never
 run $P --producers 1 --message-bytes 100 --batch 1 --window 1 --partitions 1 --fsync always --rate 1000
+run $P --producers 1 --message-bytes 100 --batch 1 --window 1 --partitions 1 --fsync never --rate 1000
+run $P --producers 1 --message-bytes 100 --batch 1 --window 1 --partitions 1 --fsync never --rate 10000
+run $P --producers 4 --message-bytes 100 --batch 1 --window 16 --partitions 4 --fsync never
+run $P --producers 4 --message-bytes 100 --batch 1 --window 16 --partitions 4 --fsync always
 run $P --producers 4 --message-bytes 100 --batch 1000 --partitions 4 --fsync never --cores 1
 run $P --producers 4 --message-bytes 100 --batch 1000 --partitions 4 --fsync never --cores 2
 run $P --producers 8 --message-bytes 1024 --batch 64 --partitions 4 --fsync never --cores 1

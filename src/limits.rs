@@ -133,6 +133,9 @@ pub const READ_CHUNK_BYTES: usize = 64 << 10;
 /// allocation of exactly their length, charged to the budgets.
 pub const READ_BUFFER_BYTES: usize = 8 << 10;
 
+/// `--poll adaptive` without `--spin-before-park-us`: µs an idle shard spins before parking.
+pub const POLL_ADAPTIVE_SPIN_US_DEFAULT: u64 = 100;
+
 /// Default time a connection may be stalled before it is closed (`--stalled-connection-ms`):
 /// sitting mid-frame with no bytes arriving or waiting for memory, or with a response it does
 /// not read (a write making no progress). Connections idle between frames are never closed

@@ -528,3 +528,44 @@ fn sigterm_answers_every_request_in_flight() {
         .sum();
     assert!(stored >= total, "acknowledged {total}, stored {stored}");
 }
+
+/// `--poll`: contradictory flags exit 1 naming the conflict and write nothing; `adaptive` and
+/// `spin` brokers serve (each with one core, briefly: `spin` keeps its core busy).
+#[test]
+fn poll_modes_refuse_contradictions_and_serve() {
+    for (flags, says) in [
+        (
+            ["--poll", "park", "--spin-before-park-us", "50"],
+            "applies to --poll adaptive",
+        ),
+        (
+            ["--poll", "spin", "--spin-before-park-us", "50"],
+            "--poll spin never parks",
+        ),
+        (
+            ["--poll", "adaptive", "--spin-before-park-us", "0"],
+            "must be at least 1",
+        ),
+    ] {
+        let dir = temp_dir("poll-refused");
+        let out = serve(&dir, free_port(), &flags);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{flags:?}: {err}");
+        assert!(err.contains(says), "{flags:?}: {err}");
+        assert!(
+            !dir.join("LOCK").exists(),
+            "{flags:?}: refused before claiming"
+        );
+    }
+    for mode in ["adaptive", "spin"] {
+        let dir = temp_dir("poll-serves");
+        let b = Broker::start(&dir, 1, &["--poll", mode, "--fsync", "never"]);
+        let mut c = b.client();
+        c.create_topic("t", 1, -1, -1).unwrap();
+        let ack = c
+            .produce("t", PartitionChoice::Explicit(0), &[rec(mode)])
+            .unwrap();
+        let got = c.fetch("t", 0, ack.base_offset, 1 << 20, 1000).unwrap();
+        assert_eq!(got.records.len(), 1, "--poll {mode}");
+    }
+}

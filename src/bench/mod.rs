@@ -8,6 +8,7 @@
 
 mod consume_bench;
 mod fanout_bench;
+mod floor_bench;
 mod log_bench;
 mod produce_bench;
 mod queue_bench;
@@ -15,12 +16,25 @@ mod rebalance_bench;
 
 pub use consume_bench::{run_consume, ConsumeBenchArgs};
 pub use fanout_bench::{run_fanout, FanoutBenchArgs};
+pub use floor_bench::{run_floor, FloorBenchArgs};
 pub use log_bench::{run_log, LogBenchArgs};
 pub use produce_bench::{run_produce, ProduceBenchArgs};
 pub use queue_bench::{run_queue, QueueBenchArgs};
 pub use rebalance_bench::{run_rebalance, RebalanceBenchArgs};
 
 use hdrhistogram::Histogram;
+
+/// One step of waiting for a paced send `left` from now, as every paced scenario waits: sleep
+/// most of the gap, spin the last 200 µs (thread wake-ups overshoot by ~100 µs on this kind of
+/// machine, which would count against the latency measured). Call until the time is reached.
+pub fn pace_step(left: std::time::Duration) {
+    let spin = std::time::Duration::from_micros(200);
+    if left > spin {
+        std::thread::sleep(left - spin);
+    } else {
+        std::hint::spin_loop();
+    }
+}
 
 /// A new latency histogram in µs (1 µs .. 60 s, 3 significant digits).
 pub fn histogram() -> Histogram<u64> {

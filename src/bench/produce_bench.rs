@@ -272,14 +272,7 @@ fn producer(
         while Instant::now() < intended {
             let left = intended.saturating_duration_since(Instant::now());
             if in_flight.is_empty() {
-                // Sleep most of the gap, spin the last 200 µs: thread wakeups overshoot by
-                // ~100 µs here, which would count against the broker's latency.
-                let spin = Duration::from_micros(200);
-                if left > spin {
-                    std::thread::sleep(left - spin);
-                } else {
-                    std::hint::spin_loop();
-                }
+                super::pace_step(left);
             } else if c.wait_readable(left).map_err(|e| e.to_string())? {
                 recv(&mut c, &mut in_flight, &mut hist)?;
             }

@@ -67,6 +67,9 @@ pub enum Command {
 
 #[derive(Subcommand, Debug)]
 pub enum BenchScenario {
+    /// The machine's loopback floor: a blocking 64 B TCP ping-pong (no broker), paced like
+    /// `produce` with `--rate`; every latency target is a ratio to it.
+    Floor(crate::bench::FloorBenchArgs),
     /// Append to one partition log directly (no broker, no network): latency to durable,
     /// throughput, appends per fdatasync.
     Log(crate::bench::LogBenchArgs),
@@ -95,6 +98,14 @@ pub enum BenchScenario {
     Queue(crate::bench::QueueBenchArgs),
 }
 
+/// `--poll`: how an idle shard waits for work.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PollMode {
+    Park,
+    Adaptive,
+    Spin,
+}
+
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
     /// Data directory (on a real filesystem: O_DIRECT does not work on tmpfs).
@@ -121,10 +132,17 @@ pub struct ServeArgs {
     /// glommio io memory per executor in KiB (must fit `ulimit -l`; at least 512).
     #[arg(long, default_value_t = limits::IO_MEMORY_BYTES_DEFAULT / 1024)]
     pub io_memory_kib: usize,
-    /// Spin this many µs before parking an idle executor (0 = park at once). Lower cross-core
-    /// latency for more CPU.
-    #[arg(long, default_value_t = 0)]
-    pub spin_before_park_us: u64,
+    /// How an idle shard waits for work. `park` (the default): sleep in the kernel at once, no
+    /// CPU while idle; best whenever cores are shared with clients or other programs.
+    /// `adaptive`: after work, spin `--spin-before-park-us` (default 100) before parking;
+    /// trades CPU for wake-up latency on cores mostly left to the broker. `spin`: never park;
+    /// every shard's core runs at 100% all the time, idle or not: only for cores dedicated to
+    /// the broker (`--cores N` of an isolated set).
+    #[arg(long, value_enum)]
+    pub poll: Option<PollMode>,
+    /// With `--poll adaptive` (implied when given alone): µs to spin before parking.
+    #[arg(long)]
+    pub spin_before_park_us: Option<u64>,
     /// Segment size before a roll.
     #[arg(long, default_value_t = limits::SEGMENT_BYTES_MAX_DEFAULT)]
     pub segment_bytes: u64,

@@ -20,6 +20,7 @@ pub mod topic;
 
 pub use args::*;
 
+use crate::limits;
 use crate::runtime::config::{parse_fsync, ServeConfig};
 
 /// A progress line on stderr (elapsed seconds) while a benchmark runs; off with `--json`.
@@ -80,6 +81,7 @@ pub fn run(cli: Cli) -> Result<(), String> {
                 || std::env::var_os("RINGMQ_SERVER").is_some();
             let report = match scenario {
                 BenchScenario::Log(a) => crate::bench::run_log(a)?,
+                BenchScenario::Floor(a) => crate::bench::run_floor(a)?,
                 BenchScenario::Produce(a) => {
                     crate::bench::run_produce(server_given.then_some(cli.server.as_str()), a)?
                 }
@@ -111,6 +113,25 @@ pub fn run(cli: Cli) -> Result<(), String> {
     }
 }
 
+/// The executor's spin before parking for a `--poll` mode (`u64::MAX`: never park).
+fn spin_before_park_us(poll: Option<PollMode>, spin_us: Option<u64>) -> Result<u64, String> {
+    match (poll, spin_us) {
+        (None | Some(PollMode::Park), None) => Ok(0),
+        (Some(PollMode::Park), Some(_)) => {
+            Err("--spin-before-park-us applies to --poll adaptive, not --poll park".into())
+        }
+        (None | Some(PollMode::Adaptive), Some(0)) => {
+            Err("--spin-before-park-us must be at least 1 (0 is --poll park)".into())
+        }
+        (None | Some(PollMode::Adaptive), Some(us)) => Ok(us),
+        (Some(PollMode::Adaptive), None) => Ok(limits::POLL_ADAPTIVE_SPIN_US_DEFAULT),
+        (Some(PollMode::Spin), None) => Ok(u64::MAX),
+        (Some(PollMode::Spin), Some(_)) => {
+            Err("--poll spin never parks; --spin-before-park-us does not apply".into())
+        }
+    }
+}
+
 fn serve_config(a: ServeArgs) -> Result<ServeConfig, String> {
     let d = ServeConfig::default();
     Ok(ServeConfig {
@@ -122,7 +143,7 @@ fn serve_config(a: ServeArgs) -> Result<ServeConfig, String> {
         max_connections: a.max_connections,
         max_in_flight: a.max_in_flight,
         io_memory_bytes: a.io_memory_kib.saturating_mul(1024),
-        spin_before_park_us: a.spin_before_park_us,
+        spin_before_park_us: spin_before_park_us(a.poll, a.spin_before_park_us)?,
         segment_bytes_max: a.segment_bytes,
         retention_check_ms: a.retention_check_ms,
         state_compact_bytes: a.state_compact_bytes,

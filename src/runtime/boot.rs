@@ -52,7 +52,7 @@ pub fn serve(mut cfg: ServeConfig) -> Result<(), String> {
     let meta = meta_file::load(&cfg.data_dir)?;
     let restored = Arc::new(crate::shard::state_log::load_all(&cfg.data_dir)?);
     eprintln!(
-        "ringmq {}: data {} listen {} cores {} fsync {:?} max-frame-bytes {} max-connections {} max-in-flight {} io-memory {} KiB spin-before-park {} us segment-bytes {} retention-check-ms {} ({} topics)",
+        "ringmq {}: data {} listen {} cores {} fsync {:?} max-frame-bytes {} max-connections {} max-in-flight {} io-memory {} KiB poll {} segment-bytes {} retention-check-ms {} ({} topics)",
         env!("CARGO_PKG_VERSION"),
         cfg.data_dir.display(),
         cfg.listen,
@@ -62,7 +62,11 @@ pub fn serve(mut cfg: ServeConfig) -> Result<(), String> {
         cfg.max_connections,
         cfg.max_in_flight,
         cfg.io_memory_bytes / 1024,
-        cfg.spin_before_park_us,
+        match cfg.spin_before_park_us {
+            0 => "park".to_string(),
+            u64::MAX => "spin".to_string(),
+            us => format!("adaptive (spin {us} us)"),
+        },
         cfg.segment_bytes_max,
         cfg.retention_check_ms,
         meta.topics.len()

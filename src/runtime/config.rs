@@ -18,6 +18,8 @@ pub struct ServeConfig {
     pub max_connections: usize,
     pub max_in_flight: usize,
     pub io_memory_bytes: usize,
+    /// How long an idle executor spins before parking: 0 = park at once (`--poll park`),
+    /// `u64::MAX` = never park (`--poll spin`).
     pub spin_before_park_us: u64,
     pub segment_bytes_max: u64,
     pub retention_check_ms: u64,
