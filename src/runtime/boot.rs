@@ -217,6 +217,7 @@ fn keep_large_buffers_in_their_own_mappings() {
     // SAFETY: mallopt only changes allocator parameters; called before any executor starts.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, limits::MALLOC_MMAP_THRESHOLD_BYTES);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, limits::MALLOC_TRIM_THRESHOLD_BYTES);
     }
 }
 
