@@ -20,6 +20,7 @@
 //! | [`partition`] | one partition: its log and queue subscriptions (generic over storage and clock) | frames, sockets, the state log |
 //! | [`storage`] | segment files, indexes, recovery, retention of one partition log | shards, sockets |
 //! | [`client`] | the blocking Rust client | server internals |
+//! | [`cluster`] | cluster metadata and the controller's Raft replica (sans-I/O) | partitions, sockets |
 //! | [`runtime`] | glommio (executors, timers, notify), config, boot and shutdown | request handling |
 //!
 //! # Ownership rules
@@ -30,6 +31,7 @@
 pub mod bench;
 pub mod cli;
 pub mod client;
+pub mod cluster;
 pub mod filter;
 pub mod limits;
 pub mod metadata;

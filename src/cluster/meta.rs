@@ -1,0 +1,288 @@
+//! The cluster metadata the controller replicates: nodes, and topics with the nodes that hold
+//! each partition's replicas. A deterministic state machine: every controller node applies the
+//! same committed commands in the same order and reaches the same state, and a command that is
+//! refused (a topic that exists, more replicas than nodes) is refused identically everywhere.
+//!
+//! Owns: [`ClusterMeta`], [`MetaCommand`] and the commands' byte encoding (the Raft entry
+//! data). Must not touch: Raft, I/O, time.
+
+use std::collections::BTreeMap;
+
+/// One change to the cluster metadata, as proposed to the controller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetaCommand {
+    /// A node joined (or came back with new addresses).
+    RegisterNode {
+        id: u32,
+        client_addr: String,
+        peer_addr: String,
+    },
+    CreateTopic {
+        name: String,
+        partitions: u32,
+        replicas: u32,
+    },
+    DeleteTopic {
+        name: String,
+    },
+}
+
+/// A node as the controller knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub client_addr: String,
+    pub peer_addr: String,
+}
+
+/// A topic and, per partition, the nodes holding its replicas (the first is the preferred
+/// leader).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicPlacement {
+    pub replicas: Vec<Vec<u32>>,
+}
+
+/// The replicated metadata; `version` counts applied commands (refused ones included, so every
+/// node's version names the same state).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClusterMeta {
+    pub version: u64,
+    pub nodes: BTreeMap<u32, NodeInfo>,
+    pub topics: BTreeMap<String, TopicPlacement>,
+}
+
+impl ClusterMeta {
+    /// Applies one committed command; `Err` says why it was refused (the state then only
+    /// gains a version).
+    pub fn apply(&mut self, cmd: &MetaCommand) -> Result<(), String> {
+        self.version += 1;
+        match cmd {
+            MetaCommand::RegisterNode {
+                id,
+                client_addr,
+                peer_addr,
+            } => {
+                let info = NodeInfo {
+                    client_addr: client_addr.clone(),
+                    peer_addr: peer_addr.clone(),
+                };
+                self.nodes.insert(*id, info);
+                Ok(())
+            }
+            MetaCommand::CreateTopic {
+                name,
+                partitions,
+                replicas,
+            } => {
+                if self.topics.contains_key(name) {
+                    return Err(format!("topic {name:?} already exists"));
+                }
+                let placement = place(name, *partitions, *replicas, &self.node_ids())?;
+                self.topics.insert(name.clone(), placement);
+                Ok(())
+            }
+            MetaCommand::DeleteTopic { name } => match self.topics.remove(name) {
+                Some(_) => Ok(()),
+                None => Err(format!("unknown topic {name:?}")),
+            },
+        }
+    }
+
+    fn node_ids(&self) -> Vec<u32> {
+        self.nodes.keys().copied().collect()
+    }
+}
+
+/// Replicas of each partition on `replicas` distinct nodes: partition p starts at node
+/// (start + p) mod n, so leaders (the first replica) spread evenly over nodes.
+fn place(
+    name: &str,
+    partitions: u32,
+    replicas: u32,
+    nodes: &[u32],
+) -> Result<TopicPlacement, String> {
+    if partitions == 0 || replicas == 0 {
+        return Err("partitions and replicas must be at least 1".into());
+    }
+    if replicas as usize > nodes.len() {
+        return Err(format!(
+            "{replicas} replicas need {replicas} nodes; the cluster has {}",
+            nodes.len()
+        ));
+    }
+    let n = nodes.len();
+    let start = name
+        .bytes()
+        .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize));
+    let replicas = (0..partitions as usize)
+        .map(|p| {
+            (0..replicas as usize)
+                .map(|r| nodes[(start + p + r) % n])
+                .collect()
+        })
+        .collect();
+    Ok(TopicPlacement { replicas })
+}
+
+// ---- encoding: tag byte, then u32 (LE) and length-prefixed UTF-8 fields -------------------
+
+const TAG_REGISTER: u8 = 1;
+const TAG_CREATE: u8 = 2;
+const TAG_DELETE: u8 = 3;
+
+impl MetaCommand {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        match self {
+            Self::RegisterNode {
+                id,
+                client_addr,
+                peer_addr,
+            } => {
+                out.push(TAG_REGISTER);
+                out.extend_from_slice(&id.to_le_bytes());
+                put_str(&mut out, client_addr);
+                put_str(&mut out, peer_addr);
+            }
+            Self::CreateTopic {
+                name,
+                partitions,
+                replicas,
+            } => {
+                out.push(TAG_CREATE);
+                put_str(&mut out, name);
+                out.extend_from_slice(&partitions.to_le_bytes());
+                out.extend_from_slice(&replicas.to_le_bytes());
+            }
+            Self::DeleteTopic { name } => {
+                out.push(TAG_DELETE);
+                put_str(&mut out, name);
+            }
+        }
+        out
+    }
+
+    /// Decodes [`MetaCommand::encode`]'s bytes; an error names what is wrong.
+    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
+        let mut r = Reader(bytes);
+        let cmd = match r.u8()? {
+            TAG_REGISTER => Self::RegisterNode {
+                id: r.u32()?,
+                client_addr: r.str()?,
+                peer_addr: r.str()?,
+            },
+            TAG_CREATE => Self::CreateTopic {
+                name: r.str()?,
+                partitions: r.u32()?,
+                replicas: r.u32()?,
+            },
+            TAG_DELETE => Self::DeleteTopic { name: r.str()? },
+            t => return Err(format!("unknown metadata command tag {t}")),
+        };
+        if !r.0.is_empty() {
+            return Err(format!(
+                "{} trailing bytes after a metadata command",
+                r.0.len()
+            ));
+        }
+        Ok(cmd)
+    }
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], String> {
+        if self.0.len() < n {
+            return Err("metadata command cut short".into());
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+
+    fn u8(&mut self) -> Result<u8, String> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u32(&mut self) -> Result<u32, String> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn str(&mut self) -> Result<String, String> {
+        let n = self.u32()? as usize;
+        let b = self.take(n)?;
+        String::from_utf8(b.to_vec()).map_err(|_| "metadata string is not UTF-8".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_round_trip_and_bad_bytes_are_errors() {
+        let cmds = [
+            MetaCommand::RegisterNode {
+                id: 7,
+                client_addr: "127.0.0.1:9400".into(),
+                peer_addr: "127.0.0.1:9500".into(),
+            },
+            MetaCommand::CreateTopic {
+                name: "orders".into(),
+                partitions: 4,
+                replicas: 3,
+            },
+            MetaCommand::DeleteTopic { name: "x".into() },
+        ];
+        for c in &cmds {
+            let b = c.encode();
+            assert_eq!(&MetaCommand::decode(&b).unwrap(), c);
+            assert!(MetaCommand::decode(&b[..b.len() - 1]).is_err());
+        }
+        assert!(MetaCommand::decode(&[9]).is_err());
+        assert!(MetaCommand::decode(&[]).is_err());
+    }
+
+    #[test]
+    fn placement_uses_distinct_nodes_and_spreads_leaders() {
+        let mut m = ClusterMeta::default();
+        for id in 1..=3 {
+            let c = MetaCommand::RegisterNode {
+                id,
+                client_addr: String::new(),
+                peer_addr: String::new(),
+            };
+            m.apply(&c).unwrap();
+        }
+        let create = MetaCommand::CreateTopic {
+            name: "t".into(),
+            partitions: 6,
+            replicas: 3,
+        };
+        m.apply(&create).unwrap();
+        let t = &m.topics["t"];
+        let mut leaders = BTreeMap::new();
+        for r in &t.replicas {
+            let mut d = r.clone();
+            d.sort();
+            d.dedup();
+            assert_eq!(d.len(), 3, "replicas on distinct nodes: {r:?}");
+            *leaders.entry(r[0]).or_insert(0) += 1;
+        }
+        assert!(leaders.values().all(|&n| n == 2), "{leaders:?}");
+        assert!(m.apply(&create).unwrap_err().contains("already exists"));
+        let too_many = MetaCommand::CreateTopic {
+            name: "u".into(),
+            partitions: 1,
+            replicas: 4,
+        };
+        assert!(m.apply(&too_many).unwrap_err().contains("need 4 nodes"));
+        assert_eq!(m.version, 6);
+    }
+}
