@@ -6,18 +6,32 @@
 //! Owns: the `RawNode`, the Ready loop in the order raft-rs requires (persist entries and
 //! HardState before sending the messages that depend on them: a follower answers an append or
 //! a vote only after persisting), and the applied state. Must not touch: sockets, timers,
-//! files (its storage is handed in; today raft's in-memory storage, which the simulation
-//! treats as the durable part that survives a crash).
+//! files (its [`ControllerStore`] is handed in: a file in a broker, raft's in-memory storage
+//! in the simulation, which treats it as the durable part that survives a crash).
 
 use raft::eraftpb::{Entry, EntryType, Message};
-use raft::storage::MemStorage;
-use raft::{Config, RawNode, StateRole, Storage};
+use raft::{Config, RawNode, StateRole};
 
 use super::meta::{ClusterMeta, MetaCommand};
+use super::raft_store::ControllerStore;
 
 /// Raft timing of the controller, in ticks of the caller's timer.
-pub const ELECTION_TICKS: usize = 10;
 pub const HEARTBEAT_TICKS: usize = 2;
+
+/// How long a follower waits for a leader before it campaigns, in ticks: a random value in
+/// `min..max`, drawn by raft-rs from its own (unseeded) generator. The simulation passes a
+/// range of one value, so a seed replays exactly, and breaks ties with seeded tick jitter.
+#[derive(Debug, Clone, Copy)]
+pub struct ElectionTicks {
+    pub min: usize,
+    pub max: usize,
+}
+
+impl Default for ElectionTicks {
+    fn default() -> Self {
+        Self { min: 10, max: 20 }
+    }
+}
 
 /// Why a proposal was not taken.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,8 +45,8 @@ pub enum ProposeError {
 /// A committed command as this replica applied it: (Raft index, command, outcome).
 pub type Applied = (u64, MetaCommand, Result<(), String>);
 
-pub struct ControllerNode {
-    raw: RawNode<MemStorage>,
+pub struct ControllerNode<S: ControllerStore> {
+    raw: RawNode<S>,
     meta: ClusterMeta,
     /// Every command applied, in order (the simulation compares replicas with it).
     applied: Vec<Applied>,
@@ -42,22 +56,30 @@ fn logger() -> slog::Logger {
     slog::Logger::root(slog::Discard, slog::o!())
 }
 
-impl ControllerNode {
+impl<S: ControllerStore> ControllerNode<S> {
     /// A replica `id` of a controller whose voters are `voters`, over `storage` (new, or what a
     /// crashed replica had persisted). Committed entries are applied again from the start, so
     /// the metadata is rebuilt deterministically.
-    pub fn open(id: u64, voters: &[u64], storage: MemStorage) -> Result<Self, String> {
+    pub fn open(
+        id: u64,
+        voters: &[u64],
+        storage: S,
+        election: ElectionTicks,
+    ) -> Result<Self, String> {
         let state = storage
             .initial_state()
             .map_err(|e| format!("controller storage: {e}"))?;
         if state.conf_state.voters.is_empty() {
             // A new replica: the voters are the configured ones.
             let cs = raft::prelude::ConfState::from((voters.to_vec(), vec![]));
-            storage.wl().set_conf_state(cs);
+            storage.set_conf_state(&cs)?;
+            storage.persist()?;
         }
         let cfg = Config {
             id,
-            election_tick: ELECTION_TICKS,
+            election_tick: election.min,
+            min_election_tick: election.min,
+            max_election_tick: election.max,
             heartbeat_tick: HEARTBEAT_TICKS,
             pre_vote: true,
             check_quorum: true,
@@ -101,7 +123,7 @@ impl ControllerNode {
     }
 
     /// The storage (what survives a crash).
-    pub fn storage(&self) -> MemStorage {
+    pub fn storage(&self) -> S {
         self.raw.store().clone()
     }
 
@@ -128,36 +150,39 @@ impl ControllerNode {
     }
 
     /// Handles everything Raft has ready: persists, applies, and returns the messages to send
-    /// (each only once what it depends on is persisted).
-    pub fn drive(&mut self) -> Vec<Message> {
+    /// (each only once what it depends on is persisted). An error means the storage failed:
+    /// nothing that depends on the failed write was sent, and this replica must stop.
+    pub fn drive(&mut self) -> Result<Vec<Message>, String> {
         let mut out = Vec::new();
         if !self.raw.has_ready() {
-            return out;
+            return Ok(out);
         }
         let mut rd = self.raw.ready();
         // A leader's messages may go before its own persistence (Raft thesis 10.2.1).
         out.extend(rd.take_messages());
         self.apply(rd.take_committed_entries());
         let store = self.raw.store().clone();
-        if !rd.entries().is_empty() {
-            if let Err(e) = store.wl().append(rd.entries()) {
-                // Raft handed us entries that do not follow the log: a bug, not an input.
-                panic!("controller {}: appending entries: {e}", self.id());
-            }
-        }
+        store.append(rd.entries())?;
         if let Some(hs) = rd.hs() {
-            store.wl().set_hardstate(hs.clone());
+            store.set_hard_state(hs)?;
         }
+        store.persist()?;
         // Answers to appends and votes: only now that their entries and HardState are durable.
         out.extend(rd.take_persisted_messages());
         let mut light = self.raw.advance(rd);
         if let Some(commit) = light.commit_index() {
-            store.wl().mut_hard_state().set_commit(commit);
+            let mut hs = store
+                .initial_state()
+                .map_err(|e| format!("controller storage: {e}"))?
+                .hard_state;
+            hs.commit = commit;
+            store.set_hard_state(&hs)?;
+            store.persist()?;
         }
         out.extend(light.take_messages());
         self.apply(light.take_committed_entries());
         self.raw.advance_apply();
-        out
+        Ok(out)
     }
 
     fn apply(&mut self, entries: Vec<Entry>) {
