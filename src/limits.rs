@@ -133,6 +133,18 @@ pub const READ_CHUNK_BYTES: usize = 64 << 10;
 /// allocation of exactly their length, charged to the budgets.
 pub const READ_BUFFER_BYTES: usize = 8 << 10;
 
+/// Node-to-node transport: the largest frame a peer may send (a bigger one closes that peer
+/// connection with an error).
+pub const PEER_FRAME_BYTES_MAX: usize = 32 << 20;
+
+/// Frames queued per outbound peer link while its peer is slow or unreachable. Beyond it new
+/// frames are refused and counted (Raft retransmits what it still needs).
+pub const PEER_QUEUE_FRAMES: usize = 4_096;
+
+/// Reconnect backoff of a peer link: starts here, doubles per failed attempt, up to the max.
+pub const PEER_RECONNECT_MIN_MS: u64 = 50;
+pub const PEER_RECONNECT_MAX_MS: u64 = 2_000;
+
 /// `--poll adaptive` without `--spin-before-park-us`: µs an idle shard spins before parking.
 pub const POLL_ADAPTIVE_SPIN_US_DEFAULT: u64 = 100;
 
