@@ -141,6 +141,12 @@ pub const PEER_FRAME_BYTES_MAX: usize = 32 << 20;
 /// frames are refused and counted (Raft retransmits what it still needs).
 pub const PEER_QUEUE_FRAMES: usize = 4_096;
 
+/// A node heartbeats each peer this often.
+pub const NODE_HEARTBEAT_MS: u64 = 200;
+
+/// A peer silent this long is down (about 1 s, as issue 13 asks; five missed heartbeats).
+pub const NODE_FAILURE_TIMEOUT_MS_DEFAULT: u64 = 1_000;
+
 /// Reconnect backoff of a peer link: starts here, doubles per failed attempt, up to the max.
 pub const PEER_RECONNECT_MIN_MS: u64 = 50;
 pub const PEER_RECONNECT_MAX_MS: u64 = 2_000;
