@@ -422,3 +422,51 @@ fn subscriptions_per_partition_are_bounded_with_a_clear_error() {
     let e = c.queue_fetch(&q).unwrap_err();
     assert!(e.to_string().contains("dead-letter topic name"), "{e}");
 }
+
+/// A subscription nobody fetches from after a restart keeps its acks when another
+/// subscription's acks compact the state log (its restored state is part of the snapshot),
+/// across a second restart.
+#[test]
+fn an_idle_subscriptions_acks_survive_compaction_after_a_restart() {
+    const N: usize = 4_000;
+    let dir = temp_dir("q-idle-compact");
+    let b = Broker::start(&dir, 1, &["--state-compact-bytes", "65536"]);
+    let mut c = b.client();
+    c.create_topic("q", 1, -1, -1).unwrap();
+    for chunk in 0..N / 500 {
+        let recs: Vec<RecordIn> = (0..500).map(|i| rec(&format!("m{chunk}-{i}"))).collect();
+        c.produce("q", PartitionChoice::Explicit(0), &recs).unwrap();
+    }
+    let mut acked = 0;
+    while acked < N {
+        let msgs = fetch(&mut c, "q", "idle", 0, 1000);
+        assert!(!msgs.is_empty(), "idle got {acked} of {N}");
+        let offs: Vec<u64> = msgs.iter().map(|m| m.offset).collect();
+        c.queue_settle("q", "idle", 0, &offs, Settle::Ack).unwrap();
+        acked += offs.len();
+    }
+    drop(c);
+    let b = b.restart();
+    let mut c = b.client();
+    // Another subscription acks one message per request: thousands of state-log records,
+    // past the 64 KiB compaction threshold.
+    let mut busy = 0;
+    while busy < N {
+        let msgs = fetch(&mut c, "q", "busy", 0, 1000);
+        assert!(!msgs.is_empty(), "busy got {busy} of {N}");
+        for m in &msgs {
+            c.queue_settle("q", "busy", 0, &[m.offset], Settle::Ack)
+                .unwrap();
+        }
+        busy += msgs.len();
+    }
+    drop(c);
+    let b = b.restart();
+    let mut c = b.client();
+    let again = fetch(&mut c, "q", "idle", 0, 100);
+    assert!(
+        again.is_empty(),
+        "acked messages redelivered to the idle subscription: {:?}",
+        again.iter().map(|m| m.offset).take(10).collect::<Vec<_>>()
+    );
+}

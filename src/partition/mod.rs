@@ -407,9 +407,12 @@ impl<S: Storage> Partition<S> {
         }
     }
 
-    /// The durable ack state of every subscription (state-log compaction).
+    /// The durable ack state of every subscription (state-log compaction), including the
+    /// restored state of subscriptions nobody has fetched from since the restart (a snapshot
+    /// without it would forget their acks).
     pub fn subscription_acks(&self) -> Vec<(String, QueueAcks)> {
-        self.subs
+        let mut out: Vec<(String, QueueAcks)> = self
+            .subs
             .borrow()
             .iter()
             .map(|(name, s)| {
@@ -419,7 +422,10 @@ impl<S: Storage> Partition<S> {
                 };
                 (name.clone(), acks)
             })
-            .collect()
+            .collect();
+        let restored = self.restored.borrow();
+        out.extend(restored.iter().map(|(n, a)| (n.clone(), a.clone())));
+        out
     }
 
     /// Counters of the subscriptions on this partition (all, or only `only`).

@@ -551,6 +551,16 @@ impl ReadBuf {
     }
 }
 
+/// Marks the connection as inside a frame when `inside`. A frame that begins from bytes
+/// already buffered starts its stall clock now, not at the read that brought them (the
+/// reader may have paused long since, waiting for a slot or for memory).
+fn begin_frame_if(watch: &Watch, inside: bool) {
+    if inside && !watch.mid_frame.get() {
+        watch.last_read.set(Instant::now());
+    }
+    watch.mid_frame.set(inside);
+}
+
 /// Reads one frame (without its length prefix); `None` at a clean end of stream. The body is
 /// charged to the budgets and filled as its bytes arrive, never allocated up front from the
 /// declared length: a peer that declares 16 MiB and sends nothing holds at most the first
@@ -564,12 +574,12 @@ async fn read_frame(
     watch: &Watch,
 ) -> Result<Option<(Bytes, Bytes2)>, FrameOrIo> {
     while rb.available().len() < 4 {
-        watch.mid_frame.set(!rb.available().is_empty());
+        begin_frame_if(watch, !rb.available().is_empty());
         if rb.fill(reader, watch).await? == 0 {
             return Ok(None);
         }
     }
-    watch.mid_frame.set(true);
+    begin_frame_if(watch, true);
     let prefix = [
         rb.available()[0],
         rb.available()[1],

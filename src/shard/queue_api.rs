@@ -49,7 +49,9 @@ fn invalid(corr: u64, msg: &str) -> Bytes {
 }
 
 impl Shard {
-    /// Queue states of this shard for compaction snapshots.
+    /// Queue states of this shard for compaction snapshots: every subscription of every open
+    /// partition (used since the restart or not), and restored state still waiting for its
+    /// partition (one that failed to open keeps its acks for the next start).
     pub fn queue_snapshot(&self) -> Vec<(QKey, QueueAcks)> {
         let mut out = Vec::new();
         for part in self.open_partitions() {
@@ -57,6 +59,8 @@ impl Shard {
                 out.push(((part.topic().to_string(), sub, part.id()), acks));
             }
         }
+        let waiting = self.restored_queues.borrow();
+        out.extend(waiting.iter().map(|(k, a)| (k.clone(), a.clone())));
         out
     }
 
