@@ -147,6 +147,16 @@ pub const NODE_HEARTBEAT_MS: u64 = 200;
 /// A peer silent this long is down (about 1 s, as issue 13 asks; five missed heartbeats).
 pub const NODE_FAILURE_TIMEOUT_MS_DEFAULT: u64 = 1_000;
 
+/// Frame bytes queued per outbound peer link at most (with [`PEER_QUEUE_FRAMES`]).
+pub const PEER_QUEUE_BYTES_MAX: usize = 64 << 20;
+
+/// Peer connections a node accepts at once; more are closed at once.
+pub const PEER_CONNECTIONS_MAX: usize = 256;
+
+/// A write to a peer that takes longer than this (the peer stopped reading) drops the
+/// connection; the link reconnects.
+pub const PEER_WRITE_TIMEOUT_MS: u64 = 5_000;
+
 /// Reconnect backoff of a peer link: starts here, doubles per failed attempt, up to the max.
 pub const PEER_RECONNECT_MIN_MS: u64 = 50;
 pub const PEER_RECONNECT_MAX_MS: u64 = 2_000;

@@ -69,6 +69,15 @@ impl<S: ControllerStore> ControllerNode<S> {
         let state = storage
             .initial_state()
             .map_err(|e| format!("controller storage: {e}"))?;
+        let last = storage
+            .last_index()
+            .map_err(|e| format!("controller storage: {e}"))?;
+        if state.hard_state.commit > last {
+            return Err(format!(
+                "controller storage: commit index {} beyond the last entry {last}",
+                state.hard_state.commit
+            ));
+        }
         if state.conf_state.voters.is_empty() {
             // A new replica: the voters are the configured ones.
             let cs = raft::prelude::ConfState::from((voters.to_vec(), vec![]));
@@ -158,6 +167,10 @@ impl<S: ControllerStore> ControllerNode<S> {
             return Ok(out);
         }
         let mut rd = self.raw.ready();
+        if !rd.snapshot().is_empty() {
+            // The controller's log is never compacted, so no peer sends one yet.
+            return Err("controller: snapshots are not supported yet".into());
+        }
         // A leader's messages may go before its own persistence (Raft thesis 10.2.1).
         out.extend(rd.take_messages());
         self.apply(rd.take_committed_entries());

@@ -83,6 +83,9 @@ pub struct FileRaftStore {
     mem: MemStorage,
     file: std::rc::Rc<std::cell::RefCell<File>>,
     path: PathBuf,
+    /// Set after a failed write: the file may end in a partial record, so nothing more is
+    /// written (later records would sit behind it and be cut on replay).
+    failed: std::rc::Rc<std::cell::Cell<bool>>,
 }
 
 impl FileRaftStore {
@@ -90,6 +93,7 @@ impl FileRaftStore {
     /// many tail bytes were cut.
     pub fn open(path: &Path) -> Result<(Self, u64), String> {
         let io = |op: &str, e: std::io::Error| format!("{op} {}: {e}", path.display());
+        let created = !path.exists();
         let mut file = OpenOptions::new()
             .read(true)
             .append(true)
@@ -106,15 +110,34 @@ impl FileRaftStore {
                 .map_err(|e| io("cutting the torn tail of", e))?;
             file.sync_data().map_err(|e| io("syncing", e))?;
         }
+        if created {
+            // The new file's directory entry must survive a crash too, or a persisted vote
+            // could vanish with it.
+            if let Some(dir) = path.parent() {
+                File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| io("syncing the directory of", e))?;
+            }
+        }
         let store = Self {
             mem,
             file: std::rc::Rc::new(std::cell::RefCell::new(file)),
             path: path.to_path_buf(),
+            failed: std::rc::Rc::new(std::cell::Cell::new(false)),
         };
         Ok((store, cut))
     }
 
     fn write_record(&self, kind: u8, payload: &[u8]) -> Result<(), String> {
+        if self.failed.get() {
+            return Err(format!("{}: an earlier write failed", self.path.display()));
+        }
+        if 1 + payload.len() > RECORD_BYTES_MAX {
+            return Err(format!(
+                "controller record of {} bytes over the limit of {RECORD_BYTES_MAX}",
+                1 + payload.len()
+            ));
+        }
         let mut body = Vec::with_capacity(1 + payload.len());
         body.push(kind);
         body.extend_from_slice(payload);
@@ -122,30 +145,49 @@ impl FileRaftStore {
         rec.extend_from_slice(&(body.len() as u32).to_le_bytes());
         rec.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
         rec.extend_from_slice(&body);
-        self.file
-            .borrow_mut()
-            .write_all(&rec)
-            .map_err(|e| format!("writing {}: {e}", self.path.display()))
+        let written = self.file.borrow_mut().write_all(&rec);
+        written.map_err(|e| {
+            self.failed.set(true);
+            format!("writing {}: {e}", self.path.display())
+        })
     }
 }
 
-/// Applies the records of `bytes` to `mem`; returns the length of the valid prefix.
+/// The whole, CRC-valid record at `at`: (kind and payload, its end).
+fn record_at(bytes: &[u8], at: usize) -> Option<(&[u8], usize)> {
+    if bytes.len().saturating_sub(at) < RECORD_HEADER_BYTES {
+        return None;
+    }
+    let word = |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+    let (len, crc) = (word(at) as usize, word(at + 4));
+    let start = at + RECORD_HEADER_BYTES;
+    if len == 0 || len > RECORD_BYTES_MAX || bytes.len() - start < len {
+        return None;
+    }
+    let body = &bytes[start..start + len];
+    (crc32fast::hash(body) == crc).then_some((body, start + len))
+}
+
+/// Applies the records of `bytes` to `mem`; returns the length of the valid prefix. Only the
+/// last record can be torn (each is synced before anything depends on it): a bad record
+/// followed by a valid one is corruption of synced data, an error rather than a cut.
 fn replay(mem: &MemStorage, bytes: &[u8]) -> Result<usize, String> {
     let mut at = 0;
-    while bytes.len() - at >= RECORD_HEADER_BYTES {
-        let len = u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
-        let crc = u32::from_le_bytes([bytes[at + 4], bytes[at + 5], bytes[at + 6], bytes[at + 7]]);
-        let len = len as usize;
-        let start = at + RECORD_HEADER_BYTES;
-        if len == 0 || len > RECORD_BYTES_MAX || bytes.len() - start < len {
-            break;
-        }
-        let body = &bytes[start..start + len];
-        if crc32fast::hash(body) != crc {
-            break;
-        }
+    while let Some((body, end)) = record_at(bytes, at) {
         apply_record(mem, body[0], &body[1..])?;
-        at = start + len;
+        at = end;
+    }
+    if at < bytes.len() {
+        let declared = bytes
+            .get(at..at + 4)
+            .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]) as usize);
+        let next = declared.map(|len| at + RECORD_HEADER_BYTES + len);
+        if next.is_some_and(|n| record_at(bytes, n).is_some()) {
+            return Err(format!(
+                "controller log: a corrupt record at byte {at} is followed by valid ones; \
+                 refusing to cut synced state"
+            ));
+        }
     }
     Ok(at)
 }
@@ -353,6 +395,13 @@ mod tests {
         std::fs::write(&path, &bad).unwrap();
         let (s, _) = FileRaftStore::open(&path).unwrap();
         assert_eq!(state(&s), before_last);
+        drop(s);
+        // A flipped byte in an earlier record, with valid records after it, is an error.
+        let mut bad = full.clone();
+        bad[RECORD_HEADER_BYTES + 1] ^= 0xff;
+        std::fs::write(&path, &bad).unwrap();
+        let err = FileRaftStore::open(&path).err().expect("refused");
+        assert!(err.contains("followed by valid ones"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -62,10 +62,16 @@ async fn read_frame(s: &mut TcpStream) -> Result<Option<PeerFrame>, String> {
             limits::PEER_FRAME_BYTES_MAX
         ));
     }
-    let mut body = vec![0u8; len];
-    s.read_exact(&mut body)
-        .await
-        .map_err(|e| format!("peer closed inside a frame: {e}"))?;
+    // Allocated as the bytes arrive, never from the declared length alone.
+    let mut body = Vec::new();
+    while body.len() < len {
+        let start = body.len();
+        let want = (len - start).min(limits::READ_CHUNK_BYTES);
+        body.resize(start + want, 0);
+        s.read_exact(&mut body[start..])
+            .await
+            .map_err(|e| format!("peer closed inside a frame: {e}"))?;
+    }
     let kind = body[0];
     body.remove(0);
     Ok(Some(PeerFrame {
@@ -74,86 +80,143 @@ async fn read_frame(s: &mut TcpStream) -> Result<Option<PeerFrame>, String> {
     }))
 }
 
-/// Accepts peer connections on `listener` and calls `handle(frame)` for every frame, until
-/// `stop` is set. A connection that sends a bad frame is closed; others are unaffected.
+/// Resolves once `stop` is set (checked every 50 ms).
+async fn stopped(stop: &Cell<bool>) {
+    while !stop.get() {
+        crate::runtime::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Accepts peer connections on `listener` (at most [`limits::PEER_CONNECTIONS_MAX`] at once;
+/// more are closed at once) and calls `handle(frame)` for every frame, until `stop` is set;
+/// then every connection closes. A connection that sends a bad frame is closed; others are
+/// unaffected.
 pub async fn serve_peers(
     listener: TcpListener,
     handle: Rc<dyn Fn(PeerFrame)>,
     stop: Rc<Cell<bool>>,
 ) {
+    let open = Rc::new(Cell::new(0usize));
     while !stop.get() {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
-            crate::runtime::sleep(Duration::from_millis(50)).await;
+            stopped(&stop).await;
             None
         })
         .await;
-        let Some(Ok(mut s)) = accepted else { continue };
-        let (handle, stop) = (handle.clone(), stop.clone());
+        let mut s = match accepted {
+            None => return,
+            Some(Ok(s)) => s,
+            Some(Err(e)) => {
+                eprintln!("ringmq: peer accept: {e}");
+                crate::runtime::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        if open.get() >= limits::PEER_CONNECTIONS_MAX {
+            continue; // dropped: closed
+        }
+        open.set(open.get() + 1);
+        let (handle, stop, open) = (handle.clone(), stop.clone(), open.clone());
         glommio::spawn_local(async move {
-            while !stop.get() {
-                match read_frame(&mut s).await {
-                    Ok(Some(f)) => handle(f),
-                    Ok(None) => break,
-                    Err(e) => {
+            loop {
+                let read = async { Some(read_frame(&mut s).await) };
+                let next = futures_lite::future::or(read, async {
+                    stopped(&stop).await;
+                    None
+                })
+                .await;
+                match next {
+                    Some(Ok(Some(f))) => handle(f),
+                    None | Some(Ok(None)) => break,
+                    Some(Err(e)) => {
                         eprintln!("ringmq: peer connection: {e}; closing it");
                         break;
                     }
                 }
             }
+            open.set(open.get() - 1);
         })
         .detach();
     }
 }
 
-/// One node's outbound link to a peer address.
+/// One node's outbound link to a peer address. Dropping it (or [`PeerLink::close`]) stops
+/// its task.
 pub struct PeerLink {
+    inner: Rc<LinkState>,
+}
+
+struct LinkState {
     addr: String,
     queue: RefCell<VecDeque<PeerFrame>>,
+    queued_bytes: Cell<usize>,
     queued: Notify,
     closed: Cell<bool>,
-    /// Frames refused because the queue was full.
-    pub refused: Cell<u64>,
-    /// Connections made (the first and every reconnect).
-    pub connects: Cell<u64>,
+    refused: Cell<u64>,
+    connects: Cell<u64>,
+}
+
+impl Drop for PeerLink {
+    fn drop(&mut self) {
+        self.close();
+    }
 }
 
 impl PeerLink {
-    /// A link to `addr` and the task that keeps it connected (runs until [`PeerLink::close`]).
-    pub fn start(addr: &str) -> Rc<Self> {
-        let link = Rc::new(Self {
+    /// A link to `addr` and the task that keeps it connected.
+    pub fn start(addr: &str) -> Self {
+        let inner = Rc::new(LinkState {
             addr: addr.to_string(),
             queue: RefCell::new(VecDeque::new()),
+            queued_bytes: Cell::new(0),
             queued: Notify::new(),
             closed: Cell::new(false),
             refused: Cell::new(0),
             connects: Cell::new(0),
         });
-        glommio::spawn_local(link.clone().run()).detach();
-        link
+        glommio::spawn_local(inner.clone().run()).detach();
+        Self { inner }
     }
 
-    /// Queues a frame; `false` (and counted) if [`limits::PEER_QUEUE_FRAMES`] are waiting.
+    /// Queues a frame; `false` (and counted) if it is over [`limits::PEER_FRAME_BYTES_MAX`],
+    /// the link is closed, or the queue holds [`limits::PEER_QUEUE_FRAMES`] frames or
+    /// [`limits::PEER_QUEUE_BYTES_MAX`] bytes.
     pub fn send(&self, f: PeerFrame) -> bool {
-        let mut q = self.queue.borrow_mut();
-        if q.len() >= limits::PEER_QUEUE_FRAMES {
-            self.refused.set(self.refused.get() + 1);
+        let st = &self.inner;
+        let bytes = f.payload.len() + 1;
+        let full = st.queue.borrow().len() >= limits::PEER_QUEUE_FRAMES
+            || st.queued_bytes.get() + bytes > limits::PEER_QUEUE_BYTES_MAX;
+        if bytes > limits::PEER_FRAME_BYTES_MAX || full || st.closed.get() {
+            st.refused.set(st.refused.get() + 1);
             return false;
         }
-        q.push_back(f);
-        drop(q);
-        self.queued.notify_all();
+        st.queued_bytes.set(st.queued_bytes.get() + bytes);
+        st.queue.borrow_mut().push_back(f);
+        st.queued.notify_all();
         true
     }
 
     pub fn queued(&self) -> usize {
-        self.queue.borrow().len()
+        self.inner.queue.borrow().len()
+    }
+
+    /// Frames refused (queue full, frame too large, link closed).
+    pub fn refused(&self) -> u64 {
+        self.inner.refused.get()
+    }
+
+    /// Connections made (the first and every reconnect).
+    pub fn connects(&self) -> u64 {
+        self.inner.connects.get()
     }
 
     pub fn close(&self) {
-        self.closed.set(true);
-        self.queued.notify_all();
+        self.inner.closed.set(true);
+        self.inner.queued.notify_all();
     }
+}
 
+impl LinkState {
     async fn run(self: Rc<Self>) {
         let mut backoff_ms = limits::PEER_RECONNECT_MIN_MS;
         while !self.closed.get() {
@@ -164,12 +227,21 @@ impl PeerLink {
             };
             let _ = s.set_nodelay(true);
             self.connects.set(self.connects.get() + 1);
-            backoff_ms = limits::PEER_RECONNECT_MIN_MS;
+            let began = std::time::Instant::now();
             self.write_until_broken(&mut s).await;
+            // A peer that accepts and drops at once is retried with backoff, not in a loop.
+            if began.elapsed() >= Duration::from_secs(1) {
+                backoff_ms = limits::PEER_RECONNECT_MIN_MS;
+            } else if !self.closed.get() {
+                crate::runtime::sleep(Duration::from_millis(backoff_ms)).await;
+                backoff_ms = (backoff_ms * 2).min(limits::PEER_RECONNECT_MAX_MS);
+            }
         }
     }
 
-    /// Writes queued frames (several per write) until the connection breaks or the link closes.
+    /// Writes queued frames (several per write) until the connection breaks, a write takes
+    /// longer than [`limits::PEER_WRITE_TIMEOUT_MS`] (a peer that stopped reading), or the
+    /// link closes.
     async fn write_until_broken(&self, s: &mut TcpStream) {
         loop {
             let wait = self.queued.wait();
@@ -178,6 +250,8 @@ impl PeerLink {
             }
             let mut buf = Vec::new();
             while let Some(f) = self.queue.borrow_mut().pop_front() {
+                let left = self.queued_bytes.get() - (f.payload.len() + 1);
+                self.queued_bytes.set(left);
                 buf.extend_from_slice(&encode(&f));
                 if buf.len() >= limits::WRITE_COALESCE_BYTES {
                     break;
@@ -187,7 +261,14 @@ impl PeerLink {
                 wait.await;
                 continue;
             }
-            if s.write_all(&buf).await.is_err() || s.flush().await.is_err() {
+            let timeout = Duration::from_millis(limits::PEER_WRITE_TIMEOUT_MS);
+            let write = async { Some(s.write_all(&buf).await.is_ok() && s.flush().await.is_ok()) };
+            let written = futures_lite::future::or(write, async {
+                crate::runtime::sleep(timeout).await;
+                None
+            })
+            .await;
+            if written != Some(true) {
                 return;
             }
         }
@@ -264,7 +345,7 @@ mod tests {
                     crate::runtime::sleep(Duration::from_millis(10)).await;
                 }
                 let second: Vec<PeerFrame> = seen.borrow().clone();
-                let connects = link.connects.get();
+                let connects = link.connects();
                 link.close();
                 stop2.set(true);
                 (first, second, connects)
@@ -347,7 +428,7 @@ mod tests {
                     }
                 }
                 assert_eq!(ok, limits::PEER_QUEUE_FRAMES);
-                let r = (link.refused.get(), link.queued());
+                let r = (link.refused(), link.queued());
                 link.close();
                 r
             })
