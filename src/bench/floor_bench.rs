@@ -58,10 +58,7 @@ pub fn run_floor(a: FloorBenchArgs) -> Result<Report, String> {
     let cpu0 = super::produce_bench::self_cpu_seconds();
     let mut i = 0u64;
     loop {
-        let intended = match interval {
-            Some(iv) => start + iv.mul_f64(i as f64),
-            None => Instant::now(),
-        };
+        let intended = super::intended_at(start, interval, i);
         if intended >= deadline {
             break;
         }

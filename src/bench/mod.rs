@@ -24,6 +24,19 @@ pub use rebalance_bench::{run_rebalance, RebalanceBenchArgs};
 
 use hdrhistogram::Histogram;
 
+/// When send number `i` of a schedule that began at `start` is due (`interval` between sends;
+/// `None`: now, back to back).
+pub fn intended_at(
+    start: std::time::Instant,
+    interval: Option<std::time::Duration>,
+    i: u64,
+) -> std::time::Instant {
+    match interval {
+        Some(iv) => start + iv.mul_f64(i as f64),
+        None => std::time::Instant::now(),
+    }
+}
+
 /// One step of waiting for a paced send `left` from now, as every paced scenario waits: sleep
 /// most of the gap, spin the last 200 µs (thread wake-ups overshoot by ~100 µs on this kind of
 /// machine, which would count against the latency measured). Call until the time is reached.

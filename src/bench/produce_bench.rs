@@ -262,10 +262,7 @@ fn producer(
         Ok(())
     };
     loop {
-        let intended = match interval {
-            Some(iv) => start + iv.mul_f64(i as f64),
-            None => Instant::now(),
-        };
+        let intended = super::intended_at(start, interval, i);
         if intended >= deadline {
             break;
         }
