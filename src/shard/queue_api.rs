@@ -50,8 +50,8 @@ fn invalid(corr: u64, msg: &str) -> Bytes {
 
 impl Shard {
     /// Queue states of this shard for compaction snapshots: every subscription of every open
-    /// partition (used since the restart or not), and restored state still waiting for its
-    /// partition (one that failed to open keeps its acks for the next start).
+    /// partition (used since the restart or not), and restored state still waiting for one of
+    /// this shard's partitions (one that failed to open keeps its acks for the next start).
     pub fn queue_snapshot(&self) -> Vec<(QKey, QueueAcks)> {
         let mut out = Vec::new();
         for part in self.open_partitions() {
@@ -59,8 +59,19 @@ impl Shard {
                 out.push(((part.topic().to_string(), sub, part.id()), acks));
             }
         }
+        // Every shard replays every shard's state log at boot, so this map also holds other
+        // shards' partitions: only this shard's own may go into its snapshot (a stale copy
+        // in another shard's log would override the owner's newer acks at the next boot).
         let waiting = self.restored_queues.borrow();
-        out.extend(waiting.iter().map(|(k, a)| (k.clone(), a.clone())));
+        let mine = waiting.iter().filter(|((topic, _, partition), _)| {
+            let t = Target::Partition {
+                topic,
+                partition: *partition,
+            };
+            self.route(t)
+                .is_ok_and(|(_, d)| d == Dest::local(self.id()))
+        });
+        out.extend(mine.map(|(k, a)| (k.clone(), a.clone())));
         out
     }
 
