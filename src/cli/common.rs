@@ -3,6 +3,8 @@
 //!
 //! Owns: nothing with state. Must not touch: other command modules (they import this).
 
+use std::time::Instant;
+
 use crate::client::Client;
 use crate::filter::Filter;
 use crate::metadata::{pattern_matches, validate_pattern};
@@ -99,4 +101,14 @@ pub fn start_offset(
         From::Time(ms) => c.list_offset(topic, partition, ms.max(0)),
     };
     r.map_err(|e| format!("finding the start of {topic:?} partition {partition}: {e}"))
+}
+
+/// `--idle-ms`: restarts the idle clock when a round got messages; true once no round has for
+/// `idle_ms` (never without the flag).
+pub fn idle_for_long(idle_ms: Option<u64>, got_any: bool, idle_since: &mut Instant) -> bool {
+    if got_any {
+        *idle_since = Instant::now();
+        return false;
+    }
+    idle_ms.is_some_and(|ms| idle_since.elapsed().as_millis() as u64 >= ms)
 }

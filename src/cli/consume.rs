@@ -82,14 +82,9 @@ pub fn consume(server: &str, a: &ConsumeArgs) -> Result<(), String> {
             }
         }
         out.flush().map_err(|e| e.to_string())?;
-        if got_any {
-            idle_since = Instant::now();
-        } else if a
-            .idle_ms
-            .is_some_and(|ms| idle_since.elapsed().as_millis() as u64 >= ms)
-        {
+        if super::common::idle_for_long(a.idle_ms, got_any, &mut idle_since) {
             return Ok(());
-        } else if positions.is_empty() {
+        } else if !got_any && positions.is_empty() {
             std::thread::sleep(Duration::from_millis(20));
         }
     }

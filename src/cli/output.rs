@@ -15,10 +15,6 @@ pub fn print_record(
     partition: u32,
     r: &proto::RecordOut,
 ) -> std::io::Result<()> {
-    if a.format != "json" {
-        out.write_all(&r.value)?;
-        return out.write_all(b"\n");
-    }
     let fields = JsonRecord {
         topic,
         partition,
@@ -28,7 +24,7 @@ pub fn print_record(
         timestamp_ms: r.timestamp_ms,
         headers: &r.headers,
     };
-    writeln!(out, "{}", fields.to_json(None))
+    fields.print(out, a, None)
 }
 
 /// One consumed message as a JSON object (the `--format json` line).
@@ -43,6 +39,20 @@ pub struct JsonRecord<'a> {
 }
 
 impl JsonRecord<'_> {
+    /// One line: the value as text, or the JSON object with `--format json`.
+    pub fn print(
+        &self,
+        out: &mut impl Write,
+        a: &ConsumeArgs,
+        delivery_count: Option<u32>,
+    ) -> std::io::Result<()> {
+        if a.format != "json" {
+            out.write_all(self.value)?;
+            return out.write_all(b"\n");
+        }
+        writeln!(out, "{}", self.to_json(delivery_count))
+    }
+
     /// The object; `delivery_count` is added for queue messages.
     pub fn to_json(&self, delivery_count: Option<u32>) -> String {
         let text = |b: &[u8]| json_string(&String::from_utf8_lossy(b));

@@ -65,10 +65,6 @@ fn print(
     partition: u32,
     m: &QueueMessageOut,
 ) -> std::io::Result<()> {
-    if a.format != "json" {
-        out.write_all(&m.value)?;
-        return out.write_all(b"\n");
-    }
     let fields = JsonRecord {
         topic,
         partition,
@@ -78,7 +74,7 @@ fn print(
         timestamp_ms: m.timestamp_ms,
         headers: &m.headers,
     };
-    writeln!(out, "{}", fields.to_json(Some(m.delivery_count)))
+    fields.print(out, a, Some(m.delivery_count))
 }
 
 pub fn consume_shared(
@@ -158,14 +154,9 @@ pub fn consume_shared(
                 return Ok(());
             }
         }
-        if got_any {
-            idle_since = Instant::now();
-        } else if a
-            .idle_ms
-            .is_some_and(|ms| idle_since.elapsed().as_millis() as u64 >= ms)
-        {
+        if super::common::idle_for_long(a.idle_ms, got_any, &mut idle_since) {
             return Ok(());
-        } else if prefetch <= unsettled {
+        } else if !got_any && prefetch <= unsettled {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
