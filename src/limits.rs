@@ -220,3 +220,32 @@ pub const MALLOC_TRIM_THRESHOLD_BYTES: i32 = 8 << 20;
 /// Recent truncations a partition log remembers, so an appender waiting since before them
 /// learns whether its batch was cut. One that waited through more is told it was (it retries).
 pub const TRUNCATIONS_REMEMBERED: usize = 64;
+
+/// Controller voters at most (`--seeds` lists them): 3 or 5 is the usual choice.
+pub const CONTROLLER_VOTERS_MAX: usize = 5;
+
+/// The controller's Raft tick. Election after 10..20 ticks without a leader (0.5..1 s),
+/// heartbeats every 2.
+pub const CONTROLLER_TICK_MS: u64 = 50;
+
+/// A proposal to the controller (a topic change, a node registering) waits this long for the
+/// leader's answer before the request gets `ControllerUnavailable`.
+pub const CONTROLLER_PROPOSE_TIMEOUT_MS: u64 = 5_000;
+
+/// After a topic change commits, the controller waits at most this long for every live node
+/// to apply it before answering (so a client can use the topic on any node at once).
+pub const CONTROLLER_APPLY_WAIT_MS: u64 = 2_000;
+
+/// Proposals waiting for an answer on one node at most; more are refused at once.
+pub const CONTROLLER_PENDING_MAX: usize = 1_024;
+
+/// Peer frames received and not yet handled by the cluster loop at most; beyond, frames are
+/// dropped (Raft retransmits; heartbeats come again).
+pub const CLUSTER_INBOX_FRAMES: usize = 8_192;
+
+/// Forwarded requests awaiting an answer on one client connection's link to one node; the
+/// client's own in-flight limit bounds it first.
+pub const FORWARD_PENDING_MAX: usize = 65_536;
+
+/// How long a forwarding link waits to connect to the owning node.
+pub const FORWARD_CONNECT_TIMEOUT_MS: u64 = 2_000;

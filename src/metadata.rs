@@ -1,8 +1,10 @@
-//! Topic metadata: topics, their partitions and each partition's shard (placement).
+//! Topic metadata: topics, their partitions and each partition's shard (placement); in a
+//! cluster also each partition's replica nodes and the nodes themselves ([`ClusterView`]).
 //!
 //! Owns: the in-memory table every shard keeps a copy of, and name validation. Must not touch:
-//! files (persistence is `storage::meta_file`) or partitions. Changes are made by the
-//! controller shard (shard 0) and broadcast to the others as [`MetaChange`]s.
+//! files (persistence is `storage::meta_file`) or partitions. Changes are made by shard 0
+//! (alone on a single node; from the cluster controller's metadata in a cluster) and
+//! broadcast to the others as [`MetaChange`]s.
 
 use std::collections::BTreeMap;
 
@@ -18,9 +20,20 @@ pub struct TopicMeta {
     pub retention_bytes: i64,
     /// -1 = unlimited.
     pub retention_ms: i64,
+    /// Cluster: `replicas[p]` are the nodes holding partition `p`, the leader first. Empty on
+    /// a single node (every partition is here).
+    pub replicas: Vec<Vec<u32>>,
 }
 
 impl TopicMeta {
+    /// The node leading `partition` (its first replica; replication is not built yet, so
+    /// the only replica), or `None` on a single node.
+    pub fn leader_node(&self, partition: u32) -> Option<u32> {
+        self.replicas
+            .get(partition as usize)
+            .and_then(|r| r.first().copied())
+    }
+
     pub fn partitions(&self) -> u32 {
         self.shards.len() as u32
     }
@@ -39,6 +52,32 @@ impl TopicMeta {
 pub enum MetaChange {
     Upsert(TopicMeta),
     Remove(String),
+    /// Cluster: the whole table, derived from the controller's metadata and this node's view
+    /// of liveness.
+    Replace(Box<Metadata>),
+}
+
+/// A cluster node as this node's table knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeView {
+    /// The address clients (and forwarding nodes) use.
+    pub client_addr: String,
+    pub peer_addr: String,
+    /// Heard from within the failure timeout (always true for this node).
+    pub alive: bool,
+    pub voter: bool,
+}
+
+/// What a cluster node knows of the cluster.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClusterView {
+    /// This node's id.
+    pub me: u32,
+    /// The controller leader as this node last heard.
+    pub controller: Option<u32>,
+    /// The controller metadata version this table was derived from.
+    pub meta_version: u64,
+    pub nodes: BTreeMap<u32, NodeView>,
 }
 
 /// The topic table (the placement of every partition).
@@ -49,6 +88,8 @@ pub struct Metadata {
     /// newer than what it has (a late or repeated broadcast). Starts at 0 at boot on every
     /// shard (all load the same file).
     pub version: u64,
+    /// `Some` on a cluster node.
+    pub cluster: Option<ClusterView>,
 }
 
 impl Metadata {
@@ -71,12 +112,67 @@ impl Metadata {
             MetaChange::Remove(name) => {
                 self.topics.remove(name);
             }
+            MetaChange::Replace(m) => {
+                let version = self.version;
+                *self = (**m).clone();
+                self.version = version;
+            }
         }
     }
 
     pub fn get(&self, name: &str) -> Option<&TopicMeta> {
         self.topics.get(name)
     }
+
+    /// This node's id in the cluster; `None` on a single node.
+    pub fn node_id(&self) -> Option<u32> {
+        self.cluster.as_ref().map(|c| c.me)
+    }
+
+    /// Whether partition `p` of `t` lives on this node.
+    pub fn is_here(&self, t: &TopicMeta, partition: u32) -> bool {
+        match (self.node_id(), t.replicas.get(partition as usize)) {
+            (Some(me), Some(r)) => r.contains(&me),
+            (Some(_), None) => false,
+            (None, _) => true,
+        }
+    }
+
+    /// Cluster: the node coordinating `group` (crc32 of the name over the registered nodes,
+    /// in id order); `None` on a single node or before any node is known.
+    pub fn group_node(&self, group: &str) -> Option<u32> {
+        let c = self.cluster.as_ref()?;
+        let ids: Vec<u32> = c.nodes.keys().copied().collect();
+        if ids.is_empty() {
+            return None;
+        }
+        Some(ids[(crc32fast::hash(group.as_bytes()) as usize) % ids.len()])
+    }
+
+    /// Cluster: a node's client address and whether it is alive.
+    pub fn node(&self, id: u32) -> Option<&NodeView> {
+        self.cluster.as_ref().and_then(|c| c.nodes.get(&id))
+    }
+}
+
+/// Cluster: places the partitions of a topic that live on node `me` over `shard_count`
+/// shards, round-robin in partition order from a shard chosen by the name, so this node's
+/// share spreads evenly over its shards. Partitions elsewhere get shard 0 (unused here).
+pub fn place_on_node(name: &str, replicas: &[Vec<u32>], me: u32, shard_count: usize) -> Vec<u32> {
+    let start = (crc32fast::hash(name.as_bytes()) as usize) % shard_count.max(1);
+    let mut rank = 0usize;
+    replicas
+        .iter()
+        .map(|r| {
+            if r.contains(&me) {
+                let s = (start + rank) % shard_count.max(1);
+                rank += 1;
+                s as u32
+            } else {
+                0
+            }
+        })
+        .collect()
 }
 
 /// Checks a topic name: 1..=249 bytes of `[A-Za-z0-9._-]`, not `.` or `..`.
@@ -183,9 +279,19 @@ mod tests {
             shards: vec![3],
             retention_bytes: -1,
             retention_ms: -1,
+            replicas: vec![],
         };
         assert_eq!(t.shard_of(0, 2), Some(1));
         assert_eq!(t.shard_of(1, 2), None);
+    }
+
+    #[test]
+    fn a_nodes_share_spreads_over_its_shards() {
+        // Node 1 holds every other partition; its four spread two per shard.
+        let replicas: Vec<Vec<u32>> = (0..8).map(|p| vec![1 + (p % 2)]).collect();
+        let s = place_on_node("t", &replicas, 1, 2);
+        let mine: Vec<u32> = (0..8).filter(|p| p % 2 == 0).map(|p| s[p]).collect();
+        assert_eq!(mine.iter().filter(|&&x| x == 0).count(), 2, "{mine:?}");
     }
 }
 
@@ -199,6 +305,7 @@ mod version_tests {
             shards: vec![0; partitions],
             retention_bytes: -1,
             retention_ms: -1,
+            replicas: vec![],
         })
     }
 

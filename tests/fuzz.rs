@@ -94,7 +94,7 @@ fn corpus() -> Vec<Vec<u8>> {
     };
     let frames: Vec<Bytes> = vec![
         proto::encode_handshake(1, "c"),
-        proto::encode_create_topic(2, "t", 3, -1, 100),
+        proto::encode_create_topic(2, "t", 3, -1, 100, 0),
         proto::encode_metadata(3, &["a", "b"]),
         proto::encode_produce(4, "t", PartitionChoice::Key(b"key"), &batch_bytes),
         proto::encode_fetch(

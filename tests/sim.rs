@@ -708,6 +708,9 @@ fn controller_sim(seed: u64) -> String {
                         name: format!("t{}", rng.below(20)),
                         partitions: 1 + rng.below(8) as u32,
                         replicas: 1 + rng.below(3) as u32,
+                        retention_bytes: -1,
+                        retention_ms: -1,
+                        nodes: vec![],
                     },
                     _ => MetaCommand::DeleteTopic {
                         name: format!("t{}", rng.below(20)),

@@ -15,7 +15,8 @@ use crate::limits;
     about = "A thread-per-core message broker on io_uring"
 )]
 pub struct Cli {
-    /// Broker address for client commands.
+    /// Broker address for client commands; a comma-separated list is tried in order and the
+    /// first that answers is used.
     #[arg(
         long,
         global = true,
@@ -45,6 +46,11 @@ pub enum Command {
     /// Health of every partition: `TOPIC PARTITION SHARD ok|UNAVAILABLE MESSAGE`; exits 1 if
     /// any partition is unavailable or failed.
     Status,
+    /// Cluster: nodes, liveness, the controller leader.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
     /// Shared subscriptions of a topic: list, describe.
     Subscription {
         #[command(subcommand)]
@@ -161,6 +167,23 @@ pub struct ServeArgs {
     /// a response the broker is writing to it.
     #[arg(long, default_value_t = limits::STALLED_CONNECTION_MS_DEFAULT)]
     pub stalled_connection_ms: u64,
+    /// Cluster: peer addresses of some members, comma-separated IP:PORT (may include this
+    /// node's own `--peer-listen`). The nodes listed are the controller's voters (3 or 5 is
+    /// usual); a node not listed joins through them. Without it: a single node, no cluster.
+    #[arg(long)]
+    pub seeds: Option<String>,
+    /// Cluster: this node's id, unique in the cluster, at least 1.
+    #[arg(long, requires = "seeds")]
+    pub node_id: Option<u32>,
+    /// Cluster: where other nodes reach this one (IP:PORT).
+    #[arg(long, requires = "seeds")]
+    pub peer_listen: Option<std::net::SocketAddr>,
+    /// Cluster: the client address other nodes hand out for this one (default `--listen`).
+    #[arg(long, requires = "seeds")]
+    pub advertise: Option<String>,
+    /// Cluster: a node silent this long is down.
+    #[arg(long, default_value_t = limits::NODE_FAILURE_TIMEOUT_MS_DEFAULT)]
+    pub node_failure_timeout_ms: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -176,11 +199,33 @@ pub enum TopicCommand {
         /// Delete segments whose newest message is older than this many ms.
         #[arg(long)]
         retention_ms: Option<i64>,
+        /// Cluster: nodes holding each partition (default min(3, live nodes)). Until
+        /// replication lands only 1 is accepted.
+        #[arg(long)]
+        replicas: Option<u32>,
     },
     /// List topics: `NAME PARTITIONS` per line.
     List,
+    /// Partitions of a topic: offsets, leader node and replicas.
+    Describe {
+        name: String,
+        /// `text` (one line per partition) or `json`.
+        #[arg(long, default_value = "text")]
+        format: String,
+    },
     /// Delete a topic and its data.
     Delete { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterCommand {
+    /// Nodes (id, client and peer address, alive, partitions led), the controller leader and
+    /// the metadata version, as the node asked sees them.
+    Status {
+        /// `text` or `json`.
+        #[arg(long, default_value = "text")]
+        format: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]

@@ -14,8 +14,38 @@ use super::args::ConsumeArgs;
 /// How often a pattern subscription looks for new topics.
 pub const PATTERN_REFRESH_MS: u64 = 500;
 
+/// Connects to the first broker of `server` (a comma-separated list, tried in order) that
+/// answers.
 pub fn connect(server: &str) -> Result<Client, String> {
-    Client::connect(server).map_err(|e| format!("cannot reach the broker at {server}: {e}"))
+    let mut errors = Vec::new();
+    for addr in server.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+        if let Err(e) = check_host_port(addr, "--server") {
+            errors.push(e);
+            continue;
+        }
+        match Client::connect(addr) {
+            Ok(c) => return Ok(c),
+            Err(e) => errors.push(format!("{addr}: {e}")),
+        }
+    }
+    match errors.len() {
+        0 => Err("--server names no address (expected HOST:PORT[,HOST:PORT...])".into()),
+        1 => Err(format!("cannot reach the broker at {}", errors[0])),
+        _ => Err(format!(
+            "cannot reach any broker of {server}: {}",
+            errors.join("; ")
+        )),
+    }
+}
+
+/// Checks that `addr` looks like HOST:PORT, naming `flag` when it does not.
+pub fn check_host_port(addr: &str, flag: &str) -> Result<(), String> {
+    match addr.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
+        _ => Err(format!(
+            "{flag} {addr:?} is not HOST:PORT (for example 127.0.0.1:9400)"
+        )),
+    }
 }
 
 /// What a consumer reads: one topic or every topic matching a pattern.

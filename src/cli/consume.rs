@@ -118,14 +118,22 @@ pub fn stats(server: &str) -> Result<(), String> {
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "SHARD FORWARDS MULTICAST_COPIES REPLIES META FANOUT_APPENDS"
+        "SHARD FORWARDS MULTICAST_COPIES REPLIES META FANOUT_APPENDS NODE_FORWARDS NODE_MULTICAST_COPIES NODE_FORWARDED_IN"
     )
     .map_err(|e| e.to_string())?;
     for s in stats {
         writeln!(
             out,
-            "{} {} {} {} {} {}",
-            s.shard, s.forwards, s.multicast_copies, s.replies, s.meta, s.fanout_appends
+            "{} {} {} {} {} {} {} {} {}",
+            s.shard,
+            s.forwards,
+            s.multicast_copies,
+            s.replies,
+            s.meta,
+            s.fanout_appends,
+            s.node_forwards,
+            s.node_multicast_copies,
+            s.node_forwarded_in
         )
         .map_err(|e| e.to_string())?;
     }

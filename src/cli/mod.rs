@@ -21,7 +21,7 @@ pub mod topic;
 pub use args::*;
 
 use crate::limits;
-use crate::runtime::config::{parse_fsync, ServeConfig};
+use crate::runtime::config::{parse_fsync, parse_seeds, ClusterConfig, ServeConfig};
 
 /// A progress line on stderr (elapsed seconds) while a benchmark runs; off with `--json`.
 struct Progress {
@@ -73,6 +73,7 @@ pub fn run(cli: Cli) -> Result<(), String> {
         Command::Stats => consume::stats(&cli.server),
         Command::Status => consume::status(&cli.server),
         Command::Subscription { command } => queue::subscription(&cli.server, command),
+        Command::Cluster { command } => topic::cluster(&cli.server, command),
         Command::Group { command } => group::group(&cli.server, command),
         Command::Bench { json, scenario } => {
             let progress = Progress::start(json);
@@ -134,6 +135,7 @@ fn spin_before_park_us(poll: Option<PollMode>, spin_us: Option<u64>) -> Result<u
 
 fn serve_config(a: ServeArgs) -> Result<ServeConfig, String> {
     let d = ServeConfig::default();
+    let cluster = cluster_config(&a)?;
     Ok(ServeConfig {
         data_dir: a.data,
         listen: a.listen,
@@ -149,5 +151,34 @@ fn serve_config(a: ServeArgs) -> Result<ServeConfig, String> {
         state_compact_bytes: a.state_compact_bytes,
         memory_max_bytes: a.memory_max_bytes.unwrap_or(d.memory_max_bytes),
         stalled_connection_ms: a.stalled_connection_ms,
+        cluster,
     })
+}
+
+/// The cluster settings when `--seeds` is given (then `--node-id` and `--peer-listen` are
+/// required too).
+fn cluster_config(a: &ServeArgs) -> Result<Option<ClusterConfig>, String> {
+    let Some(seeds) = &a.seeds else {
+        return Ok(None);
+    };
+    let node_id = a
+        .node_id
+        .ok_or("--seeds needs --node-id N (unique in the cluster, at least 1)")?;
+    let peer_listen = a
+        .peer_listen
+        .ok_or("--seeds needs --peer-listen IP:PORT (where other nodes reach this one)")?;
+    let advertise = match &a.advertise {
+        Some(x) => {
+            crate::cli::common::check_host_port(x, "--advertise")?;
+            x.clone()
+        }
+        None => a.listen.to_string(),
+    };
+    Ok(Some(ClusterConfig {
+        node_id,
+        peer_listen,
+        seeds: parse_seeds(seeds)?,
+        advertise,
+        node_failure_timeout_ms: a.node_failure_timeout_ms,
+    }))
 }

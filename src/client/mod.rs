@@ -212,10 +212,32 @@ impl Client {
         retention_bytes: i64,
         retention_ms: i64,
     ) -> Result<(), ClientError> {
+        self.create_topic_replicated(name, partitions, retention_bytes, retention_ms, 0)
+    }
+
+    /// Creates a topic with `replicas` replicas per partition (0 = the broker's default).
+    pub fn create_topic_replicated(
+        &mut self,
+        name: &str,
+        partitions: u32,
+        retention_bytes: i64,
+        retention_ms: i64,
+        replicas: u32,
+    ) -> Result<(), ClientError> {
         self.call(|c| {
-            proto::encode_create_topic(c, name, partitions, retention_bytes, retention_ms)
+            proto::encode_create_topic(c, name, partitions, retention_bytes, retention_ms, replicas)
         })?;
         Ok(())
+    }
+
+    /// The cluster's nodes and controller as the node asked sees them.
+    pub fn cluster_status(&mut self) -> Result<proto::ClusterStatusOut, ClientError> {
+        let r = self.call(proto::encode_cluster_status)?;
+        let s = r
+            .frame()
+            .body_as_cluster_status_response()
+            .ok_or_else(|| ClientError::Protocol("expected a ClusterStatusResponse".into()))?;
+        Ok(proto::decode_cluster_status_response(s))
     }
 
     pub fn delete_topic(&mut self, name: &str) -> Result<(), ClientError> {

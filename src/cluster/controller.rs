@@ -147,7 +147,9 @@ impl<S: ControllerStore> ControllerNode<S> {
     }
 
     /// Proposes a command; it takes effect when committed and applied (see [`Self::applied`]).
-    pub fn propose(&mut self, cmd: &MetaCommand) -> Result<(), ProposeError> {
+    /// Returns the Raft index it was given (if another leader overwrites that index, the
+    /// command applied there is a different one).
+    pub fn propose(&mut self, cmd: &MetaCommand) -> Result<u64, ProposeError> {
         if !self.is_leader() {
             return Err(ProposeError::NotLeader {
                 leader_hint: self.leader_id(),
@@ -155,7 +157,29 @@ impl<S: ControllerStore> ControllerNode<S> {
         }
         self.raw
             .propose(vec![], cmd.encode())
-            .map_err(|e| ProposeError::Refused(e.to_string()))
+            .map_err(|e| ProposeError::Refused(e.to_string()))?;
+        Ok(self.raw.raft.raft_log.last_index())
+    }
+
+    /// Takes the commands applied since the last call (a broker calls this after every
+    /// [`Self::drive`], so the history does not grow; the simulation reads [`Self::applied`]).
+    pub fn drain_applied(&mut self) -> Vec<Applied> {
+        std::mem::take(&mut self.applied)
+    }
+
+    /// The voters of the controller group.
+    pub fn voters(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self.raw.raft.prs().conf().voters().ids().iter().collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Whether the storage this replica was opened on had never been bootstrapped.
+    pub fn is_new_store(storage: &S) -> Result<bool, String> {
+        let state = storage
+            .initial_state()
+            .map_err(|e| format!("controller storage: {e}"))?;
+        Ok(state.conf_state.voters.is_empty())
     }
 
     /// Handles everything Raft has ready: persists, applies, and returns the messages to send

@@ -21,6 +21,13 @@ pub enum MetaCommand {
         name: String,
         partitions: u32,
         replicas: u32,
+        /// -1 = unlimited.
+        retention_bytes: i64,
+        retention_ms: i64,
+        /// The nodes to place replicas on, chosen by the proposer from the nodes it sees
+        /// alive (so the choice is in the command and every replica applies the same);
+        /// empty = every registered node. Nodes not registered are refused.
+        nodes: Vec<u32>,
     },
     DeleteTopic {
         name: String,
@@ -39,6 +46,8 @@ pub struct NodeInfo {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopicPlacement {
     pub replicas: Vec<Vec<u32>>,
+    pub retention_bytes: i64,
+    pub retention_ms: i64,
 }
 
 /// The replicated metadata; `version` counts applied commands (refused ones included, so every
@@ -72,11 +81,29 @@ impl ClusterMeta {
                 name,
                 partitions,
                 replicas,
+                retention_bytes,
+                retention_ms,
+                nodes,
             } => {
                 if self.topics.contains_key(name) {
                     return Err(format!("topic {name:?} already exists"));
                 }
-                let placement = place(name, *partitions, *replicas, &self.node_ids())?;
+                let candidates = if nodes.is_empty() {
+                    self.node_ids()
+                } else if let Some(n) = nodes.iter().find(|n| !self.nodes.contains_key(n)) {
+                    return Err(format!("node {n} is not registered"));
+                } else {
+                    let mut c = nodes.clone();
+                    c.sort_unstable();
+                    c.dedup();
+                    c
+                };
+                let replicas = place(name, *partitions, *replicas, &candidates)?;
+                let placement = TopicPlacement {
+                    replicas,
+                    retention_bytes: *retention_bytes,
+                    retention_ms: *retention_ms,
+                };
                 self.topics.insert(name.clone(), placement);
                 Ok(())
             }
@@ -99,7 +126,7 @@ fn place(
     partitions: u32,
     replicas: u32,
     nodes: &[u32],
-) -> Result<TopicPlacement, String> {
+) -> Result<Vec<Vec<u32>>, String> {
     if partitions == 0 || replicas == 0 {
         return Err("partitions and replicas must be at least 1".into());
     }
@@ -113,14 +140,13 @@ fn place(
     let start = name
         .bytes()
         .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize));
-    let replicas = (0..partitions as usize)
+    Ok((0..partitions as usize)
         .map(|p| {
             (0..replicas as usize)
                 .map(|r| nodes[(start + p + r) % n])
                 .collect()
         })
-        .collect();
-    Ok(TopicPlacement { replicas })
+        .collect())
 }
 
 // ---- encoding: tag byte, then u32 (LE) and length-prefixed UTF-8 fields -------------------
@@ -147,11 +173,20 @@ impl MetaCommand {
                 name,
                 partitions,
                 replicas,
+                retention_bytes,
+                retention_ms,
+                nodes,
             } => {
                 out.push(TAG_CREATE);
                 put_str(&mut out, name);
                 out.extend_from_slice(&partitions.to_le_bytes());
                 out.extend_from_slice(&replicas.to_le_bytes());
+                out.extend_from_slice(&retention_bytes.to_le_bytes());
+                out.extend_from_slice(&retention_ms.to_le_bytes());
+                out.extend_from_slice(&(nodes.len() as u32).to_le_bytes());
+                for n in nodes {
+                    out.extend_from_slice(&n.to_le_bytes());
+                }
             }
             Self::DeleteTopic { name } => {
                 out.push(TAG_DELETE);
@@ -174,6 +209,9 @@ impl MetaCommand {
                 name: r.str()?,
                 partitions: r.u32()?,
                 replicas: r.u32()?,
+                retention_bytes: r.i64()?,
+                retention_ms: r.i64()?,
+                nodes: r.u32_list()?,
             },
             TAG_DELETE => Self::DeleteTopic { name: r.str()? },
             t => return Err(format!("unknown metadata command tag {t}")),
@@ -214,10 +252,106 @@ impl Reader<'_> {
         Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
 
+    fn u64(&mut self) -> Result<u64, String> {
+        let b = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_le_bytes(a))
+    }
+
+    /// A count of items of at least `min_item_bytes` each, bounded by the bytes present.
+    fn count(&mut self, min_item_bytes: usize) -> Result<usize, String> {
+        let n = self.u32()? as usize;
+        if n > self.0.len() / min_item_bytes.max(1) {
+            return Err("metadata count larger than its bytes".into());
+        }
+        Ok(n)
+    }
+
+    fn i64(&mut self) -> Result<i64, String> {
+        let b = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(i64::from_le_bytes(a))
+    }
+
+    /// A count, then that many u32s (the count bounded by the bytes present).
+    fn u32_list(&mut self) -> Result<Vec<u32>, String> {
+        let n = self.u32()? as usize;
+        if n > self.0.len() / 4 {
+            return Err("metadata list longer than its bytes".into());
+        }
+        (0..n).map(|_| self.u32()).collect()
+    }
+
     fn str(&mut self) -> Result<String, String> {
         let n = self.u32()? as usize;
         let b = self.take(n)?;
         String::from_utf8(b.to_vec()).map_err(|_| "metadata string is not UTF-8".into())
+    }
+}
+
+impl ClusterMeta {
+    /// The whole state as bytes (what the controller leader sends to nodes that follow the
+    /// metadata without voting).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&self.version.to_le_bytes());
+        out.extend_from_slice(&(self.nodes.len() as u32).to_le_bytes());
+        for (id, n) in &self.nodes {
+            out.extend_from_slice(&id.to_le_bytes());
+            put_str(&mut out, &n.client_addr);
+            put_str(&mut out, &n.peer_addr);
+        }
+        out.extend_from_slice(&(self.topics.len() as u32).to_le_bytes());
+        for (name, t) in &self.topics {
+            put_str(&mut out, name);
+            out.extend_from_slice(&t.retention_bytes.to_le_bytes());
+            out.extend_from_slice(&t.retention_ms.to_le_bytes());
+            out.extend_from_slice(&(t.replicas.len() as u32).to_le_bytes());
+            for r in &t.replicas {
+                out.extend_from_slice(&(r.len() as u32).to_le_bytes());
+                for n in r {
+                    out.extend_from_slice(&n.to_le_bytes());
+                }
+            }
+        }
+        out
+    }
+
+    /// Decodes [`ClusterMeta::encode`]'s bytes; every count is bounded by the bytes present.
+    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
+        let mut r = Reader(bytes);
+        let mut m = ClusterMeta {
+            version: r.u64()?,
+            ..Default::default()
+        };
+        for _ in 0..r.count(12)? {
+            let id = r.u32()?;
+            let info = NodeInfo {
+                client_addr: r.str()?,
+                peer_addr: r.str()?,
+            };
+            m.nodes.insert(id, info);
+        }
+        for _ in 0..r.count(24)? {
+            let name = r.str()?;
+            let retention_bytes = r.i64()?;
+            let retention_ms = r.i64()?;
+            let replicas = (0..r.count(4)?)
+                .map(|_| r.u32_list())
+                .collect::<Result<Vec<_>, _>>()?;
+            let t = TopicPlacement {
+                replicas,
+                retention_bytes,
+                retention_ms,
+            };
+            m.topics.insert(name, t);
+        }
+        if !r.0.is_empty() {
+            return Err("trailing bytes after the cluster metadata".into());
+        }
+        Ok(m)
     }
 }
 
@@ -237,6 +371,9 @@ mod tests {
                 name: "orders".into(),
                 partitions: 4,
                 replicas: 3,
+                retention_bytes: -1,
+                retention_ms: 86_400_000,
+                nodes: vec![1, 2, 3],
             },
             MetaCommand::DeleteTopic { name: "x".into() },
         ];
@@ -264,6 +401,9 @@ mod tests {
             name: "t".into(),
             partitions: 6,
             replicas: 3,
+            retention_bytes: -1,
+            retention_ms: -1,
+            nodes: vec![],
         };
         m.apply(&create).unwrap();
         let t = &m.topics["t"];
@@ -281,8 +421,36 @@ mod tests {
             name: "u".into(),
             partitions: 1,
             replicas: 4,
+            retention_bytes: -1,
+            retention_ms: -1,
+            nodes: vec![],
         };
         assert!(m.apply(&too_many).unwrap_err().contains("need 4 nodes"));
-        assert_eq!(m.version, 6);
+        let on_live = MetaCommand::CreateTopic {
+            name: "v".into(),
+            partitions: 4,
+            replicas: 1,
+            retention_bytes: -1,
+            retention_ms: -1,
+            nodes: vec![3, 1],
+        };
+        m.apply(&on_live).unwrap();
+        assert!(m.topics["v"].replicas.iter().all(|r| r[0] != 2));
+        let unknown = MetaCommand::CreateTopic {
+            name: "w".into(),
+            partitions: 1,
+            replicas: 1,
+            retention_bytes: -1,
+            retention_ms: -1,
+            nodes: vec![9],
+        };
+        assert!(m.apply(&unknown).unwrap_err().contains("not registered"));
+        assert_eq!(m.version, 8);
+        let bytes = m.encode();
+        assert_eq!(ClusterMeta::decode(&bytes).unwrap(), m);
+        assert!(ClusterMeta::decode(&bytes[..bytes.len() - 1]).is_err());
+        let mut huge = bytes.clone();
+        huge[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(ClusterMeta::decode(&huge).is_err());
     }
 }

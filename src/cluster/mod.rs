@@ -10,7 +10,9 @@
 //! request handling (those call in through typed methods once the cluster is wired up).
 
 pub mod controller;
+pub mod forward;
 pub mod membership;
 pub mod meta;
+pub mod node;
 pub mod raft_store;
 pub mod transport;

@@ -69,6 +69,8 @@ pub fn is_request(t: fb::Body) -> bool {
             | fb::Body::Stats
             | fb::Body::QueueFetch
             | fb::Body::QueueSettle
+            | fb::Body::Forwarded
+            | fb::Body::ClusterStatus
             | fb::Body::SubscriptionInfo
             | fb::Body::Status
     )
@@ -103,6 +105,20 @@ impl VerifiedFrame {
     /// The frame's bytes (to slice a nested batch out without copying).
     pub fn bytes(&self) -> &Bytes {
         &self.0
+    }
+
+    /// A `Forwarded` frame's parts: the partition the sender resolved, the multicast
+    /// destination indexes, and the inner client frame (sliced out without copying; it was
+    /// verified with this one).
+    pub fn forwarded(&self) -> Option<Forwarded> {
+        let f = self.view().body_as_forwarded()?;
+        let inner = self.0.slice_ref(f.frame().bytes());
+        Some(Forwarded {
+            partition: f.partition(),
+            dests: f.dests().map(|d| d.iter().collect()).unwrap_or_default(),
+            from_node: f.from_node(),
+            frame: VerifiedFrame(inner),
+        })
     }
 
     /// The record batch of a produce or multicast frame, sliced out without copying; `None`
@@ -163,6 +179,39 @@ pub unsafe fn stored_record_batch(payload: &[u8]) -> fb::RecordBatch<'_> {
 }
 
 /// Verifies a frame (without its length prefix). For a produce, also verifies the nested batch.
+/// The parts of a `Forwarded` frame (see [`VerifiedFrame::forwarded`]).
+#[derive(Debug, Clone)]
+pub struct Forwarded {
+    pub partition: u32,
+    pub dests: Vec<u32>,
+    pub from_node: u32,
+    pub frame: VerifiedFrame,
+}
+
+/// A client's verified frame wrapped for the node that owns its partition (length prefix
+/// included). The inner bytes are copied once into the new frame, never re-encoded.
+pub fn encode_forwarded(
+    correlation_id: u64,
+    from_node: u32,
+    partition: u32,
+    dests: &[u32],
+    inner: &VerifiedFrame,
+) -> Bytes {
+    let mut b = FlatBufferBuilder::with_capacity(inner.bytes().len() + 128);
+    let frame = b.create_vector(inner.bytes());
+    let dests = (!dests.is_empty()).then(|| b.create_vector(dests));
+    let f = fb::Forwarded::create(
+        &mut b,
+        &fb::ForwardedArgs {
+            partition,
+            dests,
+            from_node,
+            frame: Some(frame),
+        },
+    );
+    finish(b, correlation_id, fb::Body::Forwarded, f.as_union_value())
+}
+
 pub fn verify_frame(bytes: &[u8]) -> Result<fb::Frame<'_>, FrameError> {
     let frame = fb::root_as_frame(bytes).map_err(|e| FrameError::Malformed(e.to_string()))?;
     let t = frame.body_type();
@@ -177,6 +226,15 @@ pub fn verify_frame(bytes: &[u8]) -> Result<fb::Frame<'_>, FrameError> {
     }
     if let Some(p) = frame.body_as_produce() {
         verify_record_batch(p.batch().bytes())?;
+    }
+    if let Some(f) = frame.body_as_forwarded() {
+        // The inner frame is verified as a frame of its own; one level only.
+        let inner = verify_frame(f.frame().bytes())?;
+        if inner.body_type() == fb::Body::Forwarded {
+            return Err(FrameError::Malformed(
+                "a forwarded frame inside another".into(),
+            ));
+        }
     }
     if let Some(m) = frame.body_as_multicast_produce() {
         verify_record_batch(m.batch().bytes())?;
@@ -297,6 +355,7 @@ pub fn encode_create_topic(
     partitions: u32,
     retention_bytes: i64,
     retention_ms: i64,
+    replicas: u32,
 ) -> Bytes {
     let mut b = FlatBufferBuilder::with_capacity(128);
     let n = b.create_string(name);
@@ -307,6 +366,7 @@ pub fn encode_create_topic(
             partitions,
             retention_bytes,
             retention_ms,
+            replicas,
         },
     );
     finish(b, correlation_id, fb::Body::CreateTopic, c.as_union_value())
@@ -358,12 +418,17 @@ pub fn encode_metadata(correlation_id: u64, topics: &[&str]) -> Bytes {
 }
 
 /// One partition in a metadata response.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PartitionMetaOut {
     pub partition: u32,
     pub shard: u32,
     pub start_offset: u64,
     pub end_offset: u64,
+    /// Cluster: the leader node (-1: none alive; 0 on a single node), its client address
+    /// (empty on a single node) and the replica nodes (empty on a single node).
+    pub leader: i32,
+    pub leader_address: String,
+    pub replicas: Vec<u32>,
 }
 
 /// One topic in a metadata response.
@@ -383,6 +448,9 @@ pub fn encode_metadata_response(correlation_id: u64, topics: &[TopicMetaOut]) ->
             .partitions
             .iter()
             .map(|p| {
+                let leader_address =
+                    (!p.leader_address.is_empty()).then(|| b.create_string(&p.leader_address));
+                let replicas = (!p.replicas.is_empty()).then(|| b.create_vector(&p.replicas));
                 fb::PartitionInfo::create(
                     &mut b,
                     &fb::PartitionInfoArgs {
@@ -390,6 +458,9 @@ pub fn encode_metadata_response(correlation_id: u64, topics: &[TopicMetaOut]) ->
                         shard: p.shard,
                         start_offset: p.start_offset,
                         end_offset: p.end_offset,
+                        leader: p.leader,
+                        leader_address,
+                        replicas,
                     },
                 )
             })
@@ -434,6 +505,15 @@ pub fn decode_metadata_response(m: fb::MetadataResponse<'_>) -> Vec<TopicMetaOut
                                     shard: p.shard(),
                                     start_offset: p.start_offset(),
                                     end_offset: p.end_offset(),
+                                    leader: p.leader(),
+                                    leader_address: p
+                                        .leader_address()
+                                        .unwrap_or_default()
+                                        .to_string(),
+                                    replicas: p
+                                        .replicas()
+                                        .map(|r| r.iter().collect())
+                                        .unwrap_or_default(),
                                 })
                                 .collect()
                         })
@@ -887,5 +967,102 @@ mod tests {
         assert_eq!(recs[0].offset, 11);
         assert_eq!(recs[0].value, b"b");
         assert_eq!(recs[0].timestamp_ms, 7);
+    }
+}
+
+/// One node in a cluster status answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeStatusOut {
+    pub id: u32,
+    pub address: String,
+    pub peer_address: String,
+    pub alive: bool,
+    pub leaders: u32,
+    pub replicas: u32,
+    pub voter: bool,
+}
+
+/// A cluster status answer: the answering node, the controller leader (-1: none), the
+/// metadata version and the nodes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClusterStatusOut {
+    pub node_id: u32,
+    pub controller: i32,
+    pub version: u64,
+    pub nodes: Vec<NodeStatusOut>,
+}
+
+pub fn encode_cluster_status(correlation_id: u64) -> Bytes {
+    let mut b = FlatBufferBuilder::with_capacity(64);
+    let s = fb::ClusterStatus::create(&mut b, &fb::ClusterStatusArgs {});
+    finish(
+        b,
+        correlation_id,
+        fb::Body::ClusterStatus,
+        s.as_union_value(),
+    )
+}
+
+pub fn encode_cluster_status_response(correlation_id: u64, st: &ClusterStatusOut) -> Bytes {
+    let mut b = FlatBufferBuilder::with_capacity(256);
+    let nodes: Vec<_> = st
+        .nodes
+        .iter()
+        .map(|n| {
+            let address = b.create_string(&n.address);
+            let peer_address = b.create_string(&n.peer_address);
+            fb::NodeStatus::create(
+                &mut b,
+                &fb::NodeStatusArgs {
+                    id: n.id,
+                    address: Some(address),
+                    peer_address: Some(peer_address),
+                    alive: n.alive,
+                    leaders: n.leaders,
+                    replicas: n.replicas,
+                    voter: n.voter,
+                },
+            )
+        })
+        .collect();
+    let nodes = b.create_vector(&nodes);
+    let r = fb::ClusterStatusResponse::create(
+        &mut b,
+        &fb::ClusterStatusResponseArgs {
+            node_id: st.node_id,
+            controller: st.controller,
+            version: st.version,
+            nodes: Some(nodes),
+        },
+    );
+    finish(
+        b,
+        correlation_id,
+        fb::Body::ClusterStatusResponse,
+        r.as_union_value(),
+    )
+}
+
+pub fn decode_cluster_status_response(r: fb::ClusterStatusResponse<'_>) -> ClusterStatusOut {
+    ClusterStatusOut {
+        node_id: r.node_id(),
+        controller: r.controller(),
+        version: r.version(),
+        nodes: r
+            .nodes()
+            .map(|ns| {
+                ns.iter()
+                    .map(|n| NodeStatusOut {
+                        id: n.id(),
+                        address: n.address().unwrap_or_default().to_string(),
+                        peer_address: n.peer_address().unwrap_or_default().to_string(),
+                        alive: n.alive(),
+                        leaders: n.leaders(),
+                        replicas: n.replicas(),
+                        voter: n.voter(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
     }
 }

@@ -119,6 +119,11 @@ pub struct ShardStatsOut {
     pub replies: u64,
     pub meta: u64,
     pub fanout_appends: u64,
+    /// Cluster: requests forwarded to other nodes, multicast copies sent to other nodes (one
+    /// per node), forwarded frames received.
+    pub node_forwards: u64,
+    pub node_multicast_copies: u64,
+    pub node_forwarded_in: u64,
 }
 
 pub fn encode_stats(corr: u64) -> Bytes {
@@ -140,6 +145,9 @@ pub fn encode_stats_response(corr: u64, shards: &[ShardStatsOut]) -> Bytes {
                     multicast_copies: s.multicast_copies,
                     replies: s.replies,
                     meta: s.meta,
+                    node_forwards: s.node_forwards,
+                    node_multicast_copies: s.node_multicast_copies,
+                    node_forwarded_in: s.node_forwarded_in,
                     fanout_appends: s.fanout_appends,
                 },
             )
@@ -161,6 +169,9 @@ pub fn decode_stats_response(r: fb::StatsResponse<'_>) -> Vec<ShardStatsOut> {
                     replies: s.replies(),
                     meta: s.meta(),
                     fanout_appends: s.fanout_appends(),
+                    node_forwards: s.node_forwards(),
+                    node_multicast_copies: s.node_multicast_copies(),
+                    node_forwarded_in: s.node_forwarded_in(),
                 })
                 .collect()
         })

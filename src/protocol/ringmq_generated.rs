@@ -13,10 +13,10 @@ pub mod wire {
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_ERROR_CODE: u16 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_ERROR_CODE: u16 = 19;
+pub const ENUM_MAX_ERROR_CODE: u16 = 22;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 20] = [
+pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 23] = [
   ErrorCode::None,
   ErrorCode::Malformed,
   ErrorCode::FrameTooLarge,
@@ -37,6 +37,9 @@ pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 20] = [
   ErrorCode::TooManyConnections,
   ErrorCode::FencedMember,
   ErrorCode::UnknownGroup,
+  ErrorCode::NotLeader,
+  ErrorCode::ControllerUnavailable,
+  ErrorCode::NodeUnavailable,
 ];
 
 /// Error codes. Stable numbers: clients switch on them.
@@ -80,9 +83,19 @@ impl ErrorCode {
   /// it was fenced. Rejoin.
   pub const FencedMember: Self = Self(18);
   pub const UnknownGroup: Self = Self(19);
+  /// Cluster: the node that received a forwarded request does not lead the partition (its
+  /// metadata is newer or older than the sender's). The message names the leader if known.
+  /// Refresh metadata and retry.
+  pub const NotLeader: Self = Self(20);
+  /// Cluster: the controller has no leader right now (an election), or did not answer in time.
+  /// Retry shortly.
+  pub const ControllerUnavailable: Self = Self(21);
+  /// Cluster: the node leading the partition (or coordinating the group) is down or cannot be
+  /// reached. Retry; after a failover the partition has a new leader.
+  pub const NodeUnavailable: Self = Self(22);
 
   pub const ENUM_MIN: u16 = 0;
-  pub const ENUM_MAX: u16 = 19;
+  pub const ENUM_MAX: u16 = 22;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::None,
     Self::Malformed,
@@ -104,6 +117,9 @@ impl ErrorCode {
     Self::TooManyConnections,
     Self::FencedMember,
     Self::UnknownGroup,
+    Self::NotLeader,
+    Self::ControllerUnavailable,
+    Self::NodeUnavailable,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -128,6 +144,9 @@ impl ErrorCode {
       Self::TooManyConnections => Some("TooManyConnections"),
       Self::FencedMember => Some("FencedMember"),
       Self::UnknownGroup => Some("UnknownGroup"),
+      Self::NotLeader => Some("NotLeader"),
+      Self::ControllerUnavailable => Some("ControllerUnavailable"),
+      Self::NodeUnavailable => Some("NodeUnavailable"),
       _ => None,
     }
   }
@@ -185,10 +204,10 @@ impl ::flatbuffers::SimpleToVerifyInSlice for ErrorCode {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_BODY: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_BODY: u8 = 40;
+pub const ENUM_MAX_BODY: u8 = 43;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_BODY: [Body; 41] = [
+pub const ENUM_VALUES_BODY: [Body; 44] = [
   Body::NONE,
   Body::Handshake,
   Body::HandshakeResponse,
@@ -230,6 +249,9 @@ pub const ENUM_VALUES_BODY: [Body; 41] = [
   Body::SubscriptionInfoResponse,
   Body::Status,
   Body::StatusResponse,
+  Body::Forwarded,
+  Body::ClusterStatus,
+  Body::ClusterStatusResponse,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -278,9 +300,12 @@ impl Body {
   pub const SubscriptionInfoResponse: Self = Self(38);
   pub const Status: Self = Self(39);
   pub const StatusResponse: Self = Self(40);
+  pub const Forwarded: Self = Self(41);
+  pub const ClusterStatus: Self = Self(42);
+  pub const ClusterStatusResponse: Self = Self(43);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 40;
+  pub const ENUM_MAX: u8 = 43;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::Handshake,
@@ -323,6 +348,9 @@ impl Body {
     Self::SubscriptionInfoResponse,
     Self::Status,
     Self::StatusResponse,
+    Self::Forwarded,
+    Self::ClusterStatus,
+    Self::ClusterStatusResponse,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -368,6 +396,9 @@ impl Body {
       Self::SubscriptionInfoResponse => Some("SubscriptionInfoResponse"),
       Self::Status => Some("Status"),
       Self::StatusResponse => Some("StatusResponse"),
+      Self::Forwarded => Some("Forwarded"),
+      Self::ClusterStatus => Some("ClusterStatus"),
+      Self::ClusterStatusResponse => Some("ClusterStatusResponse"),
       _ => None,
     }
   }
@@ -1074,6 +1105,7 @@ impl<'a> CreateTopic<'a> {
   pub const VT_PARTITIONS: ::flatbuffers::VOffsetT = 6;
   pub const VT_RETENTION_BYTES: ::flatbuffers::VOffsetT = 8;
   pub const VT_RETENTION_MS: ::flatbuffers::VOffsetT = 10;
+  pub const VT_REPLICAS: ::flatbuffers::VOffsetT = 12;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -1087,6 +1119,7 @@ impl<'a> CreateTopic<'a> {
     let mut builder = CreateTopicBuilder::new(_fbb);
     builder.add_retention_ms(args.retention_ms);
     builder.add_retention_bytes(args.retention_bytes);
+    builder.add_replicas(args.replicas);
     builder.add_partitions(args.partitions);
     if let Some(x) = args.name { builder.add_name(x); }
     builder.finish()
@@ -1124,6 +1157,15 @@ impl<'a> CreateTopic<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<i64>(CreateTopic::VT_RETENTION_MS, Some(-1)).unwrap()}
   }
+  /// Cluster: nodes holding each partition; 0 = the default, min(3, live nodes). A single
+  /// node accepts 0 and 1.
+  #[inline]
+  pub fn replicas(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(CreateTopic::VT_REPLICAS, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for CreateTopic<'_> {
@@ -1136,6 +1178,7 @@ impl ::flatbuffers::Verifiable for CreateTopic<'_> {
      .visit_field::<u32>("partitions", Self::VT_PARTITIONS, false)?
      .visit_field::<i64>("retention_bytes", Self::VT_RETENTION_BYTES, false)?
      .visit_field::<i64>("retention_ms", Self::VT_RETENTION_MS, false)?
+     .visit_field::<u32>("replicas", Self::VT_REPLICAS, false)?
      .finish();
     Ok(())
   }
@@ -1145,6 +1188,7 @@ pub struct CreateTopicArgs<'a> {
     pub partitions: u32,
     pub retention_bytes: i64,
     pub retention_ms: i64,
+    pub replicas: u32,
 }
 impl<'a> Default for CreateTopicArgs<'a> {
   #[inline]
@@ -1154,6 +1198,7 @@ impl<'a> Default for CreateTopicArgs<'a> {
       partitions: 1,
       retention_bytes: -1,
       retention_ms: -1,
+      replicas: 0,
     }
   }
 }
@@ -1180,6 +1225,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> CreateTopicBuilder<'a, 'b, A>
     self.fbb_.push_slot::<i64>(CreateTopic::VT_RETENTION_MS, retention_ms, -1);
   }
   #[inline]
+  pub fn add_replicas(&mut self, replicas: u32) {
+    self.fbb_.push_slot::<u32>(CreateTopic::VT_REPLICAS, replicas, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> CreateTopicBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     CreateTopicBuilder {
@@ -1202,6 +1251,7 @@ impl ::core::fmt::Debug for CreateTopic<'_> {
       ds.field("partitions", &self.partitions());
       ds.field("retention_bytes", &self.retention_bytes());
       ds.field("retention_ms", &self.retention_ms());
+      ds.field("replicas", &self.replicas());
       ds.finish()
   }
 }
@@ -1628,6 +1678,9 @@ impl<'a> PartitionInfo<'a> {
   pub const VT_SHARD: ::flatbuffers::VOffsetT = 6;
   pub const VT_START_OFFSET: ::flatbuffers::VOffsetT = 8;
   pub const VT_END_OFFSET: ::flatbuffers::VOffsetT = 10;
+  pub const VT_LEADER: ::flatbuffers::VOffsetT = 12;
+  pub const VT_LEADER_ADDRESS: ::flatbuffers::VOffsetT = 14;
+  pub const VT_REPLICAS: ::flatbuffers::VOffsetT = 16;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -1636,11 +1689,14 @@ impl<'a> PartitionInfo<'a> {
   #[allow(unused_mut)]
   pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
     _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
-    args: &'args PartitionInfoArgs
+    args: &'args PartitionInfoArgs<'args>
   ) -> ::flatbuffers::WIPOffset<PartitionInfo<'bldr>> {
     let mut builder = PartitionInfoBuilder::new(_fbb);
     builder.add_end_offset(args.end_offset);
     builder.add_start_offset(args.start_offset);
+    if let Some(x) = args.replicas { builder.add_replicas(x); }
+    if let Some(x) = args.leader_address { builder.add_leader_address(x); }
+    builder.add_leader(args.leader);
     builder.add_shard(args.shard);
     builder.add_partition(args.partition);
     builder.finish()
@@ -1677,6 +1733,30 @@ impl<'a> PartitionInfo<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u64>(PartitionInfo::VT_END_OFFSET, Some(0)).unwrap()}
   }
+  /// Cluster: the node leading the partition, -1 when none is alive; a single node says 0.
+  #[inline]
+  pub fn leader(&self) -> i32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<i32>(PartitionInfo::VT_LEADER, Some(0)).unwrap()}
+  }
+  /// Cluster: the client address of the leader (empty on a single node: this one).
+  #[inline]
+  pub fn leader_address(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(PartitionInfo::VT_LEADER_ADDRESS, None)}
+  }
+  /// Cluster: the nodes holding replicas, preferred leader first (empty on a single node).
+  #[inline]
+  pub fn replicas(&self) -> Option<::flatbuffers::Vector<'a, u32>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u32>>>(PartitionInfo::VT_REPLICAS, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for PartitionInfo<'_> {
@@ -1689,17 +1769,23 @@ impl ::flatbuffers::Verifiable for PartitionInfo<'_> {
      .visit_field::<u32>("shard", Self::VT_SHARD, false)?
      .visit_field::<u64>("start_offset", Self::VT_START_OFFSET, false)?
      .visit_field::<u64>("end_offset", Self::VT_END_OFFSET, false)?
+     .visit_field::<i32>("leader", Self::VT_LEADER, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("leader_address", Self::VT_LEADER_ADDRESS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u32>>>("replicas", Self::VT_REPLICAS, false)?
      .finish();
     Ok(())
   }
 }
-pub struct PartitionInfoArgs {
+pub struct PartitionInfoArgs<'a> {
     pub partition: u32,
     pub shard: u32,
     pub start_offset: u64,
     pub end_offset: u64,
+    pub leader: i32,
+    pub leader_address: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub replicas: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u32>>>,
 }
-impl<'a> Default for PartitionInfoArgs {
+impl<'a> Default for PartitionInfoArgs<'a> {
   #[inline]
   fn default() -> Self {
     PartitionInfoArgs {
@@ -1707,6 +1793,9 @@ impl<'a> Default for PartitionInfoArgs {
       shard: 0,
       start_offset: 0,
       end_offset: 0,
+      leader: 0,
+      leader_address: None,
+      replicas: None,
     }
   }
 }
@@ -1733,6 +1822,18 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> PartitionInfoBuilder<'a, 'b, 
     self.fbb_.push_slot::<u64>(PartitionInfo::VT_END_OFFSET, end_offset, 0);
   }
   #[inline]
+  pub fn add_leader(&mut self, leader: i32) {
+    self.fbb_.push_slot::<i32>(PartitionInfo::VT_LEADER, leader, 0);
+  }
+  #[inline]
+  pub fn add_leader_address(&mut self, leader_address: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(PartitionInfo::VT_LEADER_ADDRESS, leader_address);
+  }
+  #[inline]
+  pub fn add_replicas(&mut self, replicas: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u32>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(PartitionInfo::VT_REPLICAS, replicas);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> PartitionInfoBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     PartitionInfoBuilder {
@@ -1754,6 +1855,9 @@ impl ::core::fmt::Debug for PartitionInfo<'_> {
       ds.field("shard", &self.shard());
       ds.field("start_offset", &self.start_offset());
       ds.field("end_offset", &self.end_offset());
+      ds.field("leader", &self.leader());
+      ds.field("leader_address", &self.leader_address());
+      ds.field("replicas", &self.replicas());
       ds.finish()
   }
 }
@@ -5733,6 +5837,9 @@ impl<'a> ShardStats<'a> {
   pub const VT_REPLIES: ::flatbuffers::VOffsetT = 10;
   pub const VT_META: ::flatbuffers::VOffsetT = 12;
   pub const VT_FANOUT_APPENDS: ::flatbuffers::VOffsetT = 14;
+  pub const VT_NODE_FORWARDS: ::flatbuffers::VOffsetT = 16;
+  pub const VT_NODE_MULTICAST_COPIES: ::flatbuffers::VOffsetT = 18;
+  pub const VT_NODE_FORWARDED_IN: ::flatbuffers::VOffsetT = 20;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -5744,6 +5851,9 @@ impl<'a> ShardStats<'a> {
     args: &'args ShardStatsArgs
   ) -> ::flatbuffers::WIPOffset<ShardStats<'bldr>> {
     let mut builder = ShardStatsBuilder::new(_fbb);
+    builder.add_node_forwarded_in(args.node_forwarded_in);
+    builder.add_node_multicast_copies(args.node_multicast_copies);
+    builder.add_node_forwards(args.node_forwards);
     builder.add_fanout_appends(args.fanout_appends);
     builder.add_meta(args.meta);
     builder.add_replies(args.replies);
@@ -5801,6 +5911,30 @@ impl<'a> ShardStats<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u64>(ShardStats::VT_FANOUT_APPENDS, Some(0)).unwrap()}
   }
+  /// Cluster: requests forwarded from this shard to another node (one frame each).
+  #[inline]
+  pub fn node_forwards(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ShardStats::VT_NODE_FORWARDS, Some(0)).unwrap()}
+  }
+  /// Cluster: multicast batch copies sent to another node (one per node, not per destination).
+  #[inline]
+  pub fn node_multicast_copies(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ShardStats::VT_NODE_MULTICAST_COPIES, Some(0)).unwrap()}
+  }
+  /// Cluster: forwarded frames this shard received from other nodes.
+  #[inline]
+  pub fn node_forwarded_in(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ShardStats::VT_NODE_FORWARDED_IN, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for ShardStats<'_> {
@@ -5815,6 +5949,9 @@ impl ::flatbuffers::Verifiable for ShardStats<'_> {
      .visit_field::<u64>("replies", Self::VT_REPLIES, false)?
      .visit_field::<u64>("meta", Self::VT_META, false)?
      .visit_field::<u64>("fanout_appends", Self::VT_FANOUT_APPENDS, false)?
+     .visit_field::<u64>("node_forwards", Self::VT_NODE_FORWARDS, false)?
+     .visit_field::<u64>("node_multicast_copies", Self::VT_NODE_MULTICAST_COPIES, false)?
+     .visit_field::<u64>("node_forwarded_in", Self::VT_NODE_FORWARDED_IN, false)?
      .finish();
     Ok(())
   }
@@ -5826,6 +5963,9 @@ pub struct ShardStatsArgs {
     pub replies: u64,
     pub meta: u64,
     pub fanout_appends: u64,
+    pub node_forwards: u64,
+    pub node_multicast_copies: u64,
+    pub node_forwarded_in: u64,
 }
 impl<'a> Default for ShardStatsArgs {
   #[inline]
@@ -5837,6 +5977,9 @@ impl<'a> Default for ShardStatsArgs {
       replies: 0,
       meta: 0,
       fanout_appends: 0,
+      node_forwards: 0,
+      node_multicast_copies: 0,
+      node_forwarded_in: 0,
     }
   }
 }
@@ -5871,6 +6014,18 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ShardStatsBuilder<'a, 'b, A> 
     self.fbb_.push_slot::<u64>(ShardStats::VT_FANOUT_APPENDS, fanout_appends, 0);
   }
   #[inline]
+  pub fn add_node_forwards(&mut self, node_forwards: u64) {
+    self.fbb_.push_slot::<u64>(ShardStats::VT_NODE_FORWARDS, node_forwards, 0);
+  }
+  #[inline]
+  pub fn add_node_multicast_copies(&mut self, node_multicast_copies: u64) {
+    self.fbb_.push_slot::<u64>(ShardStats::VT_NODE_MULTICAST_COPIES, node_multicast_copies, 0);
+  }
+  #[inline]
+  pub fn add_node_forwarded_in(&mut self, node_forwarded_in: u64) {
+    self.fbb_.push_slot::<u64>(ShardStats::VT_NODE_FORWARDED_IN, node_forwarded_in, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ShardStatsBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     ShardStatsBuilder {
@@ -5894,6 +6049,9 @@ impl ::core::fmt::Debug for ShardStats<'_> {
       ds.field("replies", &self.replies());
       ds.field("meta", &self.meta());
       ds.field("fanout_appends", &self.fanout_appends());
+      ds.field("node_forwards", &self.node_forwards());
+      ds.field("node_multicast_copies", &self.node_multicast_copies());
+      ds.field("node_forwarded_in", &self.node_forwarded_in());
       ds.finish()
   }
 }
@@ -7620,6 +7778,598 @@ impl ::core::fmt::Debug for StatusResponse<'_> {
       ds.finish()
   }
 }
+pub enum ForwardedOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Cluster: a request one node hands to another for a partition (or group) that node owns.
+/// `frame` is the client's verified frame, carried verbatim; the receiver answers with the
+/// inner frame's response. `partition` is the partition the sender resolved (so a keyless
+/// produce is not re-balanced on the way). For a multicast, `dests` are the indexes of the
+/// destinations the receiver appends to (one copy per node); the answer lists those only.
+pub struct Forwarded<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Forwarded<'a> {
+  type Inner = Forwarded<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Forwarded<'a> {
+  pub const VT_PARTITION: ::flatbuffers::VOffsetT = 4;
+  pub const VT_DESTS: ::flatbuffers::VOffsetT = 6;
+  pub const VT_FROM_NODE: ::flatbuffers::VOffsetT = 8;
+  pub const VT_FRAME: ::flatbuffers::VOffsetT = 10;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Forwarded { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ForwardedArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<Forwarded<'bldr>> {
+    let mut builder = ForwardedBuilder::new(_fbb);
+    if let Some(x) = args.frame { builder.add_frame(x); }
+    builder.add_from_node(args.from_node);
+    if let Some(x) = args.dests { builder.add_dests(x); }
+    builder.add_partition(args.partition);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn partition(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(Forwarded::VT_PARTITION, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn dests(&self) -> Option<::flatbuffers::Vector<'a, u32>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u32>>>(Forwarded::VT_DESTS, None)}
+  }
+  /// The sender's node id.
+  #[inline]
+  pub fn from_node(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(Forwarded::VT_FROM_NODE, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn frame(&self) -> ::flatbuffers::Vector<'a, u8> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(Forwarded::VT_FRAME, None).unwrap()}
+  }
+  pub fn frame_nested_flatbuffer(&'a self) -> Frame<'a> {
+    let data = self.frame();
+    use ::flatbuffers::Follow;
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid flatbuffer in this slot
+    unsafe { <::flatbuffers::ForwardsUOffset<Frame<'a>>>::follow(data.bytes(), 0) }
+  }
+}
+
+impl ::flatbuffers::Verifiable for Forwarded<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u32>("partition", Self::VT_PARTITION, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u32>>>("dests", Self::VT_DESTS, false)?
+     .visit_field::<u32>("from_node", Self::VT_FROM_NODE, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("frame", Self::VT_FRAME, true)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ForwardedArgs<'a> {
+    pub partition: u32,
+    pub dests: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u32>>>,
+    pub from_node: u32,
+    pub frame: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+}
+impl<'a> Default for ForwardedArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ForwardedArgs {
+      partition: 0,
+      dests: None,
+      from_node: 0,
+      frame: None, // required field
+    }
+  }
+}
+
+pub struct ForwardedBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ForwardedBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_partition(&mut self, partition: u32) {
+    self.fbb_.push_slot::<u32>(Forwarded::VT_PARTITION, partition, 0);
+  }
+  #[inline]
+  pub fn add_dests(&mut self, dests: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u32>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Forwarded::VT_DESTS, dests);
+  }
+  #[inline]
+  pub fn add_from_node(&mut self, from_node: u32) {
+    self.fbb_.push_slot::<u32>(Forwarded::VT_FROM_NODE, from_node, 0);
+  }
+  #[inline]
+  pub fn add_frame(&mut self, frame: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Forwarded::VT_FRAME, frame);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ForwardedBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ForwardedBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Forwarded<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, Forwarded::VT_FRAME,"frame");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Forwarded<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Forwarded");
+      ds.field("partition", &self.partition());
+      ds.field("dests", &self.dests());
+      ds.field("from_node", &self.from_node());
+      ds.field("frame", &self.frame());
+      ds.finish()
+  }
+}
+pub enum ClusterStatusOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Cluster: nodes, liveness and the controller, as the answering node sees them.
+pub struct ClusterStatus<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for ClusterStatus<'a> {
+  type Inner = ClusterStatus<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> ClusterStatus<'a> {
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    ClusterStatus { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    _args: &'args ClusterStatusArgs
+  ) -> ::flatbuffers::WIPOffset<ClusterStatus<'bldr>> {
+    let mut builder = ClusterStatusBuilder::new(_fbb);
+    builder.finish()
+  }
+
+}
+
+impl ::flatbuffers::Verifiable for ClusterStatus<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ClusterStatusArgs {
+}
+impl<'a> Default for ClusterStatusArgs {
+  #[inline]
+  fn default() -> Self {
+    ClusterStatusArgs {
+    }
+  }
+}
+
+pub struct ClusterStatusBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ClusterStatusBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ClusterStatusBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ClusterStatusBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ClusterStatus<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ClusterStatus<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ClusterStatus");
+      ds.finish()
+  }
+}
+pub enum NodeStatusOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct NodeStatus<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for NodeStatus<'a> {
+  type Inner = NodeStatus<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> NodeStatus<'a> {
+  pub const VT_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_ADDRESS: ::flatbuffers::VOffsetT = 6;
+  pub const VT_PEER_ADDRESS: ::flatbuffers::VOffsetT = 8;
+  pub const VT_ALIVE: ::flatbuffers::VOffsetT = 10;
+  pub const VT_LEADERS: ::flatbuffers::VOffsetT = 12;
+  pub const VT_REPLICAS: ::flatbuffers::VOffsetT = 14;
+  pub const VT_VOTER: ::flatbuffers::VOffsetT = 16;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    NodeStatus { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args NodeStatusArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<NodeStatus<'bldr>> {
+    let mut builder = NodeStatusBuilder::new(_fbb);
+    builder.add_replicas(args.replicas);
+    builder.add_leaders(args.leaders);
+    if let Some(x) = args.peer_address { builder.add_peer_address(x); }
+    if let Some(x) = args.address { builder.add_address(x); }
+    builder.add_id(args.id);
+    builder.add_voter(args.voter);
+    builder.add_alive(args.alive);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn id(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(NodeStatus::VT_ID, Some(0)).unwrap()}
+  }
+  /// Client address (`--advertise`) and peer address (`--peer-listen`).
+  #[inline]
+  pub fn address(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(NodeStatus::VT_ADDRESS, None)}
+  }
+  #[inline]
+  pub fn peer_address(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(NodeStatus::VT_PEER_ADDRESS, None)}
+  }
+  #[inline]
+  pub fn alive(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(NodeStatus::VT_ALIVE, Some(false)).unwrap()}
+  }
+  /// Partitions this node leads, and partitions it holds a replica of.
+  #[inline]
+  pub fn leaders(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(NodeStatus::VT_LEADERS, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn replicas(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(NodeStatus::VT_REPLICAS, Some(0)).unwrap()}
+  }
+  /// A voter of the controller (else it follows the metadata).
+  #[inline]
+  pub fn voter(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(NodeStatus::VT_VOTER, Some(false)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for NodeStatus<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u32>("id", Self::VT_ID, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("address", Self::VT_ADDRESS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("peer_address", Self::VT_PEER_ADDRESS, false)?
+     .visit_field::<bool>("alive", Self::VT_ALIVE, false)?
+     .visit_field::<u32>("leaders", Self::VT_LEADERS, false)?
+     .visit_field::<u32>("replicas", Self::VT_REPLICAS, false)?
+     .visit_field::<bool>("voter", Self::VT_VOTER, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct NodeStatusArgs<'a> {
+    pub id: u32,
+    pub address: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub peer_address: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub alive: bool,
+    pub leaders: u32,
+    pub replicas: u32,
+    pub voter: bool,
+}
+impl<'a> Default for NodeStatusArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    NodeStatusArgs {
+      id: 0,
+      address: None,
+      peer_address: None,
+      alive: false,
+      leaders: 0,
+      replicas: 0,
+      voter: false,
+    }
+  }
+}
+
+pub struct NodeStatusBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> NodeStatusBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_id(&mut self, id: u32) {
+    self.fbb_.push_slot::<u32>(NodeStatus::VT_ID, id, 0);
+  }
+  #[inline]
+  pub fn add_address(&mut self, address: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(NodeStatus::VT_ADDRESS, address);
+  }
+  #[inline]
+  pub fn add_peer_address(&mut self, peer_address: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(NodeStatus::VT_PEER_ADDRESS, peer_address);
+  }
+  #[inline]
+  pub fn add_alive(&mut self, alive: bool) {
+    self.fbb_.push_slot::<bool>(NodeStatus::VT_ALIVE, alive, false);
+  }
+  #[inline]
+  pub fn add_leaders(&mut self, leaders: u32) {
+    self.fbb_.push_slot::<u32>(NodeStatus::VT_LEADERS, leaders, 0);
+  }
+  #[inline]
+  pub fn add_replicas(&mut self, replicas: u32) {
+    self.fbb_.push_slot::<u32>(NodeStatus::VT_REPLICAS, replicas, 0);
+  }
+  #[inline]
+  pub fn add_voter(&mut self, voter: bool) {
+    self.fbb_.push_slot::<bool>(NodeStatus::VT_VOTER, voter, false);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> NodeStatusBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    NodeStatusBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<NodeStatus<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for NodeStatus<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("NodeStatus");
+      ds.field("id", &self.id());
+      ds.field("address", &self.address());
+      ds.field("peer_address", &self.peer_address());
+      ds.field("alive", &self.alive());
+      ds.field("leaders", &self.leaders());
+      ds.field("replicas", &self.replicas());
+      ds.field("voter", &self.voter());
+      ds.finish()
+  }
+}
+pub enum ClusterStatusResponseOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct ClusterStatusResponse<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for ClusterStatusResponse<'a> {
+  type Inner = ClusterStatusResponse<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> ClusterStatusResponse<'a> {
+  pub const VT_NODE_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_CONTROLLER: ::flatbuffers::VOffsetT = 6;
+  pub const VT_VERSION: ::flatbuffers::VOffsetT = 8;
+  pub const VT_NODES: ::flatbuffers::VOffsetT = 10;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    ClusterStatusResponse { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ClusterStatusResponseArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<ClusterStatusResponse<'bldr>> {
+    let mut builder = ClusterStatusResponseBuilder::new(_fbb);
+    builder.add_version(args.version);
+    if let Some(x) = args.nodes { builder.add_nodes(x); }
+    builder.add_controller(args.controller);
+    builder.add_node_id(args.node_id);
+    builder.finish()
+  }
+
+
+  /// The node that answered; 0 on a single node.
+  #[inline]
+  pub fn node_id(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(ClusterStatusResponse::VT_NODE_ID, Some(0)).unwrap()}
+  }
+  /// The controller leader, -1 while there is none (or on a single node).
+  #[inline]
+  pub fn controller(&self) -> i32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<i32>(ClusterStatusResponse::VT_CONTROLLER, Some(-1)).unwrap()}
+  }
+  /// The metadata version (commands applied by the controller).
+  #[inline]
+  pub fn version(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ClusterStatusResponse::VT_VERSION, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn nodes(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<NodeStatus<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<NodeStatus>>>>(ClusterStatusResponse::VT_NODES, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for ClusterStatusResponse<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u32>("node_id", Self::VT_NODE_ID, false)?
+     .visit_field::<i32>("controller", Self::VT_CONTROLLER, false)?
+     .visit_field::<u64>("version", Self::VT_VERSION, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<NodeStatus>>>>("nodes", Self::VT_NODES, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ClusterStatusResponseArgs<'a> {
+    pub node_id: u32,
+    pub controller: i32,
+    pub version: u64,
+    pub nodes: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<NodeStatus<'a>>>>>,
+}
+impl<'a> Default for ClusterStatusResponseArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ClusterStatusResponseArgs {
+      node_id: 0,
+      controller: -1,
+      version: 0,
+      nodes: None,
+    }
+  }
+}
+
+pub struct ClusterStatusResponseBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ClusterStatusResponseBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_node_id(&mut self, node_id: u32) {
+    self.fbb_.push_slot::<u32>(ClusterStatusResponse::VT_NODE_ID, node_id, 0);
+  }
+  #[inline]
+  pub fn add_controller(&mut self, controller: i32) {
+    self.fbb_.push_slot::<i32>(ClusterStatusResponse::VT_CONTROLLER, controller, -1);
+  }
+  #[inline]
+  pub fn add_version(&mut self, version: u64) {
+    self.fbb_.push_slot::<u64>(ClusterStatusResponse::VT_VERSION, version, 0);
+  }
+  #[inline]
+  pub fn add_nodes(&mut self, nodes: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<NodeStatus<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ClusterStatusResponse::VT_NODES, nodes);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ClusterStatusResponseBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ClusterStatusResponseBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ClusterStatusResponse<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ClusterStatusResponse<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ClusterStatusResponse");
+      ds.field("node_id", &self.node_id());
+      ds.field("controller", &self.controller());
+      ds.field("version", &self.version());
+      ds.field("nodes", &self.nodes());
+      ds.finish()
+  }
+}
 pub enum FrameOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -8279,6 +9029,51 @@ impl<'a> Frame<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_forwarded(&self) -> Option<Forwarded<'a>> {
+    if self.body_type() == Body::Forwarded {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { Forwarded::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_cluster_status(&self) -> Option<ClusterStatus<'a>> {
+    if self.body_type() == Body::ClusterStatus {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { ClusterStatus::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_cluster_status_response(&self) -> Option<ClusterStatusResponse<'a>> {
+    if self.body_type() == Body::ClusterStatusResponse {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { ClusterStatusResponse::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for Frame<'_> {
@@ -8330,6 +9125,9 @@ impl ::flatbuffers::Verifiable for Frame<'_> {
           Body::SubscriptionInfoResponse => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<SubscriptionInfoResponse>>("Body::SubscriptionInfoResponse", pos),
           Body::Status => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Status>>("Body::Status", pos),
           Body::StatusResponse => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<StatusResponse>>("Body::StatusResponse", pos),
+          Body::Forwarded => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Forwarded>>("Body::Forwarded", pos),
+          Body::ClusterStatus => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ClusterStatus>>("Body::ClusterStatus", pos),
+          Body::ClusterStatusResponse => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ClusterStatusResponse>>("Body::ClusterStatusResponse", pos),
           _ => Ok(()),
         }
      })?
@@ -8666,6 +9464,27 @@ impl ::core::fmt::Debug for Frame<'_> {
         },
         Body::StatusResponse => {
           if let Some(x) = self.body_as_status_response() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::Forwarded => {
+          if let Some(x) = self.body_as_forwarded() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::ClusterStatus => {
+          if let Some(x) = self.body_as_cluster_status() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::ClusterStatusResponse => {
+          if let Some(x) = self.body_as_cluster_status_response() {
             ds.field("body", &x)
           } else {
             ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")

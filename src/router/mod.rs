@@ -112,6 +112,11 @@ pub struct CopyCounters {
     pub multicast: Cell<u64>,
     pub replies: Cell<u64>,
     pub meta: Cell<u64>,
+    /// Cluster: requests forwarded to another node, multicast copies sent to another node,
+    /// forwarded frames received from other nodes.
+    pub node_forwards: Cell<u64>,
+    pub node_multicast: Cell<u64>,
+    pub node_forwarded_in: Cell<u64>,
 }
 
 /// This shard's end of the mesh.
@@ -240,6 +245,6 @@ impl Transport for Router {
     }
 }
 
-fn bump(c: &Cell<u64>) {
+pub fn bump(c: &Cell<u64>) {
     c.set(c.get() + 1);
 }

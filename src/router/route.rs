@@ -8,7 +8,7 @@
 use crate::metadata::Metadata;
 use crate::protocol::partitioner;
 
-/// This node, until the cluster assigns node ids.
+/// This node. Cluster node ids start at 1, so a [`Dest`] with node 0 never leaves the node.
 pub const LOCAL_NODE: u32 = 0;
 
 /// The shard that makes topic changes (the controller of this node's placement table).
@@ -27,6 +27,15 @@ impl Dest {
             node: LOCAL_NODE,
             shard,
         }
+    }
+
+    /// Another cluster node; which of its shards owns the request is that node's decision.
+    pub fn remote(node: u32) -> Self {
+        Self { node, shard: 0 }
+    }
+
+    pub fn is_local(&self) -> bool {
+        self.node == LOCAL_NODE
     }
 }
 
@@ -90,7 +99,12 @@ pub fn route(
     round_robin: u32,
 ) -> Result<(u32, Dest), RouteError> {
     let (topic, partition) = match target {
-        Target::Group(g) => return Ok((0, Dest::local(coordinator_of(g, shards)))),
+        Target::Group(g) => {
+            return Ok(match table.group_node(g) {
+                Some(n) if Some(n) != table.node_id() => (0, Dest::remote(n)),
+                _ => (0, Dest::local(coordinator_of(g, shards))),
+            })
+        }
         Target::Controller => return Ok((0, Dest::local(CONTROLLER_SHARD))),
         Target::Partition { topic, partition } => (topic, Some(partition)),
         Target::Produce {
@@ -118,13 +132,18 @@ pub fn route(
     let t = table
         .get(topic)
         .ok_or_else(|| RouteError::UnknownTopic(topic.into()))?;
+    let unknown = || RouteError::UnknownPartition {
+        topic: topic.into(),
+        partitions: t.partitions(),
+        partition,
+    };
+    if !table.is_here(t, partition) {
+        let leader = t.leader_node(partition).ok_or_else(unknown)?;
+        return Ok((partition, Dest::remote(leader)));
+    }
     t.shard_of(partition, shards)
         .map(|s| (partition, Dest::local(s)))
-        .ok_or(RouteError::UnknownPartition {
-            topic: topic.into(),
-            partitions: t.partitions(),
-            partition,
-        })
+        .ok_or_else(unknown)
 }
 
 #[cfg(test)]
@@ -139,6 +158,7 @@ mod tests {
             shards: vec![1, 0, 1, 0],
             retention_bytes: -1,
             retention_ms: -1,
+            replicas: vec![],
         }));
         m
     }
@@ -211,6 +231,52 @@ mod tests {
         };
         let e = route(&m, 2, t, 0).unwrap_err();
         assert_eq!(e.to_string(), "topic \"t\" has partitions 0..4, not 4");
+    }
+
+    fn cluster_table(me: u32) -> Metadata {
+        use crate::metadata::{ClusterView, NodeView};
+        let mut m = Metadata::default();
+        m.apply(&MetaChange::Upsert(TopicMeta {
+            name: "t".into(),
+            shards: vec![0, 1, 0],
+            retention_bytes: -1,
+            retention_ms: -1,
+            replicas: vec![vec![1], vec![2], vec![1]],
+        }));
+        let node = |addr: &str| NodeView {
+            client_addr: addr.into(),
+            peer_addr: String::new(),
+            alive: true,
+            voter: true,
+        };
+        m.cluster = Some(ClusterView {
+            me,
+            controller: Some(1),
+            meta_version: 3,
+            nodes: [(1, node("a:1")), (2, node("b:2"))].into_iter().collect(),
+        });
+        m
+    }
+
+    #[test]
+    fn partitions_led_elsewhere_route_to_their_node() {
+        let m = cluster_table(1);
+        let at = |p| Target::Partition {
+            topic: "t",
+            partition: p,
+        };
+        assert_eq!(route(&m, 2, at(0), 0), Ok((0, Dest::local(0))));
+        assert_eq!(route(&m, 2, at(1), 0), Ok((1, Dest::remote(2))));
+        assert_eq!(route(&m, 2, at(2), 0), Ok((2, Dest::local(0))));
+        let m2 = cluster_table(2);
+        assert_eq!(route(&m2, 2, at(0), 0), Ok((0, Dest::remote(1))));
+        assert_eq!(route(&m2, 2, at(1), 0), Ok((1, Dest::local(1))));
+        // A group lives on one node for the whole cluster.
+        for g in ["billing", "audit", "x", "y"] {
+            let (_, d1) = route(&m, 2, Target::Group(g), 0).unwrap();
+            let (_, d2) = route(&m2, 2, Target::Group(g), 0).unwrap();
+            assert!(d1.is_local() != d2.is_local(), "{g}: {d1:?} {d2:?}");
+        }
     }
 
     #[test]

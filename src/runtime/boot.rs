@@ -235,6 +235,17 @@ async fn run_shard(
     if !startup.all_loaded(shard.id(), cores, listen).await? {
         return Ok(());
     }
+    if let (0, Some(c)) = (shard.id(), shard.cfg.cluster.clone()) {
+        let floor = shard.table().cluster.as_ref().map_or(0, |v| v.meta_version);
+        let data_dir = shard.cfg.data_dir.clone();
+        match crate::cluster::node::ClusterNode::start(shard.clone(), c, data_dir, floor).await {
+            Ok(node) => shard.set_cluster(node),
+            Err(e) => {
+                SHUTDOWN.store(true, Ordering::SeqCst);
+                return Err(e);
+            }
+        }
+    }
     let listener = TcpListener::bind(listen).map_err(|e| format!("listening on {listen}: {e}"))?;
     if startup.bound.fetch_add(1, Ordering::SeqCst) + 1 == cores {
         println!("ringmq: listening on {listen}");

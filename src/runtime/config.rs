@@ -28,6 +28,73 @@ pub struct ServeConfig {
     pub memory_max_bytes: u64,
     /// A connection stalled this long (mid-frame, or not reading its responses) is closed.
     pub stalled_connection_ms: u64,
+    /// `Some` with `--seeds`: this broker is a node of a cluster. `None`: a single node, and
+    /// no cluster code runs.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// A cluster node's settings (`--node-id`, `--peer-listen`, `--seeds`, `--advertise`).
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// 1..; 0 is reserved for "this node" inside the broker.
+    pub node_id: u32,
+    /// Where other nodes reach this one (controller traffic, heartbeats).
+    pub peer_listen: SocketAddr,
+    /// Peer addresses of some members. Those listed are the controller's voters (at most
+    /// [`limits::CONTROLLER_VOTERS_MAX`]); a node whose `--peer-listen` is not listed follows.
+    pub seeds: Vec<SocketAddr>,
+    /// The client address other nodes hand out for this node (`--advertise`, else `--listen`).
+    pub advertise: String,
+    /// A node silent this long is down.
+    pub node_failure_timeout_ms: u64,
+}
+
+impl ClusterConfig {
+    /// Whether this node is one of the controller's voters: its peer address is a seed.
+    pub fn is_voter(&self) -> bool {
+        self.seeds.contains(&self.peer_listen)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.node_id == 0 {
+            return Err("--node-id must be at least 1 (0 is reserved)".into());
+        }
+        if self.seeds.is_empty() {
+            return Err("--seeds needs at least one peer address".into());
+        }
+        if self.seeds.len() > limits::CONTROLLER_VOTERS_MAX {
+            return Err(format!(
+                "--seeds lists {} addresses; the controller has at most {} voters (list those)",
+                self.seeds.len(),
+                limits::CONTROLLER_VOTERS_MAX
+            ));
+        }
+        if self.node_failure_timeout_ms < 2 * limits::NODE_HEARTBEAT_MS {
+            return Err(format!(
+                "--node-failure-timeout-ms must be at least {} (two heartbeats)",
+                2 * limits::NODE_HEARTBEAT_MS
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Parses `--seeds`: comma-separated `HOST:PORT` peer addresses (an IP address: nodes compare
+/// them with their own `--peer-listen`).
+pub fn parse_seeds(s: &str) -> Result<Vec<SocketAddr>, String> {
+    let mut out = Vec::new();
+    for a in s.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+        let addr: SocketAddr = a
+            .parse()
+            .map_err(|_| format!("--seeds: {a:?} is not IP:PORT (for example 127.0.0.1:9500)"))?;
+        if !out.contains(&addr) {
+            out.push(addr);
+        }
+    }
+    if out.is_empty() {
+        return Err("--seeds needs at least one peer address, comma-separated".into());
+    }
+    Ok(out)
 }
 
 /// The default `--memory-max-bytes`: a quarter of physical memory.
@@ -66,6 +133,7 @@ impl Default for ServeConfig {
             state_compact_bytes: limits::STATE_LOG_COMPACT_BYTES,
             memory_max_bytes: default_memory_max_bytes(),
             stalled_connection_ms: limits::STALLED_CONNECTION_MS_DEFAULT,
+            cluster: None,
         }
     }
 }
@@ -131,6 +199,15 @@ impl ServeConfig {
         }
         if self.retention_check_ms == 0 {
             return Err("--retention-check-ms must be at least 1".into());
+        }
+        if let Some(c) = &self.cluster {
+            c.validate()?;
+            if c.peer_listen == self.listen {
+                return Err(format!(
+                    "--peer-listen and --listen are both {}; give the peer listener its own port",
+                    self.listen
+                ));
+            }
         }
         Ok(())
     }

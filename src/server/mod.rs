@@ -20,6 +20,7 @@ use glommio::sync::{Semaphore, StaticPermit};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
+use crate::cluster::forward::ForwardLinks;
 use crate::limits;
 use crate::protocol::{self as proto, fb, FrameError};
 use crate::router::route::{Dest, Target};
@@ -391,6 +392,8 @@ impl Connection {
         let mut handshaken = false;
         let mut used_queues = false;
         let mut rb = ReadBuf::new();
+        // Cluster: this connection's links to other nodes (opened on first use).
+        let links = Rc::new(ForwardLinks::default());
         loop {
             outbox.wait_for_room().await;
             let read = read_frame(reader, &mut rb, shard, &budget, watch).await;
@@ -474,8 +477,9 @@ impl Connection {
                 );
                 continue;
             }
-            used_queues |= body == fb::Body::QueueFetch;
-            let pending = dispatch(shard, corr, body, frame, conn).await;
+            // A forwarding node's link may carry queue fetches for its clients.
+            used_queues |= body == fb::Body::QueueFetch || body == fb::Body::Forwarded;
+            let pending = dispatch(shard, corr, body, frame, (conn, &links)).await;
             spawn_reply(shard, pending, outbox.clone(), permit);
         }
         used_queues
@@ -644,21 +648,25 @@ fn spawn_reply(shard: &Rc<Shard>, pending: Pending, outbox: Rc<Outbox>, permit: 
 }
 
 /// Routes a verified request. Awaited in arrival order: appends of one connection keep order.
+/// `conn` is the connection's id and its links to other nodes.
 async fn dispatch(
     shard: &Rc<Shard>,
     corr: u64,
     body: fb::Body,
     frame: VerifiedFrame,
-    conn: u64,
+    conn: (u64, &Rc<ForwardLinks>),
 ) -> Pending {
+    let (conn, links) = conn;
     match body {
         fb::Body::Handshake => return Box::pin(ready(handshake(shard, corr, &frame))),
         fb::Body::ListGroups => return list_groups_fanout(shard, corr, frame).await,
         fb::Body::Stats => return stats_fanout(shard, corr, frame).await,
         fb::Body::Status => return status_fanout(shard, corr, frame).await,
         fb::Body::SubscriptionInfo => return subscriptions_fanout(shard, corr, frame).await,
-        fb::Body::MulticastProduce => return multicast(shard, corr, frame).await,
+        fb::Body::MulticastProduce => return multicast(shard, corr, frame, None, links).await,
         fb::Body::Metadata => return metadata_fanout(shard, corr, frame).await,
+        fb::Body::ClusterStatus => return Box::pin(ready(shard.cluster_status(corr))),
+        fb::Body::Forwarded => return forwarded_in(shard, frame, conn, links).await,
         _ => {}
     }
     let routed = {
@@ -680,10 +688,120 @@ async fn dispatch(
             return Box::pin(ready(e));
         }
     };
+    if !dest.is_local() {
+        return forward_to_node(shard, links, (dest.node, partition, &[]), corr, &frame).await;
+    }
     if dest.shard == shard.id() {
         return shard.start(partition, conn, frame).await;
     }
     forward(shard, (dest, partition, conn), frame, corr).await
+}
+
+/// Cluster: hands a request to the node that owns it, as one `Forwarded` frame on this
+/// connection's link to that node; the owner's answer is the reply.
+async fn forward_to_node(
+    shard: &Rc<Shard>,
+    links: &Rc<ForwardLinks>,
+    to: (u32, u32, &[u32]),
+    corr: u64,
+    frame: &VerifiedFrame,
+) -> Pending {
+    let (node, partition, dests) = to;
+    let unavailable = |msg: String| -> Pending {
+        let e = proto::encode_error(corr, fb::ErrorCode::NodeUnavailable, &msg);
+        Box::pin(ready(e))
+    };
+    let (addr, me) = {
+        let table = shard.table();
+        let me = table.node_id().unwrap_or(0);
+        match table.node(node) {
+            Some(n) if n.alive => (n.client_addr.clone(), me),
+            Some(n) => {
+                return unavailable(format!(
+                    "node {node} ({}) is down; retry after failover",
+                    n.client_addr
+                ))
+            }
+            None => return unavailable(format!("node {node} is not known to this node yet")),
+        }
+    };
+    let wrapped = proto::encode_forwarded(corr, me, partition, dests, frame);
+    if dests.is_empty() {
+        crate::router::bump(&shard.router.copies.node_forwards);
+    } else {
+        crate::router::bump(&shard.router.copies.node_multicast);
+    }
+    match links.send(node, &addr, corr, &wrapped).await {
+        Ok(rx) => Box::pin(async move {
+            rx.await.unwrap_or_else(|| {
+                let msg = format!("node {node} closed the link before answering");
+                proto::encode_error(corr, fb::ErrorCode::NodeUnavailable, &msg)
+            })
+        }),
+        Err(e) => unavailable(e.to_string()),
+    }
+}
+
+/// Cluster: a request another node handed to this one. It is served here (on the owning
+/// shard) or refused with `NotLeader`; never forwarded again.
+async fn forwarded_in(
+    shard: &Rc<Shard>,
+    frame: VerifiedFrame,
+    conn: u64,
+    links: &Rc<ForwardLinks>,
+) -> Pending {
+    let corr = frame.view().correlation_id();
+    let Some(fwd) = frame.forwarded() else {
+        let e = proto::encode_error(corr, fb::ErrorCode::Malformed, "not a forwarded frame");
+        return Box::pin(ready(e));
+    };
+    crate::router::bump(&shard.router.copies.node_forwarded_in);
+    let inner = fwd.frame;
+    let (icorr, ibody) = {
+        let f = inner.view();
+        (f.correlation_id(), f.body_type())
+    };
+    if ibody == fb::Body::MulticastProduce {
+        return multicast(shard, icorr, inner, Some(&fwd.dests), links).await;
+    }
+    let routed = {
+        let f = inner.view();
+        target_of(&f).map(|t| match t {
+            Target::Produce {
+                topic,
+                partition: None,
+                ..
+            } => shard.route(Target::Partition {
+                topic,
+                partition: fwd.partition,
+            }),
+            t => shard.route(t),
+        })
+    };
+    let e =
+        |code, msg: String| -> Pending { Box::pin(ready(proto::encode_error(icorr, code, &msg))) };
+    match routed {
+        Some(Ok((p, dest))) if dest.is_local() => {
+            if dest.shard == shard.id() {
+                shard.start(p, conn, inner).await
+            } else {
+                forward(shard, (dest, p, conn), inner, icorr).await
+            }
+        }
+        Some(Ok((p, dest))) => e(
+            fb::ErrorCode::NotLeader,
+            format!(
+                "node {} does not own this (partition {p}); node {} does, by its metadata; refresh and retry",
+                shard.table().node_id().unwrap_or(0),
+                dest.node
+            ),
+        ),
+        Some(Err(err)) => Box::pin(ready(wire_error::frame(icorr, &err))),
+        None => e(
+            fb::ErrorCode::InvalidRequest,
+            format!("request type {} cannot be forwarded", ibody.0),
+        ),
+    }
 }
 
 async fn ready(frame: Bytes) -> Bytes {
@@ -791,6 +909,7 @@ async fn metadata_fanout(shard: &Rc<Shard>, corr: u64, frame: VerifiedFrame) -> 
         return Box::pin(async move { e });
     }
     let replies = ask_all(shard, corr, frame).await;
+    let me = shard.clone();
     Box::pin(async move {
         let mut merged: Vec<proto::TopicMetaOut> = Vec::new();
         for r in replies {
@@ -808,6 +927,7 @@ async fn metadata_fanout(shard: &Rc<Shard>, corr: u64, frame: VerifiedFrame) -> 
             }
         }
         merged.sort_by(|a, b| a.name.cmp(&b.name));
+        me.add_cluster_placement(&mut merged);
         for m in &mut merged {
             m.partitions.sort_by_key(|p| p.partition);
         }
@@ -918,20 +1038,39 @@ async fn list_groups_fanout(shard: &Rc<Shard>, corr: u64, frame: VerifiedFrame) 
 }
 
 /// A multicast: resolve each destination, send ONE copy of the frame to each other shard that
-/// owns some destinations (with its list), append locally to ours, and gather per-destination
-/// results in request order.
-async fn multicast(shard: &Rc<Shard>, corr: u64, frame: VerifiedFrame) -> Pending {
+/// owns some destinations (with its list) and, in a cluster, ONE copy to each other node that
+/// owns some (with the indexes of its destinations; it splits them by shard), append locally
+/// to ours, and gather per-destination results in request order. `only` (a multicast another
+/// node forwarded here) limits it to those destination indexes, all of which must be here.
+async fn multicast(
+    shard: &Rc<Shard>,
+    corr: u64,
+    frame: VerifiedFrame,
+    only: Option<&[u32]>,
+    links: &Rc<ForwardLinks>,
+) -> Pending {
     use proto::multicast::DestResult;
     use std::collections::BTreeMap;
     let mut results: Vec<Option<DestResult>> = Vec::new();
     let mut by_shard: BTreeMap<usize, Vec<(usize, String, u32)>> = BTreeMap::new();
+    let mut by_node: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
     {
         let Some(m) = frame.view().body_as_multicast_produce() else {
             let e = proto::encode_error(corr, fb::ErrorCode::Malformed, "not a multicast");
             return Box::pin(async move { e });
         };
         let key = m.key().map(|k| k.bytes());
-        for (i, d) in m.destinations().iter().enumerate() {
+        let dests = m.destinations();
+        let indexes: Vec<usize> = match only {
+            Some(ix) => ix
+                .iter()
+                .map(|&i| i as usize)
+                .filter(|&i| i < dests.len())
+                .collect(),
+            None => (0..dests.len()).collect(),
+        };
+        for (slot, i) in indexes.into_iter().enumerate() {
+            let d = dests.get(i);
             let partition = (d.partition() >= 0).then_some(d.partition() as u32);
             results.push(None);
             let target = Target::Produce {
@@ -939,24 +1078,68 @@ async fn multicast(shard: &Rc<Shard>, corr: u64, frame: VerifiedFrame) -> Pendin
                 partition,
                 key,
             };
+            let failed = |code: u16, msg: String| DestResult {
+                topic: d.topic().to_string(),
+                partition: partition.unwrap_or(0),
+                outcome: Err((code, msg)),
+            };
             match shard.route(target) {
-                Ok((p, dest)) => {
+                Ok((p, dest)) if dest.is_local() => {
                     by_shard
                         .entry(dest.shard)
                         .or_default()
-                        .push((i, d.topic().to_string(), p))
+                        .push((slot, d.topic().to_string(), p))
                 }
-                Err(e) => {
-                    results[i] = Some(DestResult {
-                        topic: d.topic().to_string(),
-                        partition: partition.unwrap_or(0),
-                        outcome: Err((e.wire_code().0, e.to_string())),
-                    })
+                Ok((_, dest)) if only.is_none() => by_node.entry(dest.node).or_default().push(slot),
+                Ok((p, dest)) => {
+                    let msg = format!(
+                        "partition {p} is led by node {} by this node's metadata",
+                        dest.node
+                    );
+                    results[slot] = Some(failed(fb::ErrorCode::NotLeader.0, msg));
                 }
+                Err(e) => results[slot] = Some(failed(e.wire_code().0, e.to_string())),
             }
         }
     }
     let mut waits: Vec<(Vec<usize>, crate::shard::pubsub::PendingResults)> = Vec::new();
+    for (node, slots) in by_node {
+        // Slots are destination indexes here (no `only` on the sending side).
+        let ix: Vec<u32> = slots.iter().map(|&i| i as u32).collect();
+        let reply = forward_to_node(shard, links, (node, 0, &ix), corr, &frame).await;
+        let n = slots.len();
+        waits.push((
+            slots,
+            Box::pin(async move {
+                let bytes = reply.await;
+                let from_node = reply_body(&bytes, |f| {
+                    f.body_as_multicast_produce_response()
+                        .map(proto::multicast::decode_multicast_response)
+                });
+                match from_node {
+                    Some(r) if r.len() == n => r,
+                    _ => {
+                        let why = reply_body(&bytes, |f| {
+                            f.body_as_error()
+                                .map(|e| (e.code().0, e.message().unwrap_or_default().to_string()))
+                        })
+                        .unwrap_or((
+                            fb::ErrorCode::Internal.0,
+                            format!("node {node} gave no multicast answer"),
+                        ));
+                        vec![
+                            DestResult {
+                                topic: String::new(),
+                                partition: 0,
+                                outcome: Err(why),
+                            };
+                            n
+                        ]
+                    }
+                }
+            }),
+        ));
+    }
     for (owner, dests) in by_shard {
         let idx: Vec<usize> = dests.iter().map(|d| d.0).collect();
         let list: Vec<(String, u32)> = dests.into_iter().map(|d| (d.1, d.2)).collect();

@@ -89,12 +89,18 @@ impl WireCode for AckError {
 impl WireCode for AdminError {
     fn wire_code(&self) -> fb::ErrorCode {
         match self {
-            Self::InvalidName(_) | Self::InvalidPartitions(_) | Self::TooManyTopics => {
-                fb::ErrorCode::InvalidRequest
-            }
+            Self::InvalidName(_)
+            | Self::InvalidPartitions(_)
+            | Self::TooManyTopics
+            | Self::Replicas(..) => fb::ErrorCode::InvalidRequest,
             Self::Exists(_) => fb::ErrorCode::TopicExists,
+            // The controller applies a create refused for an existing topic (a race between
+            // two creates): the same answer as when this node saw it first.
+            Self::Refused(m) if m.contains("already exists") => fb::ErrorCode::TopicExists,
+            Self::Refused(_) => fb::ErrorCode::InvalidRequest,
             Self::Unknown(_) => fb::ErrorCode::UnknownTopic,
             Self::Storage(_) => fb::ErrorCode::StorageFailed,
+            Self::ControllerUnavailable(_) => fb::ErrorCode::ControllerUnavailable,
         }
     }
 }

@@ -31,6 +31,7 @@ use crate::runtime::Notify;
 use crate::server::wire_error;
 use crate::storage::{self, meta_file, DmaStorage, LogConfig};
 
+mod cluster_api;
 pub mod group_api;
 pub mod groups;
 pub mod pubsub;
@@ -98,6 +99,8 @@ impl std::fmt::Display for Unavailable {
 pub struct NewTopic {
     pub name: String,
     pub partitions: u32,
+    /// Replicas per partition; 0 = the default (1 until replication lands).
+    pub replicas: u32,
     /// -1 = unlimited.
     pub retention_bytes: i64,
     pub retention_ms: i64,
@@ -113,6 +116,12 @@ pub enum AdminError {
     TooManyTopics,
     /// Persisting or applying the change failed.
     Storage(String),
+    /// More than one replica asked for (and whether this is a cluster).
+    Replicas(u32, bool),
+    /// Cluster: the controller has no leader or did not answer (retry).
+    ControllerUnavailable(String),
+    /// Cluster: the controller refused the change.
+    Refused(String),
 }
 
 impl std::fmt::Display for AdminError {
@@ -132,6 +141,16 @@ impl std::fmt::Display for AdminError {
                 limits::TOPICS_MAX
             ),
             Self::Storage(e) => write!(f, "{e}"),
+            Self::Replicas(n, true) => write!(
+                f,
+                "--replicas {n}: partition replication is not built yet; topics have 1 replica until it lands"
+            ),
+            Self::Replicas(n, false) => write!(
+                f,
+                "--replicas {n}: a single node holds one replica of each partition; more need a cluster (--seeds)"
+            ),
+            Self::ControllerUnavailable(e) => write!(f, "{e}"),
+            Self::Refused(e) => write!(f, "{e}"),
         }
     }
 }
@@ -165,6 +184,8 @@ pub struct Shard {
     state_order: state_log::ApplyOrder,
     state: RefCell<Option<Rc<state_log::StateLog>>>,
     started: Instant,
+    /// Shard 0 of a cluster node: the node's cluster runtime (controller, peers).
+    cluster: RefCell<Option<Rc<crate::cluster::node::ClusterNode>>>,
 }
 
 fn ready(frame: Bytes) -> Pending {
@@ -200,7 +221,22 @@ impl Shard {
             state_order: state_log::ApplyOrder::default(),
             state: RefCell::new(None),
             started: Instant::now(),
+            cluster: RefCell::new(None),
         }
+    }
+
+    /// Shard 0 of a cluster node: the cluster runtime started on it.
+    pub fn set_cluster(&self, node: Rc<crate::cluster::node::ClusterNode>) {
+        *self.cluster.borrow_mut() = Some(node);
+    }
+
+    fn cluster_node(&self) -> Option<Rc<crate::cluster::node::ClusterNode>> {
+        self.cluster.borrow().clone()
+    }
+
+    /// A copy of this shard's topic table.
+    pub fn table(&self) -> std::cell::Ref<'_, Metadata> {
+        self.meta.borrow()
     }
 
     /// A broker-wide connection id: the shard in the top 16 bits, a counter below.
@@ -235,6 +271,16 @@ impl Shard {
     /// Opens the logs this shard owns according to the stored topic table.
     pub async fn load(&self) -> Result<(), String> {
         let meta = meta_file::load(&self.cfg.data_dir)?;
+        if let Some(c) = &self.cfg.cluster {
+            // A cluster node opens the partitions placed on it; the controller's metadata
+            // replaces this table once it is at least as new.
+            let view = metadata::ClusterView {
+                me: c.node_id,
+                meta_version: meta.cluster.as_ref().map_or(0, |v| v.meta_version),
+                ..Default::default()
+            };
+            self.meta.borrow_mut().cluster = Some(view);
+        }
         for t in meta.topics.values() {
             if let Err(e) = self.apply_meta(&MetaChange::Upsert(t.clone())).await {
                 eprintln!("ringmq: shard {}: {e}", self.id());
@@ -272,6 +318,17 @@ impl Shard {
     /// Applies a topic change to this shard: its table copy and the logs it owns.
     /// Returns the errors of partitions whose logs could not be opened.
     pub async fn apply_meta(&self, change: &MetaChange) -> Result<(), String> {
+        let removed: Vec<String> = match change {
+            MetaChange::Replace(m) => self
+                .meta
+                .borrow()
+                .topics
+                .keys()
+                .filter(|name| !m.topics.contains_key(*name))
+                .cloned()
+                .collect(),
+            _ => Vec::new(),
+        };
         self.meta.borrow_mut().apply(change);
         match change {
             MetaChange::Upsert(t) => self.open_owned(t).await,
@@ -279,13 +336,30 @@ impl Shard {
                 self.remove_owned(name);
                 Ok(())
             }
+            MetaChange::Replace(m) => {
+                for name in removed {
+                    self.remove_owned(&name);
+                }
+                let mut errors = Vec::new();
+                for t in m.topics.values() {
+                    if let Err(e) = self.open_owned(t).await {
+                        errors.push(e);
+                    }
+                }
+                if errors.is_empty() {
+                    Ok(())
+                } else {
+                    Err(errors.join("; "))
+                }
+            }
         }
     }
 
     async fn open_owned(&self, t: &TopicMeta) -> Result<(), String> {
         let mut errors = Vec::new();
         for p in 0..t.partitions() {
-            if t.shard_of(p, self.count()) != Some(self.id()) {
+            let here = self.meta.borrow().is_here(t, p);
+            if !here || t.shard_of(p, self.count()) != Some(self.id()) {
                 continue;
             }
             let key = (t.name.clone(), p);
@@ -573,13 +647,13 @@ impl Shard {
                         shard: self.id() as u32,
                         start_offset: log.start_offset(),
                         end_offset: log.end_offset(),
+                        ..Default::default()
                     });
-                } else if t.shard_of(p, self.count()) == Some(self.id()) {
+                } else if meta.is_here(t, p) && t.shard_of(p, self.count()) == Some(self.id()) {
                     partitions.push(proto::PartitionMetaOut {
                         partition: p,
                         shard: self.id() as u32,
-                        start_offset: 0,
-                        end_offset: 0,
+                        ..Default::default()
                     });
                 }
             }
@@ -652,6 +726,7 @@ impl Shard {
         let topic = NewTopic {
             name: c.name().to_string(),
             partitions: c.partitions(),
+            replicas: c.replicas(),
             retention_bytes: c.retention_bytes(),
             retention_ms: c.retention_ms(),
         };
@@ -667,6 +742,12 @@ impl Shard {
         if t.partitions == 0 || t.partitions > limits::PARTITIONS_PER_TOPIC_MAX {
             return Err(AdminError::InvalidPartitions(t.partitions));
         }
+        if t.replicas > 1 {
+            return Err(AdminError::Replicas(t.replicas, self.cfg.cluster.is_some()));
+        }
+        if let Some(node) = self.cluster_node() {
+            return self.create_in_cluster(&node, t).await;
+        }
         let _guard = self.admin_lock.acquire_permit(1).await;
         if self.meta.borrow().get(&t.name).is_some() {
             return Err(AdminError::Exists(t.name.clone()));
@@ -679,6 +760,7 @@ impl Shard {
             name: t.name.clone(),
             retention_bytes: t.retention_bytes,
             retention_ms: t.retention_ms,
+            replicas: Vec::new(),
         };
         self.commit_change(MetaChange::Upsert(topic))
             .await
@@ -690,6 +772,12 @@ impl Shard {
             return proto::encode_error(corr, fb::ErrorCode::Internal, "not a delete");
         };
         let name = d.name().to_string();
+        if let Some(node) = self.cluster_node() {
+            return match self.delete_in_cluster(&node, &name).await {
+                Ok(()) => proto::encode_delete_topic_response(corr, &name),
+                Err(e) => wire_error::frame(corr, &e),
+            };
+        }
         let _guard = self.admin_lock.acquire_permit(1).await;
         if self.meta.borrow().get(&name).is_none() {
             return wire_error::frame(corr, &AdminError::Unknown(name));
@@ -707,6 +795,7 @@ impl Shard {
                 let t = NewTopic {
                     name,
                     partitions,
+                    replicas: 0,
                     retention_bytes: -1,
                     retention_ms: -1,
                 };
@@ -746,6 +835,68 @@ impl Shard {
             Some(Reply::Internal { result, .. }) => result,
             _ => Err(format!("shard {} did not answer", to.shard)),
         }
+    }
+
+    /// Cluster, shard 0: proposes the topic to the controller and waits until it is applied
+    /// (here and, within a bound, on every live node).
+    async fn create_in_cluster(
+        &self,
+        node: &crate::cluster::node::ClusterNode,
+        t: &NewTopic,
+    ) -> Result<(), AdminError> {
+        if node.has_topic(&t.name) {
+            return Err(AdminError::Exists(t.name.clone()));
+        }
+        let cmd = crate::cluster::meta::MetaCommand::CreateTopic {
+            name: t.name.clone(),
+            partitions: t.partitions,
+            replicas: 1,
+            retention_bytes: t.retention_bytes,
+            retention_ms: t.retention_ms,
+            nodes: node.live_nodes(),
+        };
+        self.settle_proposal(node, cmd).await
+    }
+
+    async fn delete_in_cluster(
+        &self,
+        node: &crate::cluster::node::ClusterNode,
+        name: &str,
+    ) -> Result<(), AdminError> {
+        if !node.has_topic(name) {
+            return Err(AdminError::Unknown(name.to_string()));
+        }
+        let cmd = crate::cluster::meta::MetaCommand::DeleteTopic {
+            name: name.to_string(),
+        };
+        self.settle_proposal(node, cmd).await
+    }
+
+    async fn settle_proposal(
+        &self,
+        node: &crate::cluster::node::ClusterNode,
+        cmd: crate::cluster::meta::MetaCommand,
+    ) -> Result<(), AdminError> {
+        use crate::cluster::node::ProposeFailure;
+        let version = node.propose(cmd).await.map_err(|e| match e {
+            ProposeFailure::Unavailable(m) => AdminError::ControllerUnavailable(m),
+            ProposeFailure::Refused(m) => AdminError::Refused(m),
+        })?;
+        let lagging = node.wait_applied(version).await;
+        if !lagging.is_empty() {
+            eprintln!(
+                "ringmq: metadata version {version} not yet applied on node(s) {lagging:?} after {} ms",
+                limits::CONTROLLER_APPLY_WAIT_MS
+            );
+        }
+        Ok(())
+    }
+
+    /// Cluster, shard 0: makes `table` (derived from the controller's metadata) this node's
+    /// table: persisted, then applied on every shard.
+    pub async fn publish_table(&self, table: Metadata) -> Result<(), String> {
+        self.commit_change(MetaChange::Replace(Box::new(table)))
+            .await
     }
 
     /// Controller only: persists a change, applies it here and on every other shard, and waits

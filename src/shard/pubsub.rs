@@ -104,6 +104,9 @@ impl Shard {
             replies: c.replies.get(),
             meta: c.meta.get(),
             fanout_appends: self.fanout_appends.get(),
+            node_forwards: c.node_forwards.get(),
+            node_multicast_copies: c.node_multicast.get(),
+            node_forwarded_in: c.node_forwarded_in.get(),
         };
         mc::encode_stats_response(corr, &[s])
     }

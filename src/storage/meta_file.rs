@@ -5,7 +5,8 @@
 //! std I/O on the controller shard.
 //!
 //! Format, one topic per line, tab-separated: name, retention bytes, retention ms, and the
-//! comma-separated shard of each partition. A first line `# ringmq topics v1`.
+//! comma-separated shard of each partition; on a cluster node a fifth field, the replica
+//! nodes of each partition (`1+2+3,2+3+1,...`). A first line `# ringmq topics v1`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -13,6 +14,8 @@ use std::path::{Path, PathBuf};
 use crate::metadata::{validate_topic_name, Metadata, TopicMeta};
 
 const HEADER: &str = "# ringmq topics v1";
+/// On a cluster node: the controller metadata version the table was derived from.
+const CLUSTER_VERSION: &str = "# cluster-meta-version ";
 
 fn file_path(data_dir: &Path) -> PathBuf {
     data_dir.join("meta").join("topics.tsv")
@@ -28,6 +31,17 @@ pub fn load(data_dir: &Path) -> Result<Metadata, String> {
     };
     let mut meta = Metadata::default();
     for (i, line) in text.lines().enumerate() {
+        if let Some(v) = line.strip_prefix(CLUSTER_VERSION) {
+            let meta_version = v
+                .trim()
+                .parse::<u64>()
+                .map_err(|e| format!("{}:{}: {e}", path.display(), i + 1))?;
+            meta.cluster = Some(crate::metadata::ClusterView {
+                meta_version,
+                ..Default::default()
+            });
+            continue;
+        }
         if line.starts_with('#') || line.trim().is_empty() {
             continue;
         }
@@ -39,9 +53,9 @@ pub fn load(data_dir: &Path) -> Result<Metadata, String> {
 
 fn parse_line(line: &str) -> Result<TopicMeta, String> {
     let f: Vec<&str> = line.split('\t').collect();
-    if f.len() != 4 {
+    if f.len() != 4 && f.len() != 5 {
         return Err(format!(
-            "expected 4 tab-separated fields, found {}",
+            "expected 4 or 5 tab-separated fields, found {}",
             f.len()
         ));
     }
@@ -51,11 +65,26 @@ fn parse_line(line: &str) -> Result<TopicMeta, String> {
         .split(',')
         .map(|s| s.parse::<u32>().map_err(|e| format!("shard: {e}")))
         .collect::<Result<Vec<_>, _>>()?;
+    let replicas = match f.get(4) {
+        None => Vec::new(),
+        Some(r) => r
+            .split(',')
+            .map(|p| {
+                p.split('+')
+                    .map(|n| n.parse::<u32>().map_err(|e| format!("replica node: {e}")))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+    if !replicas.is_empty() && replicas.len() != shards.len() {
+        return Err("replica lists and shards disagree on the partition count".into());
+    }
     Ok(TopicMeta {
         name: f[0].to_string(),
         retention_bytes: num(f[1], "retention bytes")?,
         retention_ms: num(f[2], "retention ms")?,
         shards,
+        replicas,
     })
 }
 
@@ -67,9 +96,12 @@ pub fn save(data_dir: &Path, meta: &Metadata) -> std::io::Result<()> {
     {
         let mut f = std::fs::File::create(&tmp)?;
         writeln!(f, "{HEADER}")?;
+        if let Some(c) = &meta.cluster {
+            writeln!(f, "{CLUSTER_VERSION}{}", c.meta_version)?;
+        }
         for t in meta.topics.values() {
             let shards: Vec<String> = t.shards.iter().map(|s| s.to_string()).collect();
-            writeln!(
+            write!(
                 f,
                 "{}\t{}\t{}\t{}",
                 t.name,
@@ -77,6 +109,20 @@ pub fn save(data_dir: &Path, meta: &Metadata) -> std::io::Result<()> {
                 t.retention_ms,
                 shards.join(",")
             )?;
+            if !t.replicas.is_empty() {
+                let r: Vec<String> = t
+                    .replicas
+                    .iter()
+                    .map(|r| {
+                        r.iter()
+                            .map(|n| n.to_string())
+                            .collect::<Vec<_>>()
+                            .join("+")
+                    })
+                    .collect();
+                write!(f, "\t{}", r.join(","))?;
+            }
+            writeln!(f)?;
         }
         f.sync_all()?;
     }
@@ -99,6 +145,17 @@ mod tests {
                 shards: vec![0, 1, 0],
                 retention_bytes: 100,
                 retention_ms: -1,
+                replicas: vec![],
+            },
+        );
+        m.topics.insert(
+            "c".into(),
+            TopicMeta {
+                name: "c".into(),
+                shards: vec![0, 0],
+                retention_bytes: -1,
+                retention_ms: -1,
+                replicas: vec![vec![1, 2], vec![3]],
             },
         );
         save(&dir, &m).unwrap();

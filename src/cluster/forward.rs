@@ -1,0 +1,219 @@
+//! Forwarding client requests to the node that owns them. A client connection that asks for a
+//! partition (or group) led by another node gets, lazily, one link to that node's client
+//! address; each request crosses it as one `Forwarded` frame carrying the client's verified
+//! bytes verbatim (copied once, never re-encoded), and the owner's response frame comes back
+//! on the same link and goes to the client as it is.
+//!
+//! One link per (client connection, node): the client's correlation ids stay unique on it,
+//! its requests keep their order (they are written in arrival order), and when the client
+//! leaves, the link closes and the owner releases what the connection held (queue leases).
+//!
+//! Owns: the links of one client connection and their sockets. Must not touch: partitions,
+//! the metadata (callers resolve the node and its address).
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+
+use crate::limits;
+use crate::protocol as proto;
+use crate::runtime::oneshot;
+
+/// Correlation id of the link's own handshake (never a client's in-flight id: a client
+/// request with it is refused on this link).
+const HANDSHAKE_CORR: u64 = u64::MAX;
+
+type PendingMap = Rc<RefCell<HashMap<u64, oneshot::Sender<Bytes>>>>;
+
+/// One link to one node's client address.
+struct Link {
+    writer: RefCell<Option<futures_lite::io::WriteHalf<TcpStream>>>,
+    pending: PendingMap,
+    broken: Rc<Cell<bool>>,
+    fd: i32,
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        // The reader task sees the end and fails whatever is left.
+        // SAFETY: `fd` belongs to the stream the writer half and the reader task share; both
+        // are still open here (the writer is a field of self), so the fd is valid.
+        unsafe {
+            libc::shutdown(self.fd, libc::SHUT_RDWR);
+        }
+    }
+}
+
+/// The forwarding links of one client connection, by node id.
+#[derive(Default)]
+pub struct ForwardLinks {
+    links: RefCell<HashMap<u32, Rc<Link>>>,
+}
+
+/// Why a request could not be handed to its node.
+#[derive(Debug)]
+pub struct ForwardError(pub String);
+
+impl std::fmt::Display for ForwardError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl ForwardLinks {
+    /// Writes `frame` (a complete frame, length prefix included, whose answer carries
+    /// correlation id `corr`) to node `node` at `addr` and returns the receiver of the answer
+    /// (`None` if the link broke first). Returns once the frame is written, so calls in order
+    /// reach the node in order.
+    pub async fn send(
+        &self,
+        node: u32,
+        addr: &str,
+        corr: u64,
+        frame: &[u8],
+    ) -> Result<oneshot::Receiver<Bytes>, ForwardError> {
+        let link = self.link(node, addr).await?;
+        if corr == HANDSHAKE_CORR || link.pending.borrow().contains_key(&corr) {
+            return Err(ForwardError(format!(
+                "correlation id {corr} is already in flight on this connection"
+            )));
+        }
+        if link.pending.borrow().len() >= limits::FORWARD_PENDING_MAX {
+            return Err(ForwardError("too many forwarded requests in flight".into()));
+        }
+        let (tx, rx) = oneshot::channel();
+        link.pending.borrow_mut().insert(corr, tx);
+        if let Err(e) = link.write(frame).await {
+            link.pending.borrow_mut().remove(&corr);
+            self.links.borrow_mut().remove(&node);
+            return Err(ForwardError(format!("node {node} at {addr}: {e}")));
+        }
+        Ok(rx)
+    }
+
+    /// The open link to `node`, connecting (with the handshake) if there is none or the last
+    /// one broke.
+    async fn link(&self, node: u32, addr: &str) -> Result<Rc<Link>, ForwardError> {
+        let existing = self.links.borrow().get(&node).cloned();
+        if let Some(l) = existing {
+            if !l.broken.get() {
+                return Ok(l);
+            }
+        }
+        let l =
+            Rc::new(Link::connect(addr).await.map_err(|e| {
+                ForwardError(format!("node {node} at {addr} cannot be reached: {e}"))
+            })?);
+        self.links.borrow_mut().insert(node, l.clone());
+        Ok(l)
+    }
+}
+
+impl Link {
+    async fn connect(addr: &str) -> Result<Self, String> {
+        let connect = async { Some(TcpStream::connect(addr).await) };
+        let timeout = async {
+            crate::runtime::sleep(Duration::from_millis(limits::FORWARD_CONNECT_TIMEOUT_MS)).await;
+            None
+        };
+        let stream = match futures_lite::future::or(connect, timeout).await {
+            Some(Ok(s)) => s,
+            Some(Err(e)) => return Err(e.to_string()),
+            None => {
+                return Err(format!(
+                    "no connection within {} ms",
+                    limits::FORWARD_CONNECT_TIMEOUT_MS
+                ))
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let fd = stream.as_raw_fd();
+        let (reader, writer) = futures_lite::io::split(stream);
+        let link = Self {
+            writer: RefCell::new(Some(writer)),
+            pending: Rc::new(RefCell::new(HashMap::new())),
+            broken: Rc::new(Cell::new(false)),
+            fd,
+        };
+        // The handshake's answer is read (and dropped) by the reader like any other.
+        let (tx, _rx) = oneshot::channel();
+        link.pending.borrow_mut().insert(HANDSHAKE_CORR, tx);
+        let hello = proto::encode_handshake(HANDSHAKE_CORR, "ringmq-node-forward");
+        link.write(&hello).await?;
+        glommio::spawn_local(read_answers(
+            reader,
+            link.pending.clone(),
+            link.broken.clone(),
+        ))
+        .detach();
+        Ok(link)
+    }
+
+    async fn write(&self, frame: &[u8]) -> Result<(), String> {
+        let Some(mut w) = self.writer.borrow_mut().take() else {
+            return Err("the link is busy or broken".into());
+        };
+        let r = w.write_all(frame).await;
+        let r = match r {
+            Ok(()) => w.flush().await,
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(()) => {
+                *self.writer.borrow_mut() = Some(w);
+                Ok(())
+            }
+            Err(e) => {
+                self.broken.set(true);
+                Err(e.to_string())
+            }
+        }
+    }
+}
+
+/// Reads answer frames and hands each to the request with its correlation id; at the end of
+/// the stream (or a bad frame) the link is broken and every waiting request gets `None`.
+async fn read_answers(
+    mut r: futures_lite::io::ReadHalf<TcpStream>,
+    pending: PendingMap,
+    broken: Rc<Cell<bool>>,
+) {
+    loop {
+        let mut len = [0u8; proto::LEN_PREFIX_BYTES];
+        if r.read_exact(&mut len).await.is_err() {
+            break;
+        }
+        let n = u32::from_le_bytes(len) as usize;
+        if n == 0 || n > limits::PEER_FRAME_BYTES_MAX {
+            eprintln!("ringmq: forwarding link: answer of {n} bytes; closing the link");
+            break;
+        }
+        let mut frame = vec![0u8; proto::LEN_PREFIX_BYTES + n];
+        frame[..proto::LEN_PREFIX_BYTES].copy_from_slice(&len);
+        if r.read_exact(&mut frame[proto::LEN_PREFIX_BYTES..])
+            .await
+            .is_err()
+        {
+            break;
+        }
+        let corr = match proto::verify_frame(&frame[proto::LEN_PREFIX_BYTES..]) {
+            Ok(f) => f.correlation_id(),
+            Err(e) => {
+                eprintln!("ringmq: forwarding link: bad answer ({e}); closing the link");
+                break;
+            }
+        };
+        // An answer nobody waits for (a timed-out request) is dropped.
+        if let Some(tx) = pending.borrow_mut().remove(&corr) {
+            tx.send(Bytes::from(frame));
+        }
+    }
+    broken.set(true);
+    pending.borrow_mut().clear();
+}
