@@ -124,13 +124,33 @@ pub fn start_offset(
     partition: u32,
     from: From,
 ) -> Result<u64, String> {
-    let r = match from {
+    start_offset_of(c, topic, partition, from)
+        .map_err(|e| format!("finding the start of {topic:?} partition {partition}: {e}"))
+}
+
+/// [`start_offset`] with the broker's error as it came.
+pub fn start_offset_of(
+    c: &mut Client,
+    topic: &str,
+    partition: u32,
+    from: From,
+) -> Result<u64, crate::client::ClientError> {
+    match from {
         From::Earliest => c.list_offset(topic, partition, -1),
         From::Latest => c.list_offset(topic, partition, -2),
-        From::Offset(o) => return Ok(o),
+        From::Offset(o) => Ok(o),
         From::Time(ms) => c.list_offset(topic, partition, ms.max(0)),
-    };
-    r.map_err(|e| format!("finding the start of {topic:?} partition {partition}: {e}"))
+    }
+}
+
+/// Cluster: the error says the partition's node is down or the partition is moving; a
+/// consumer skips it for now and tries again, as Kafka consumers do.
+pub fn unavailable_for_now(e: &crate::client::ClientError) -> bool {
+    use crate::protocol::fb::ErrorCode;
+    matches!(
+        e.code(),
+        Some(ErrorCode::NodeUnavailable | ErrorCode::NotLeader | ErrorCode::PartitionUnavailable)
+    )
 }
 
 /// `--idle-ms`: restarts the idle clock when a round got messages; true once no round has for

@@ -9,7 +9,10 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use super::args::ConsumeArgs;
-use super::common::{connect, parse_from, start_offset, From, Subscription, PATTERN_REFRESH_MS};
+use super::common::{
+    connect, parse_from, start_offset, start_offset_of, unavailable_for_now, From, Subscription,
+    PATTERN_REFRESH_MS,
+};
 use super::output::print_record;
 use crate::client::Client;
 use crate::protocol::fb;
@@ -25,8 +28,9 @@ pub fn consume(server: &str, a: &ConsumeArgs) -> Result<(), String> {
     let from = parse_from(a.from.as_deref().unwrap_or("latest"))?;
     let mut c = connect(server)?;
     let mut positions: BTreeMap<(String, u32), u64> = BTreeMap::new();
-    add_new(&mut c, &sub, a, from, &mut positions)?;
-    if positions.is_empty() && matches!(sub, Subscription::Topic(_)) {
+    let mut waiting = Waiting::default();
+    add_new(&mut c, &sub, a, from, (&mut positions, &mut waiting))?;
+    if positions.is_empty() && waiting.starts.is_empty() && matches!(sub, Subscription::Topic(_)) {
         return Err(format!(
             "{} has no partition {:?}",
             sub.label(),
@@ -43,8 +47,15 @@ pub fn consume(server: &str, a: &ConsumeArgs) -> Result<(), String> {
         {
             refreshed = Instant::now();
             // Topics created after the subscription started are read from their start.
-            add_new(&mut c, &sub, a, From::Earliest, &mut positions)?;
+            add_new(
+                &mut c,
+                &sub,
+                a,
+                From::Earliest,
+                (&mut positions, &mut waiting),
+            )?;
         }
+        waiting.retry(&mut c, &mut positions)?;
         let wait_ms = if positions.len() == 1 { 200 } else { 20 };
         let mut got_any = false;
         let keys: Vec<(String, u32)> = positions.keys().cloned().collect();
@@ -68,8 +79,13 @@ pub fn consume(server: &str, a: &ConsumeArgs) -> Result<(), String> {
                         positions.retain(|(t, _), _| *t != topic);
                         continue;
                     }
+                    Err(e) if unavailable_for_now(&e) => {
+                        waiting.warn(&topic, p, &e);
+                        continue;
+                    }
                     Err(e) => return Err(format!("consuming {topic:?} partition {p}: {e}")),
                 };
+            waiting.recovered(&topic, p);
             positions.insert((topic.clone(), p), fetched.next_offset.max(at));
             for r in fetched.records {
                 got_any = true;
@@ -90,23 +106,95 @@ pub fn consume(server: &str, a: &ConsumeArgs) -> Result<(), String> {
     }
 }
 
+/// Cluster: partitions skipped for now because their node is down (each warned about once
+/// until it answers again), and those whose start is still to be found.
+#[derive(Default)]
+struct Waiting {
+    warned: std::collections::BTreeSet<(String, u32)>,
+    starts: BTreeMap<(String, u32), From>,
+    last_try: Option<Instant>,
+}
+
+/// How often a consumer retries partitions whose node was down.
+const UNAVAILABLE_RETRY_MS: u64 = 500;
+
+impl Waiting {
+    fn warn(&mut self, topic: &str, p: u32, e: &crate::client::ClientError) {
+        if self.warned.insert((topic.to_string(), p)) {
+            eprintln!("ringmq: {topic} partition {p} unavailable for now ({e}); reading the others and retrying it");
+        }
+    }
+
+    fn recovered(&mut self, topic: &str, p: u32) {
+        if self.warned.remove(&(topic.to_string(), p)) {
+            eprintln!("ringmq: {topic} partition {p} is available again");
+        }
+    }
+
+    /// Tries again (every [`UNAVAILABLE_RETRY_MS`]) to find the start of waiting partitions.
+    fn retry(
+        &mut self,
+        c: &mut Client,
+        positions: &mut BTreeMap<(String, u32), u64>,
+    ) -> Result<(), String> {
+        if self.starts.is_empty()
+            || self
+                .last_try
+                .is_some_and(|t| t.elapsed() < Duration::from_millis(UNAVAILABLE_RETRY_MS))
+        {
+            return Ok(());
+        }
+        self.last_try = Some(Instant::now());
+        let starts = std::mem::take(&mut self.starts);
+        for ((topic, p), from) in starts {
+            self.start(c, (&topic, p, from), positions)?;
+        }
+        Ok(())
+    }
+
+    /// Finds where partition `p` starts and tracks it, or keeps it waiting while its node is
+    /// down.
+    fn start(
+        &mut self,
+        c: &mut Client,
+        at: (&str, u32, From),
+        positions: &mut BTreeMap<(String, u32), u64>,
+    ) -> Result<(), String> {
+        let (topic, p, from) = at;
+        match start_offset_of(c, topic, p, from) {
+            Ok(start) => {
+                self.recovered(topic, p);
+                positions.insert((topic.to_string(), p), start);
+            }
+            Err(e) if unavailable_for_now(&e) => {
+                self.warn(topic, p, &e);
+                self.starts.insert((topic.to_string(), p), from);
+            }
+            Err(e) => return Err(format!("finding the start of {topic:?} partition {p}: {e}")),
+        }
+        Ok(())
+    }
+}
+
 /// Adds positions for matching partitions not tracked yet, starting at `from`.
 fn add_new(
     c: &mut Client,
     sub: &Subscription,
     a: &ConsumeArgs,
     from: From,
-    positions: &mut BTreeMap<(String, u32), u64>,
+    track: (&mut BTreeMap<(String, u32), u64>, &mut Waiting),
 ) -> Result<(), String> {
+    let (positions, waiting) = track;
     for (topic, n) in sub.topics(c)? {
         for p in 0..n {
+            let key = (topic.clone(), p);
             if a.partition.is_some_and(|want| want != p)
-                || positions.contains_key(&(topic.clone(), p))
+                || positions.contains_key(&key)
+                || waiting.starts.contains_key(&key)
             {
                 continue;
             }
-            let start = start_offset(c, &topic, p, from)?;
-            positions.insert((topic.clone(), p), start);
+            waiting.start(c, (&topic, p, from), positions)?;
         }
     }
     Ok(())

@@ -111,6 +111,31 @@ pub fn produce(server: &str, a: ProduceArgs) -> Result<(), String> {
         acked: 0,
     };
     let batch_max = a.batch.clamp(1, 100_000);
+    let mut read = 0u64;
+    let sent = send_lines(&mut s, &a, &headers, partitions, batch_max, &mut read);
+    match sent.and_then(|()| s.finish()) {
+        Ok(n) => {
+            eprintln!("produced {n} messages");
+            Ok(())
+        }
+        // Exactly the acknowledged count: a user re-sending after a failure knows what landed
+        // (messages acknowledged later than the failure are not counted, so this is a floor).
+        Err(e) => Err(format!(
+            "{e}; {} of the {read} messages read were acknowledged",
+            s.acked
+        )),
+    }
+}
+
+/// Reads stdin and sends it in batches grouped by target partition; `read` counts lines.
+fn send_lines(
+    s: &mut Sender<'_>,
+    a: &ProduceArgs,
+    headers: &[(String, Vec<u8>)],
+    partitions: u32,
+    batch_max: usize,
+    read: &mut u64,
+) -> Result<(), String> {
     // Records grouped by target partition (None = let the broker choose).
     let mut groups: std::collections::BTreeMap<Option<u32>, Vec<RecordIn>> = Default::default();
     let fixed = a.partition.or(a
@@ -119,7 +144,8 @@ pub fn produce(server: &str, a: ProduceArgs) -> Result<(), String> {
         .map(|k| proto::partitioner::partition_for_key(k.as_bytes(), partitions)));
     for line in std::io::stdin().lock().lines() {
         let line = line.map_err(|e| format!("reading stdin: {e}"))?;
-        let rec = line_record(line, &a, &headers);
+        *read += 1;
+        let rec = line_record(line, a, headers);
         let target = match (&rec.key, fixed) {
             (_, Some(p)) => Some(p),
             (Some(k), None) => Some(proto::partitioner::partition_for_key(k, partitions)),
@@ -135,8 +161,6 @@ pub fn produce(server: &str, a: ProduceArgs) -> Result<(), String> {
     for (target, recs) in std::mem::take(&mut groups) {
         s.send(choice(target), &recs)?;
     }
-    let n = s.finish()?;
-    eprintln!("produced {n} messages");
     Ok(())
 }
 

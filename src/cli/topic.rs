@@ -17,13 +17,15 @@ pub fn topic(server: &str, cmd: TopicCommand) -> Result<(), String> {
             retention_ms,
             replicas,
         } => {
-            c.create_topic_replicated(
-                &name,
-                partitions,
-                retention_bytes.unwrap_or(-1),
-                retention_ms.unwrap_or(-1),
-                replicas.unwrap_or(0),
-            )
+            retry_while_no_controller(|| {
+                c.create_topic_replicated(
+                    &name,
+                    partitions,
+                    retention_bytes.unwrap_or(-1),
+                    retention_ms.unwrap_or(-1),
+                    replicas.unwrap_or(0),
+                )
+            })
             .map_err(|e| format!("creating topic {name:?}: {e}"))?;
             eprintln!("created topic {name} with {partitions} partition(s)");
         }
@@ -38,12 +40,36 @@ pub fn topic(server: &str, cmd: TopicCommand) -> Result<(), String> {
         }
         TopicCommand::Describe { name, format } => describe(&mut c, &name, &format)?,
         TopicCommand::Delete { name } => {
-            c.delete_topic(&name)
+            retry_while_no_controller(|| c.delete_topic(&name))
                 .map_err(|e| format!("deleting topic {name:?}: {e}"))?;
             eprintln!("deleted topic {name}");
         }
     }
     Ok(())
+}
+
+/// How long a topic change is retried while the cluster's controller has no leader.
+const CONTROLLER_RETRY_MS: u64 = 15_000;
+
+/// Runs a topic change, retrying (with a short pause) while the cluster answers
+/// `ControllerUnavailable`: an election after the controller leader died takes a second or
+/// two, as with Kafka's admin client. Other errors return at once.
+fn retry_while_no_controller(
+    mut op: impl FnMut() -> Result<(), crate::client::ClientError>,
+) -> Result<(), crate::client::ClientError> {
+    let deadline =
+        std::time::Instant::now() + std::time::Duration::from_millis(CONTROLLER_RETRY_MS);
+    loop {
+        match op() {
+            Err(e)
+                if e.code() == Some(crate::protocol::fb::ErrorCode::ControllerUnavailable)
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            r => return r,
+        }
+    }
 }
 
 fn check_format(format: &str) -> Result<bool, String> {

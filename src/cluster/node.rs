@@ -24,7 +24,7 @@ use protobuf::Message as _;
 use raft::eraftpb::Message;
 
 use super::controller::{ControllerNode, ElectionTicks, ProposeError};
-use super::membership::Membership;
+use super::membership::{Change, Membership};
 use super::meta::{ClusterMeta, MetaCommand, NodeInfo};
 use super::raft_store::FileRaftStore;
 use super::transport::{serve_peers, PeerFrame, PeerLink};
@@ -113,7 +113,8 @@ pub struct ClusterNode {
     inbox: RefCell<VecDeque<PeerFrame>>,
     inbox_ready: Notify,
     dropped_frames: Cell<u64>,
-    pending: RefCell<HashMap<u64, oneshot::Sender<Outcome>>>,
+    /// Proposals handed to the leader: request id → (leader node, the waiting caller).
+    pending: RefCell<HashMap<u64, (u32, oneshot::Sender<Outcome>)>>,
     waiters: RefCell<Vec<Waiter>>,
     next_req_id: Cell<u64>,
     /// The metadata version of the table last handed to the shards.
@@ -338,7 +339,7 @@ impl ClusterNode {
                     RESULT_REFUSED => Err(ProposeFailure::Refused(msg)),
                     _ => Err(ProposeFailure::Unavailable(msg)),
                 };
-                if let Some(tx) = self.pending.borrow_mut().remove(&req_id) {
+                if let Some((_, tx)) = self.pending.borrow_mut().remove(&req_id) {
                     tx.send(outcome);
                 }
             }
@@ -561,6 +562,22 @@ impl ClusterNode {
         }
     }
 
+    /// Proposals handed to a node that is now down will not be answered: fail them now.
+    fn fail_pending_to(&self, node: u32) {
+        let mut pending = self.pending.borrow_mut();
+        let ids: Vec<u64> = pending
+            .iter()
+            .filter(|(_, (n, _))| *n == node)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            if let Some((_, tx)) = pending.remove(&id) {
+                let e = format!("the controller leader (node {node}) went down; retry");
+                tx.send(Err(ProposeFailure::Unavailable(e)));
+            }
+        }
+    }
+
     fn fail_waiters(&self, why: &str) {
         let waiters = std::mem::take(&mut *self.waiters.borrow_mut());
         for w in waiters {
@@ -609,7 +626,11 @@ impl ClusterNode {
                 self.answer(reply, Err(ProposeFailure::Unavailable(e)))
             }
             Some(Err(ProposeError::NotLeader { .. })) | None => match (reply, self.leader.get()) {
-                (ReplyTo::Local(tx), Some(l)) if l != self.me() => self.forward(cmd, tx, l),
+                (ReplyTo::Local(tx), Some(l))
+                    if l != self.me() && self.membership.borrow().is_alive(l) =>
+                {
+                    self.forward(cmd, tx, l)
+                }
                 (reply, _) => self.answer(
                     reply,
                     Err(ProposeFailure::Unavailable(
@@ -631,7 +652,7 @@ impl ClusterNode {
         p.extend_from_slice(&req_id.to_le_bytes());
         p.extend_from_slice(&cmd.encode());
         if self.send_to_node(leader, K_PROPOSE, p) {
-            self.pending.borrow_mut().insert(req_id, tx);
+            self.pending.borrow_mut().insert(req_id, (leader, tx));
         } else {
             let e = format!("the controller leader (node {leader}) cannot be reached; retry");
             tx.send(Err(ProposeFailure::Unavailable(e)));
@@ -747,6 +768,9 @@ impl ClusterNode {
             }
             for change in m.check(now_ms) {
                 eprintln!("ringmq: cluster: {change:?}");
+                if let Change::Down(id) = change {
+                    self.fail_pending_to(id);
+                }
             }
         }
         let version = self.meta.borrow().version;

@@ -84,6 +84,23 @@ impl std::fmt::Display for RouteError {
     }
 }
 
+/// A keyless produce's partition: the round-robin slot, skipping (in a cluster) partitions
+/// whose leader node is down, as Kafka's partitioner skips unavailable partitions; when
+/// every leader is down, the slot as it is (the request then says why).
+fn round_robin_available(table: &Metadata, t: &crate::metadata::TopicMeta, rr: u32) -> u32 {
+    let n = t.partitions().max(1);
+    if table.cluster.is_none() {
+        return rr % n;
+    }
+    (0..n)
+        .map(|i| rr.wrapping_add(i) % n)
+        .find(|&p| match t.leader_node(p) {
+            Some(id) => table.node_id() == Some(id) || table.node(id).is_some_and(|x| x.alive),
+            None => true,
+        })
+        .unwrap_or(rr % n)
+}
+
 /// The shard coordinating `group` among `shards`.
 pub fn coordinator_of(group: &str, shards: usize) -> usize {
     (crc32fast::hash(group.as_bytes()) as usize) % shards.max(1)
@@ -123,7 +140,7 @@ pub fn route(
             let n = t.partitions();
             let p = match key {
                 Some(k) => partitioner::partition_for_key(k, n),
-                None => round_robin % n.max(1),
+                None => round_robin_available(table, t, round_robin),
             };
             (topic, Some(p))
         }
@@ -271,6 +288,20 @@ mod tests {
         let m2 = cluster_table(2);
         assert_eq!(route(&m2, 2, at(0), 0), Ok((0, Dest::remote(1))));
         assert_eq!(route(&m2, 2, at(1), 0), Ok((1, Dest::local(1))));
+        // A keyless produce skips partitions whose leader is down.
+        let mut down = cluster_table(1);
+        if let Some(c) = down.cluster.as_mut() {
+            c.nodes.get_mut(&2).expect("node 2").alive = false;
+        }
+        let keyless = Target::Produce {
+            topic: "t",
+            partition: None,
+            key: None,
+        };
+        let picks: Vec<u32> = (0..6)
+            .map(|rr| route(&down, 2, keyless, rr).unwrap().0)
+            .collect();
+        assert!(!picks.contains(&1), "{picks:?}");
         // A group lives on one node for the whole cluster.
         for g in ["billing", "audit", "x", "y"] {
             let (_, d1) = route(&m, 2, Target::Group(g), 0).unwrap();

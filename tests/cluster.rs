@@ -1,0 +1,424 @@
+//! A cluster of real `ringmq serve` processes on 127.0.0.1 (`--cores 1` each, the machine has
+//! two cores): formation from a seed list, topics created through one node and used through
+//! others (forwarding), controller failover by kill -9, a node joining later, multicast across
+//! nodes, and a client that keeps working when the node it used dies.
+//!
+//! The tests in this file run one at a time (a lock): several clusters at once on two cores
+//! would make heartbeats late and nodes look dead. Every wait is bounded.
+
+mod common;
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::{free_port, temp_dir, Broker, TempDir};
+use ringmq::client::Client;
+use ringmq::protocol::{ClusterStatusOut, PartitionChoice};
+
+static ONE_CLUSTER_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn serialize() -> std::sync::MutexGuard<'static, ()> {
+    ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+}
+
+struct Node {
+    id: u32,
+    peer: String,
+    broker: Option<Broker>,
+}
+
+/// Nodes of one cluster; directories are removed when it drops (after the brokers).
+struct Cluster {
+    nodes: Vec<Node>,
+    seeds: String,
+    _dirs: Vec<TempDir>,
+}
+
+fn node_args(id: u32, peer: &str, seeds: &str) -> Vec<String> {
+    vec![
+        "--node-id".into(),
+        id.to_string(),
+        "--peer-listen".into(),
+        peer.into(),
+        "--seeds".into(),
+        seeds.into(),
+    ]
+}
+
+impl Cluster {
+    /// `voters` seed nodes, all started, each seeing the others alive and a controller leader.
+    fn start(name: &str, voters: u32) -> Cluster {
+        let peers: Vec<String> = (0..voters)
+            .map(|_| format!("127.0.0.1:{}", free_port()))
+            .collect();
+        let seeds = peers.join(",");
+        let mut c = Cluster {
+            nodes: Vec::new(),
+            seeds,
+            _dirs: Vec::new(),
+        };
+        for (i, peer) in peers.into_iter().enumerate() {
+            c.add_node(name, i as u32 + 1, peer);
+        }
+        c.wait_formed(voters as usize);
+        c
+    }
+
+    /// Starts node `id` with the cluster's seeds (a voter if `peer` is a seed).
+    fn add_node(&mut self, name: &str, id: u32, peer: String) {
+        let dir = temp_dir(&format!("{name}-n{id}"));
+        let args = node_args(id, &peer, &self.seeds);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let broker = Broker::start(&dir, 1, &args);
+        self._dirs.push(dir);
+        self.nodes.push(Node {
+            id,
+            peer,
+            broker: Some(broker),
+        });
+    }
+
+    fn node(&self, id: u32) -> &Node {
+        self.nodes.iter().find(|n| n.id == id).expect("node")
+    }
+
+    fn addr(&self, id: u32) -> String {
+        self.node(id).broker.as_ref().expect("running").addr.clone()
+    }
+
+    fn client(&self, id: u32) -> Client {
+        self.node(id).broker.as_ref().expect("running").client()
+    }
+
+    fn kill9(&mut self, id: u32) {
+        let n = self.nodes.iter_mut().find(|n| n.id == id).expect("node");
+        if let Some(mut b) = n.broker.take() {
+            b.kill9();
+            n.broker = Some(b);
+        }
+    }
+
+    fn restart(&mut self, id: u32) {
+        let n = self.nodes.iter_mut().find(|n| n.id == id).expect("node");
+        let b = n.broker.take().expect("broker");
+        n.broker = Some(b.restart());
+    }
+
+    /// Waits (30 s at most) until every running node sees `n` nodes alive and one controller.
+    fn wait_formed(&self, n: usize) {
+        let running: Vec<u32> = self.nodes.iter().map(|x| x.id).collect();
+        for id in running {
+            wait_for(
+                &format!("node {id} sees {n} live nodes and a leader"),
+                || {
+                    let st = status(&self.addr(id))?;
+                    let alive = st.nodes.iter().filter(|x| x.alive).count();
+                    (alive == n && st.controller > 0).then_some(())
+                },
+            );
+        }
+    }
+}
+
+fn status(addr: &str) -> Option<ClusterStatusOut> {
+    Client::connect(addr).ok()?.cluster_status().ok()
+}
+
+/// Polls `f` every 50 ms for at most 30 s.
+fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn leaders_of(c: &mut Client, topic: &str) -> Vec<i32> {
+    let t = c.metadata(&[topic]).expect("metadata");
+    t[0].partitions.iter().map(|p| p.leader).collect()
+}
+
+/// Reads a partition from offset 0 until `want` records, through `c`.
+fn read_values(c: &mut Client, topic: &str, partition: u32, want: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut offset = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while out.len() < want && Instant::now() < deadline {
+        let f = c
+            .fetch(topic, partition, offset, 1 << 20, 200)
+            .expect("fetch");
+        for r in &f.records {
+            out.push(String::from_utf8_lossy(&r.value).into_owned());
+        }
+        offset = f.next_offset;
+    }
+    out
+}
+
+fn rec(v: &str) -> ringmq::protocol::RecordIn {
+    common::rec(v)
+}
+
+#[test]
+fn a_topic_created_on_one_node_is_produced_on_another_and_consumed_on_a_third() {
+    let _one = serialize();
+    let cluster = Cluster::start("cl-basic", 3);
+    let (code, _, err) = common::cli(
+        &cluster.addr(1),
+        &["topic", "create", "orders", "--partitions", "6"],
+        "",
+    );
+    assert_eq!(code, 0, "{err}");
+    // Placement: every node leads some partitions; every node's metadata agrees at once.
+    let mut c2 = cluster.client(2);
+    let leaders = leaders_of(&mut c2, "orders");
+    for id in 1..=3 {
+        assert!(
+            leaders.contains(&id),
+            "node {id} leads nothing: {leaders:?}"
+        );
+    }
+    assert_eq!(leaders_of(&mut cluster.client(3), "orders"), leaders);
+    // Produce through node 2 to every partition (most are led elsewhere: forwarded).
+    for p in 0..6u32 {
+        for i in 0..20 {
+            let ack = c2
+                .produce(
+                    "orders",
+                    PartitionChoice::Explicit(p),
+                    &[rec(&format!("{p}-{i}"))],
+                )
+                .expect("produce through node 2");
+            assert_eq!(ack.partition, p);
+            assert_eq!(ack.base_offset, i);
+        }
+    }
+    // Consume through node 3: every message once, in order, per partition.
+    let mut c3 = cluster.client(3);
+    for p in 0..6u32 {
+        let got = read_values(&mut c3, "orders", p, 20);
+        let want: Vec<String> = (0..20).map(|i| format!("{p}-{i}")).collect();
+        assert_eq!(got, want, "partition {p}");
+    }
+    // The CLI through node 3 sees all 120, and node 2 counted its forwards.
+    let (code, out, err) = common::cli(
+        &cluster.addr(3),
+        &[
+            "consume",
+            "orders",
+            "--from",
+            "earliest",
+            "--idle-ms",
+            "1500",
+        ],
+        "",
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().count(), 120, "{out}");
+    let stats = c2.stats().expect("stats");
+    let forwarded: u64 = stats.iter().map(|s| s.node_forwards).sum();
+    assert!(forwarded >= 80, "node 2 forwarded {forwarded} requests");
+    // A keyless produce through the CLI (round robin over partitions) lands everywhere too.
+    let lines: String = (0..30).map(|i| format!("rr-{i}\n")).collect();
+    let (code, _, err) = common::cli(
+        &cluster.addr(1),
+        &["produce", "orders", "--batch", "1"],
+        &lines,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("produced 30 messages"), "{err}");
+}
+
+#[test]
+fn killing_the_controller_leader_loses_no_topic_and_a_new_one_is_elected() {
+    let _one = serialize();
+    let mut cluster = Cluster::start("cl-ctl", 3);
+    for t in ["a", "b"] {
+        let (code, _, err) = common::cli(
+            &cluster.addr(1),
+            &["topic", "create", t, "--partitions", "3"],
+            "",
+        );
+        assert_eq!(code, 0, "{err}");
+    }
+    let before = status(&cluster.addr(1)).expect("status");
+    let leader = before.controller as u32;
+    cluster.kill9(leader);
+    let survivors: Vec<u32> = (1..=3).filter(|&n| n != leader).collect();
+    for &n in &survivors {
+        wait_for("a new controller leader, the old one seen down", || {
+            status(&cluster.addr(n)).filter(|s| {
+                s.controller > 0
+                    && s.controller as u32 != leader
+                    && s.nodes.iter().any(|x| x.id == leader && !x.alive)
+            })
+        });
+        let (code, out, err) = common::cli(&cluster.addr(n), &["topic", "list"], "");
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(out, "a 3\nb 3\n", "topics on node {n}");
+    }
+    // Topic creation works again (through a survivor), on the live nodes only.
+    let (code, _, err) = common::cli(
+        &cluster.addr(survivors[0]),
+        &["topic", "create", "after", "--partitions", "4"],
+        "",
+    );
+    assert_eq!(code, 0, "{err}");
+    let mut c = cluster.client(survivors[1]);
+    let leaders = leaders_of(&mut c, "after");
+    assert!(!leaders.contains(&(leader as i32)), "{leaders:?}");
+    // The killed node restarts and catches up with what it missed.
+    cluster.restart(leader);
+    let addr = cluster.addr(leader);
+    wait_for("the restarted node lists the new topic", || {
+        let (code, out, _) = common::cli(&addr, &["topic", "list"], "");
+        (code == 0 && out == "a 3\nafter 4\nb 3\n").then_some(())
+    });
+    cluster.wait_formed(3);
+}
+
+#[test]
+fn a_node_started_later_with_the_same_seeds_joins_and_gets_partitions() {
+    let _one = serialize();
+    let mut cluster = Cluster::start("cl-join", 3);
+    let peer = format!("127.0.0.1:{}", free_port());
+    cluster.add_node("cl-join", 4, peer);
+    cluster.wait_formed(4);
+    let st = status(&cluster.addr(4)).expect("status");
+    let four = st
+        .nodes
+        .iter()
+        .find(|n| n.id == 4)
+        .expect("node 4 registered");
+    assert!(!four.voter, "node 4 is not a seed: {st:?}");
+    assert_eq!(four.peer_address, cluster.node(4).peer);
+    let (code, _, err) = common::cli(
+        &cluster.addr(1),
+        &["topic", "create", "wide", "--partitions", "8"],
+        "",
+    );
+    assert_eq!(code, 0, "{err}");
+    let mut c1 = cluster.client(1);
+    let leaders = leaders_of(&mut c1, "wide");
+    let on_four: Vec<u32> = (0..8u32).filter(|&p| leaders[p as usize] == 4).collect();
+    assert_eq!(on_four.len(), 2, "8 partitions over 4 nodes: {leaders:?}");
+    // Produced through node 1, read through node 4 where it lives.
+    let p = on_four[0];
+    c1.produce("wide", PartitionChoice::Explicit(p), &[rec("x"), rec("y")])
+        .expect("produce");
+    let mut c4 = cluster.client(4);
+    assert_eq!(read_values(&mut c4, "wide", p, 2), vec!["x", "y"]);
+    let (code, out, err) = common::cli(
+        &cluster.addr(4),
+        &["topic", "describe", "wide", "--format", "json"],
+        "",
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&format!(
+            "{{\"partition\":{p},\"leader\":4,\"replicas\":[4]"
+        )),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_multicast_sends_one_copy_to_each_remote_node() {
+    let _one = serialize();
+    let cluster = Cluster::start("cl-mc", 3);
+    let mut c1 = cluster.client(1);
+    // One single-partition topic led by each node.
+    let mut by_node: std::collections::BTreeMap<i32, String> = Default::default();
+    for i in 0..40 {
+        let name = format!("m{i}");
+        c1.create_topic(&name, 1, -1, -1).expect("create");
+        let l = leaders_of(&mut c1, &name)[0];
+        by_node.entry(l).or_insert(name);
+        if by_node.len() == 3 {
+            break;
+        }
+    }
+    assert_eq!(by_node.len(), 3, "{by_node:?}");
+    let dests: Vec<(&str, Option<u32>)> = by_node.values().map(|t| (t.as_str(), None)).collect();
+    let before: Vec<u64> = (1..=3).map(|n| forwarded_in(&cluster, n)).collect();
+    let results = c1
+        .multicast(&dests, None, &[rec("hello")])
+        .expect("multicast");
+    assert_eq!(results.len(), 3);
+    for r in &results {
+        assert!(r.outcome.is_ok(), "{r:?}");
+    }
+    let stats = c1.stats().expect("stats");
+    let copies: u64 = stats.iter().map(|s| s.node_multicast_copies).sum();
+    assert_eq!(copies, 2, "one copy to each of the two other nodes");
+    for n in 2..=3u32 {
+        let got = forwarded_in(&cluster, n) - before[n as usize - 1];
+        assert_eq!(got, 1, "node {n} received {got} copies");
+    }
+    for t in by_node.values() {
+        assert_eq!(read_values(&mut c1, t, 0, 1), vec!["hello"], "{t}");
+    }
+}
+
+fn forwarded_in(cluster: &Cluster, node: u32) -> u64 {
+    let s = cluster.client(node).stats().expect("stats");
+    s.iter().map(|x| x.node_forwarded_in).sum()
+}
+
+#[test]
+fn a_client_given_every_address_keeps_working_when_its_node_dies() {
+    let _one = serialize();
+    let mut cluster = Cluster::start("cl-fail", 3);
+    let all = format!(
+        "{},{},{}",
+        cluster.addr(1),
+        cluster.addr(2),
+        cluster.addr(3)
+    );
+    let (code, _, err) = common::cli(&all, &["topic", "create", "t", "--partitions", "6"], "");
+    assert_eq!(code, 0, "{err}");
+    let leaders = leaders_of(&mut cluster.client(2), "t");
+    cluster.kill9(1);
+    // The survivors notice (heartbeats) within the failure timeout.
+    wait_for("node 1 seen down", || {
+        status(&cluster.addr(2)).filter(|s| s.nodes.iter().any(|n| n.id == 1 && !n.alive))
+    });
+    // Keyless lines go to partitions whose leader is alive; the CLI uses node 2.
+    let lines: String = (0..40).map(|i| format!("v{i}\n")).collect();
+    let (code, _, err) = common::cli(&all, &["produce", "t", "--batch", "1"], &lines);
+    assert_eq!(code, 0, "{err}");
+    // Partitions of the dead node fail clearly, and the CLI says what was acknowledged.
+    let dead = leaders
+        .iter()
+        .position(|&l| l == 1)
+        .expect("node 1 led one") as u32;
+    let (code, _, err) = common::cli(
+        &all,
+        &["produce", "t", "--partition", &dead.to_string()],
+        "x\n",
+    );
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("NodeUnavailable") || err.contains("down"),
+        "{err}"
+    );
+    assert!(
+        err.contains("0 of the 1 messages read were acknowledged"),
+        "{err}"
+    );
+    // Everything acknowledged is readable through the list.
+    let (code, out, err) = common::cli(
+        &all,
+        &["consume", "t", "--from", "earliest", "--idle-ms", "1500"],
+        "",
+    );
+    // Reading skips nothing silently: the dead node's partitions are an error, the others
+    // print their 40 messages.
+    let printed = out.lines().filter(|l| l.starts_with('v')).count();
+    assert_eq!(printed, 40, "code {code}: {err}\n{out}");
+}
