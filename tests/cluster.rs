@@ -422,3 +422,95 @@ fn a_client_given_every_address_keeps_working_when_its_node_dies() {
     let printed = out.lines().filter(|l| l.starts_with('v')).count();
     assert_eq!(printed, 40, "code {code}: {err}\n{out}");
 }
+
+/// Runs `ringmq consume ARGS` against `addr` in the background.
+fn spawn_consumer(addr: &str, args: &[&str]) -> std::process::Child {
+    std::process::Command::new(common::bin())
+        .arg("consume")
+        .args(args)
+        .env("RINGMQ_SERVER", addr)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn consume")
+}
+
+fn lines_of(children: Vec<std::process::Child>) -> Vec<String> {
+    let mut all = Vec::new();
+    for child in children {
+        let out = child.wait_with_output().expect("consumer output");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{err}");
+        all.extend(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(String::from),
+        );
+    }
+    all
+}
+
+#[test]
+fn groups_and_shared_subscriptions_work_with_members_on_different_nodes() {
+    let _one = serialize();
+    let cluster = Cluster::start("cl-groups", 3);
+    let (code, _, err) = common::cli(
+        &cluster.addr(1),
+        &["topic", "create", "g", "--partitions", "6"],
+        "",
+    );
+    assert_eq!(code, 0, "{err}");
+    let lines: String = (0..600).map(|i| format!("k{},m{i}\n", i % 17)).collect();
+    let (code, _, err) = common::cli(
+        &cluster.addr(2),
+        &["produce", "g", "--key-separator", ",", "--batch", "50"],
+        &lines,
+    );
+    assert_eq!(code, 0, "{err}");
+    // A consumer group with one member on node 1 and one on node 3: the coordinator is one
+    // node for the whole cluster, so together they read every message once.
+    let group = [
+        "g",
+        "--group",
+        "billing",
+        "--from",
+        "earliest",
+        "--idle-ms",
+        "2500",
+    ];
+    let a = spawn_consumer(&cluster.addr(1), &group);
+    std::thread::sleep(Duration::from_millis(100));
+    let b = spawn_consumer(&cluster.addr(3), &group);
+    let all = lines_of(vec![a, b]);
+    let unique: std::collections::BTreeSet<&String> = all.iter().collect();
+    assert_eq!(unique.len(), all.len(), "no message twice");
+    assert_eq!(all.len(), 600, "every message");
+    let (code, out, err) = common::cli(&cluster.addr(2), &["group", "describe", "billing"], "");
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("g"), "{out}");
+    // A shared subscription consumed through two different nodes: each message to one
+    // consumer, acked (the leases live on the partitions' nodes).
+    let shared = ["g", "--shared", "work", "--idle-ms", "2500"];
+    let a = spawn_consumer(&cluster.addr(2), &shared);
+    let b = spawn_consumer(&cluster.addr(3), &shared);
+    let all = lines_of(vec![a, b]);
+    let unique: std::collections::BTreeSet<&String> = all.iter().collect();
+    assert_eq!(unique.len(), 600, "every message once: {} lines", all.len());
+    assert_eq!(all.len(), 600, "no message twice");
+    let (code, out, err) = common::cli(
+        &cluster.addr(1),
+        &["subscription", "describe", "g", "work"],
+        "",
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("acked 600"),
+        "the answer covers every node: {out}"
+    );
+    // Metadata through any node has every partition's real end offset (from its leader).
+    let t = cluster.client(3).metadata(&["g"]).expect("metadata");
+    let total: u64 = t[0].partitions.iter().map(|p| p.end_offset).sum();
+    assert_eq!(total, 600, "{t:?}");
+    let (code, out, _) = common::cli(&cluster.addr(3), &["group", "list"], "");
+    assert_eq!((code, out.as_str()), (0, "billing\n"));
+}

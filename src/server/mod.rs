@@ -659,13 +659,19 @@ async fn dispatch(
     let (conn, links) = conn;
     match body {
         fb::Body::Handshake => return Box::pin(ready(handshake(shard, corr, &frame))),
-        fb::Body::ListGroups => return list_groups_fanout(shard, corr, frame).await,
-        fb::Body::Stats => return stats_fanout(shard, corr, frame).await,
-        fb::Body::Status => return status_fanout(shard, corr, frame).await,
-        fb::Body::SubscriptionInfo => return subscriptions_fanout(shard, corr, frame).await,
         fb::Body::MulticastProduce => return multicast(shard, corr, frame, None, links).await,
-        fb::Body::Metadata => return metadata_fanout(shard, corr, frame).await,
         fb::Body::ClusterStatus => return Box::pin(ready(shard.cluster_status(corr))),
+        fb::Body::ListGroups
+        | fb::Body::Stats
+        | fb::Body::Status
+        | fb::Body::SubscriptionInfo
+        | fb::Body::Metadata => {
+            let scope = Scope {
+                links,
+                whole_cluster: true,
+            };
+            return fanout(shard, corr, body, frame, scope).await;
+        }
         fb::Body::Forwarded => return forwarded_in(shard, frame, conn, links).await,
         _ => {}
     }
@@ -763,6 +769,21 @@ async fn forwarded_in(
     };
     if ibody == fb::Body::MulticastProduce {
         return multicast(shard, icorr, inner, Some(&fwd.dests), links).await;
+    }
+    if matches!(
+        ibody,
+        fb::Body::ListGroups
+            | fb::Body::Stats
+            | fb::Body::Status
+            | fb::Body::SubscriptionInfo
+            | fb::Body::Metadata
+    ) {
+        // This node's part of a cluster-wide answer.
+        let scope = Scope {
+            links,
+            whole_cluster: false,
+        };
+        return fanout(shard, icorr, ibody, inner, scope).await;
     }
     let routed = {
         let f = inner.view();
@@ -893,7 +914,12 @@ async fn forward(
 }
 
 /// Metadata needs every shard's partitions: ask all, merge the answers.
-async fn metadata_fanout(shard: &Rc<Shard>, corr: u64, frame: VerifiedFrame) -> Pending {
+async fn metadata_fanout(
+    shard: &Rc<Shard>,
+    corr: u64,
+    frame: VerifiedFrame,
+    scope: Scope<'_>,
+) -> Pending {
     let wanted: Vec<String> = Some(frame.view())
         .and_then(|f| f.body_as_metadata())
         .and_then(|m| m.topics())
@@ -908,7 +934,8 @@ async fn metadata_fanout(shard: &Rc<Shard>, corr: u64, frame: VerifiedFrame) -> 
         );
         return Box::pin(async move { e });
     }
-    let replies = ask_all(shard, corr, frame).await;
+    let whole_cluster = scope.whole_cluster;
+    let replies = ask_scope(shard, corr, frame, scope).await;
     let me = shard.clone();
     Box::pin(async move {
         let mut merged: Vec<proto::TopicMetaOut> = Vec::new();
@@ -927,12 +954,79 @@ async fn metadata_fanout(shard: &Rc<Shard>, corr: u64, frame: VerifiedFrame) -> 
             }
         }
         merged.sort_by(|a, b| a.name.cmp(&b.name));
-        me.add_cluster_placement(&mut merged);
+        if whole_cluster {
+            // Leaders and replicas, and partitions of nodes that did not answer.
+            me.add_cluster_placement(&mut merged);
+        }
         for m in &mut merged {
             m.partitions.sort_by_key(|p| p.partition);
+            m.partitions.dedup_by_key(|p| p.partition);
         }
         proto::encode_metadata_response(corr, &merged)
     })
+}
+
+/// Which nodes a fan-out request asks: this node's shards only (a request another node
+/// forwarded here, or `Stats`, which counts per node), or every live node of the cluster.
+#[derive(Clone, Copy)]
+struct Scope<'a> {
+    links: &'a Rc<ForwardLinks>,
+    whole_cluster: bool,
+}
+
+/// A request every shard (and, in a cluster, every node) answers in part.
+async fn fanout(
+    shard: &Rc<Shard>,
+    corr: u64,
+    body: fb::Body,
+    frame: VerifiedFrame,
+    scope: Scope<'_>,
+) -> Pending {
+    match body {
+        fb::Body::ListGroups => list_groups_fanout(shard, corr, frame, scope).await,
+        // Counters are per node: `ringmq stats` shows the node it asks.
+        fb::Body::Stats => {
+            let local = Scope {
+                whole_cluster: false,
+                ..scope
+            };
+            stats_fanout(shard, corr, frame, local).await
+        }
+        fb::Body::Status => status_fanout(shard, corr, frame, scope).await,
+        fb::Body::SubscriptionInfo => subscriptions_fanout(shard, corr, frame, scope).await,
+        _ => metadata_fanout(shard, corr, frame, scope).await,
+    }
+}
+
+/// Asks every shard of this node and, for a whole-cluster scope, every other live node (one
+/// forwarded frame each; a node that cannot answer is left out of the merge).
+async fn ask_scope(
+    shard: &Rc<Shard>,
+    corr: u64,
+    frame: VerifiedFrame,
+    scope: Scope<'_>,
+) -> Vec<Pending> {
+    let mut replies = ask_all(shard, corr, frame.clone()).await;
+    if !scope.whole_cluster {
+        return replies;
+    }
+    let others: Vec<u32> = {
+        let table = shard.table();
+        let me = table.node_id();
+        match &table.cluster {
+            Some(c) => c
+                .nodes
+                .iter()
+                .filter(|(id, n)| Some(**id) != me && n.alive)
+                .map(|(id, _)| *id)
+                .collect(),
+            None => Vec::new(),
+        }
+    };
+    for node in others {
+        replies.push(forward_to_node(shard, scope.links, (node, 0, &[]), corr, &frame).await);
+    }
+    replies
 }
 
 /// Asks every shard (this one directly, the others over the mesh) and returns their replies.
@@ -956,8 +1050,13 @@ fn reply_body<T>(bytes: &Bytes, read: impl FnOnce(fb::Frame<'_>) -> Option<T>) -
 }
 
 /// Subscriptions live on every shard owning a partition of the topic: ask all, sum per name.
-async fn subscriptions_fanout(shard: &Rc<Shard>, corr: u64, frame: VerifiedFrame) -> Pending {
-    let replies = ask_all(shard, corr, frame).await;
+async fn subscriptions_fanout(
+    shard: &Rc<Shard>,
+    corr: u64,
+    frame: VerifiedFrame,
+    scope: Scope<'_>,
+) -> Pending {
+    let replies = ask_scope(shard, corr, frame, scope).await;
     Box::pin(async move {
         let mut by: std::collections::BTreeMap<String, proto::queue::SubStatsOut> =
             Default::default();
@@ -996,8 +1095,13 @@ async fn merged<T>(
 }
 
 /// Every shard's partition health, merged.
-async fn status_fanout(shard: &Rc<Shard>, corr: u64, frame: VerifiedFrame) -> Pending {
-    let replies = ask_all(shard, corr, frame).await;
+async fn status_fanout(
+    shard: &Rc<Shard>,
+    corr: u64,
+    frame: VerifiedFrame,
+    scope: Scope<'_>,
+) -> Pending {
+    let replies = ask_scope(shard, corr, frame, scope).await;
     Box::pin(merged(
         replies,
         |f| {
@@ -1010,8 +1114,13 @@ async fn status_fanout(shard: &Rc<Shard>, corr: u64, frame: VerifiedFrame) -> Pe
 }
 
 /// Every shard's counters, merged.
-async fn stats_fanout(shard: &Rc<Shard>, corr: u64, frame: VerifiedFrame) -> Pending {
-    let replies = ask_all(shard, corr, frame).await;
+async fn stats_fanout(
+    shard: &Rc<Shard>,
+    corr: u64,
+    frame: VerifiedFrame,
+    scope: Scope<'_>,
+) -> Pending {
+    let replies = ask_scope(shard, corr, frame, scope).await;
     Box::pin(merged(
         replies,
         |f| {
@@ -1024,8 +1133,13 @@ async fn stats_fanout(shard: &Rc<Shard>, corr: u64, frame: VerifiedFrame) -> Pen
 }
 
 /// Every shard coordinates some groups: ask all, merge the names.
-async fn list_groups_fanout(shard: &Rc<Shard>, corr: u64, frame: VerifiedFrame) -> Pending {
-    let replies = ask_all(shard, corr, frame).await;
+async fn list_groups_fanout(
+    shard: &Rc<Shard>,
+    corr: u64,
+    frame: VerifiedFrame,
+    scope: Scope<'_>,
+) -> Pending {
+    let replies = ask_scope(shard, corr, frame, scope).await;
     Box::pin(merged(
         replies,
         |f| {
