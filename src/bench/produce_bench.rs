@@ -44,6 +44,11 @@ pub struct ProduceBenchArgs {
     /// For a broker started here: its data directory (removed afterwards).
     #[arg(long, default_value = "./ringmq-bench-data")]
     pub data: std::path::PathBuf,
+    /// Produce to this existing topic (all its partitions) instead of a new one made (and
+    /// deleted) for the run: e.g. a cluster topic whose leader is known, reached through the
+    /// leader (direct) or another node (forwarded).
+    #[arg(long)]
+    pub topic: Option<String>,
 }
 
 /// A broker child process started for a benchmark; killed on drop.
@@ -157,10 +162,23 @@ pub fn run_produce(server: Option<&str>, a: ProduceBenchArgs) -> Result<Report, 
     }
     let (broker, addr, mut admin) =
         super::produce_bench::target(server, &a.data, &a.fsync, a.cores)?;
-    let topic = format!("bench-produce-{}", std::process::id());
-    admin
-        .create_topic(&topic, a.partitions, -1, -1)
-        .map_err(|e| format!("creating {topic}: {e}"))?;
+    let mut a = a;
+    let topic = match &a.topic {
+        Some(t) => {
+            let meta = admin
+                .metadata(&[t.as_str()])
+                .map_err(|e| format!("--topic {t}: {e}"))?;
+            a.partitions = meta.first().map_or(0, |m| m.partitions.len() as u32).max(1);
+            t.clone()
+        }
+        None => {
+            let t = format!("bench-produce-{}", std::process::id());
+            admin
+                .create_topic(&t, a.partitions, -1, -1)
+                .map_err(|e| format!("creating {t}: {e}"))?;
+            t
+        }
+    };
     let broker_cpu0 = broker.as_ref().map(|b| b.cpu_seconds()).unwrap_or(0.0);
     let gen_cpu0 = self_cpu_seconds();
     let start = Instant::now();
@@ -186,7 +204,9 @@ pub fn run_produce(server: Option<&str>, a: ProduceBenchArgs) -> Result<Report, 
         .map(|b| b.cpu_seconds() - broker_cpu0)
         .unwrap_or(0.0);
     let gen_cpu = self_cpu_seconds() - gen_cpu0;
-    let _ = admin.delete_topic(&topic);
+    if a.topic.is_none() {
+        let _ = admin.delete_topic(&topic);
+    }
     Ok(Report {
         scenario: "produce".into(),
         params: vec![
