@@ -249,3 +249,16 @@ pub const FORWARD_PENDING_MAX: usize = 65_536;
 
 /// How long a forwarding link waits to connect to the owning node.
 pub const FORWARD_CONNECT_TIMEOUT_MS: u64 = 2_000;
+
+/// Deleted topic names the cluster metadata remembers (so a node that was away deletes their
+/// data when it returns); the oldest by name order are forgotten first, and a node then keeps
+/// (moves aside) such a topic's data instead of deleting it.
+pub const DELETED_TOPICS_REMEMBERED: usize = 10_000;
+
+/// Cluster nodes a node keeps track of (hellos, liveness, links) at most; hellos from more
+/// are ignored.
+pub const CLUSTER_NODES_MAX: usize = 256;
+
+/// A forwarded request's answer is awaited at most this long (longer than the longest fetch
+/// long-poll); then the link is dropped and the request answered `NodeUnavailable`.
+pub const FORWARD_ANSWER_TIMEOUT_MS: u64 = FETCH_WAIT_MS_MAX as u64 + 30_000;

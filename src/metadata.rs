@@ -23,6 +23,9 @@ pub struct TopicMeta {
     /// Cluster: `replicas[p]` are the nodes holding partition `p`, the leader first. Empty on
     /// a single node (every partition is here).
     pub replicas: Vec<Vec<u32>>,
+    /// Cluster: the controller metadata version that created this topic (0: unknown, or a
+    /// single node). A different incarnation under the same name is a new topic.
+    pub incarnation: u64,
 }
 
 impl TopicMeta {
@@ -78,6 +81,8 @@ pub struct ClusterView {
     /// The controller metadata version this table was derived from.
     pub meta_version: u64,
     pub nodes: BTreeMap<u32, NodeView>,
+    /// Topics the controller deleted (recently): their data may be deleted here.
+    pub deleted: std::collections::BTreeSet<String>,
 }
 
 /// The topic table (the placement of every partition).
@@ -280,6 +285,7 @@ mod tests {
             retention_bytes: -1,
             retention_ms: -1,
             replicas: vec![],
+            incarnation: 0,
         };
         assert_eq!(t.shard_of(0, 2), Some(1));
         assert_eq!(t.shard_of(1, 2), None);
@@ -306,6 +312,7 @@ mod version_tests {
             retention_bytes: -1,
             retention_ms: -1,
             replicas: vec![],
+            incarnation: 0,
         })
     }
 

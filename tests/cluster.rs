@@ -36,6 +36,10 @@ struct Cluster {
     _dirs: Vec<TempDir>,
 }
 
+/// Two seconds of silence before a node counts as down (the default is one): CI runs several
+/// brokers and cargo on two cores, where a one-second stall is not a dead node.
+const FAILURE_TIMEOUT_MS: &str = "2000";
+
 fn node_args(id: u32, peer: &str, seeds: &str) -> Vec<String> {
     vec![
         "--node-id".into(),
@@ -44,7 +48,28 @@ fn node_args(id: u32, peer: &str, seeds: &str) -> Vec<String> {
         peer.into(),
         "--seeds".into(),
         seeds.into(),
+        "--node-failure-timeout-ms".into(),
+        FAILURE_TIMEOUT_MS.into(),
     ]
+}
+
+/// Produces, retrying while the partition's node is briefly unreachable (10 s at most).
+fn produce_retrying(
+    c: &mut Client,
+    topic: &str,
+    p: u32,
+    records: &[ringmq::protocol::RecordIn],
+) -> ringmq::client::ProduceAck {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match c.produce(topic, PartitionChoice::Explicit(p), records) {
+            Ok(ack) => return ack,
+            Err(e) if ringmq::cli::common::unavailable_for_now(&e) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("produce to {topic}-{p}: {e}"),
+        }
+    }
 }
 
 impl Cluster {
@@ -246,7 +271,9 @@ fn killing_the_controller_leader_loses_no_topic_and_a_new_one_is_elected() {
         );
         assert_eq!(code, 0, "{err}");
     }
-    let before = status(&cluster.addr(1)).expect("status");
+    let before = wait_for("a controller leader", || {
+        status(&cluster.addr(1)).filter(|s| s.controller > 0)
+    });
     let leader = before.controller as u32;
     cluster.kill9(leader);
     let survivors: Vec<u32> = (1..=3).filter(|&n| n != leader).collect();
@@ -309,8 +336,7 @@ fn a_node_started_later_with_the_same_seeds_joins_and_gets_partitions() {
     assert_eq!(on_four.len(), 2, "8 partitions over 4 nodes: {leaders:?}");
     // Produced through node 1, read through node 4 where it lives.
     let p = on_four[0];
-    c1.produce("wide", PartitionChoice::Explicit(p), &[rec("x"), rec("y")])
-        .expect("produce");
+    produce_retrying(&mut c1, "wide", p, &[rec("x"), rec("y")]);
     let mut c4 = cluster.client(4);
     assert_eq!(read_values(&mut c4, "wide", p, 2), vec!["x", "y"]);
     let (code, out, err) = common::cli(
@@ -513,4 +539,88 @@ fn groups_and_shared_subscriptions_work_with_members_on_different_nodes() {
     assert_eq!(total, 600, "{t:?}");
     let (code, out, _) = common::cli(&cluster.addr(3), &["group", "list"], "");
     assert_eq!((code, out.as_str()), (0, "billing\n"));
+}
+
+#[test]
+fn a_topic_deleted_and_created_again_while_a_node_was_away_comes_back_empty_there() {
+    let _one = serialize();
+    let mut cluster = Cluster::start("cl-incarn", 3);
+    let mut c1 = cluster.client(1);
+    c1.create_topic("t", 3, -1, -1).expect("create");
+    let leaders = leaders_of(&mut c1, "t");
+    // The node holding partition 0 gets data there, then goes away.
+    let away = leaders[0] as u32;
+    produce_retrying(&mut c1, "t", 0, &[rec("old-1"), rec("old-2")]);
+    let data = cluster
+        .node(away)
+        .broker
+        .as_ref()
+        .expect("broker")
+        .data
+        .clone();
+    let old_dir = data.join("topics").join("t-0");
+    assert!(old_dir.exists(), "{}", old_dir.display());
+    cluster.kill9(away);
+    let here = (1..=3).find(|&n| n != away).expect("a survivor");
+    let addr = cluster.addr(here);
+    wait_for("the node seen down", || {
+        status(&addr).filter(|s| s.nodes.iter().any(|n| n.id == away && !n.alive))
+    });
+    for args in [
+        ["topic", "delete", "t", ""],
+        ["topic", "create", "t", "--partitions"],
+    ] {
+        let mut a: Vec<&str> = args.iter().copied().filter(|x| !x.is_empty()).collect();
+        if a[1] == "create" {
+            a.push("1");
+        }
+        let (code, _, err) = common::cli(&addr, &a, "");
+        assert_eq!(code, 0, "{a:?}: {err}");
+    }
+    // Back: its table file still has the old `t` on it; the controller's `t` is a new
+    // incarnation placed elsewhere, so the old data is deleted, not served.
+    cluster.restart(away);
+    wait_for("the returning node drops the old incarnation", || {
+        (!old_dir.exists()).then_some(())
+    });
+    let mut c = cluster.client(away);
+    let p = 0;
+    let fresh = read_values(&mut c, "t", p, 0);
+    assert!(fresh.is_empty(), "{fresh:?}");
+    produce_retrying(&mut c, "t", p, &[rec("new")]);
+    assert_eq!(read_values(&mut c, "t", p, 1), vec!["new"]);
+}
+
+#[test]
+fn a_single_node_data_directory_joining_a_cluster_keeps_its_topics_aside() {
+    let _one = serialize();
+    let dir = temp_dir("cl-aside");
+    {
+        let solo = Broker::start(&dir, 1, &[]);
+        let mut c = solo.client();
+        c.create_topic("solo", 1, -1, -1).expect("create");
+        c.produce("solo", PartitionChoice::Explicit(0), &[rec("keep me")])
+            .expect("produce");
+    }
+    // The same directory now starts as a one-node cluster: its controller has no "solo".
+    let peer = format!("127.0.0.1:{}", free_port());
+    let args = node_args(1, &peer, &peer);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let b = Broker::start(&dir, 1, &args);
+    let orphaned = dir.join("orphaned");
+    let kept = wait_for("the old partition set aside", || {
+        std::fs::read_dir(&orphaned)
+            .ok()?
+            .filter_map(Result::ok)
+            .find(|e| e.file_name().to_string_lossy().starts_with("solo-0."))
+    });
+    let log_bytes: u64 = std::fs::read_dir(kept.path())
+        .expect("kept dir")
+        .filter_map(Result::ok)
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    assert!(log_bytes > 0, "the data is kept");
+    let (code, out, _) = b.cli(&["topic", "list"], "");
+    assert_eq!((code, out.as_str()), (0, ""));
 }

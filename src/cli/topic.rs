@@ -6,6 +6,7 @@ use std::io::Write;
 
 use super::args::{ClusterCommand, TopicCommand};
 use super::common::connect;
+use crate::protocol::fb::ErrorCode;
 
 pub fn topic(server: &str, cmd: TopicCommand) -> Result<(), String> {
     let mut c = connect(server)?;
@@ -17,7 +18,7 @@ pub fn topic(server: &str, cmd: TopicCommand) -> Result<(), String> {
             retention_ms,
             replicas,
         } => {
-            retry_while_no_controller(|| {
+            retry_while_no_controller(ErrorCode::TopicExists, || {
                 c.create_topic_replicated(
                     &name,
                     partitions,
@@ -40,7 +41,7 @@ pub fn topic(server: &str, cmd: TopicCommand) -> Result<(), String> {
         }
         TopicCommand::Describe { name, format } => describe(&mut c, &name, &format)?,
         TopicCommand::Delete { name } => {
-            retry_while_no_controller(|| c.delete_topic(&name))
+            retry_while_no_controller(ErrorCode::UnknownTopic, || c.delete_topic(&name))
                 .map_err(|e| format!("deleting topic {name:?}: {e}"))?;
             eprintln!("deleted topic {name}");
         }
@@ -53,20 +54,26 @@ const CONTROLLER_RETRY_MS: u64 = 15_000;
 
 /// Runs a topic change, retrying (with a short pause) while the cluster answers
 /// `ControllerUnavailable`: an election after the controller leader died takes a second or
-/// two, as with Kafka's admin client. Other errors return at once.
+/// two, as with Kafka's admin client. Other errors return at once, except `done_code` on a
+/// retry: an attempt answered "retry" may still have taken effect (the leader died after
+/// committing it), so "exists" after a create (or "unknown" after a delete) is success.
 fn retry_while_no_controller(
+    done_code: ErrorCode,
     mut op: impl FnMut() -> Result<(), crate::client::ClientError>,
 ) -> Result<(), crate::client::ClientError> {
     let deadline =
         std::time::Instant::now() + std::time::Duration::from_millis(CONTROLLER_RETRY_MS);
+    let mut retried = false;
     loop {
         match op() {
             Err(e)
-                if e.code() == Some(crate::protocol::fb::ErrorCode::ControllerUnavailable)
+                if e.code() == Some(ErrorCode::ControllerUnavailable)
                     && std::time::Instant::now() < deadline =>
             {
+                retried = true;
                 std::thread::sleep(std::time::Duration::from_millis(100));
             }
+            Err(e) if retried && e.code() == Some(done_code) => return Ok(()),
             r => return r,
         }
     }

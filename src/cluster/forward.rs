@@ -41,12 +41,39 @@ struct Link {
 
 impl Drop for Link {
     fn drop(&mut self) {
-        // The reader task sees the end and fails whatever is left.
-        // SAFETY: `fd` belongs to the stream the writer half and the reader task share; both
-        // are still open here (the writer is a field of self), so the fd is valid.
-        unsafe {
-            libc::shutdown(self.fd, libc::SHUT_RDWR);
+        // Only while this link still holds its write half is the fd surely its own (after a
+        // failed write the half is gone and the number may already belong to another socket).
+        if self.writer.borrow().is_some() {
+            // The reader task sees the end and fails whatever is left.
+            // SAFETY: the write half held in `self.writer` keeps the stream, and so `fd`,
+            // open until after this call.
+            unsafe {
+                libc::shutdown(self.fd, libc::SHUT_RDWR);
+            }
         }
+    }
+}
+
+/// The answer to one forwarded request, awaited with a deadline.
+pub struct Answer {
+    rx: oneshot::Receiver<Bytes>,
+    link: Rc<Link>,
+}
+
+impl Answer {
+    /// The answer frame; `None` if the link broke first or no answer came within
+    /// [`limits::FORWARD_ANSWER_TIMEOUT_MS`] (then the link is given up: the next request
+    /// opens a new one).
+    pub async fn get(self) -> Option<Bytes> {
+        let timeout = async {
+            crate::runtime::sleep(Duration::from_millis(limits::FORWARD_ANSWER_TIMEOUT_MS)).await;
+            None
+        };
+        let got = futures_lite::future::or(self.rx, timeout).await;
+        if got.is_none() {
+            self.link.broken.set(true);
+        }
+        got
     }
 }
 
@@ -77,7 +104,7 @@ impl ForwardLinks {
         addr: &str,
         corr: u64,
         frame: &[u8],
-    ) -> Result<oneshot::Receiver<Bytes>, ForwardError> {
+    ) -> Result<Answer, ForwardError> {
         let link = self.link(node, addr).await?;
         if corr == HANDSHAKE_CORR || link.pending.borrow().contains_key(&corr) {
             return Err(ForwardError(format!(
@@ -94,7 +121,7 @@ impl ForwardLinks {
             self.links.borrow_mut().remove(&node);
             return Err(ForwardError(format!("node {node} at {addr}: {e}")));
         }
-        Ok(rx)
+        Ok(Answer { rx, link })
     }
 
     /// The open link to `node`, connecting (with the handshake) if there is none or the last
@@ -155,22 +182,32 @@ impl Link {
         Ok(link)
     }
 
+    /// Writes one frame, within [`limits::PEER_WRITE_TIMEOUT_MS`] (a node that stopped
+    /// reading breaks the link instead of stalling the client's connection).
     async fn write(&self, frame: &[u8]) -> Result<(), String> {
         let Some(mut w) = self.writer.borrow_mut().take() else {
             return Err("the link is busy or broken".into());
         };
-        let r = w.write_all(frame).await;
-        let r = match r {
-            Ok(()) => w.flush().await,
-            Err(e) => Err(e),
+        let write = async {
+            w.write_all(frame).await?;
+            w.flush().await
         };
-        match r {
+        let timeout = async {
+            crate::runtime::sleep(Duration::from_millis(limits::PEER_WRITE_TIMEOUT_MS)).await;
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("not written within {} ms", limits::PEER_WRITE_TIMEOUT_MS),
+            ))
+        };
+        match futures_lite::future::or(write, timeout).await {
             Ok(()) => {
                 *self.writer.borrow_mut() = Some(w);
                 Ok(())
             }
             Err(e) => {
                 self.broken.set(true);
+                // The half is kept (and the fd with it) until the link is dropped.
+                *self.writer.borrow_mut() = Some(w);
                 Err(e.to_string())
             }
         }

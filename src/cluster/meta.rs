@@ -48,6 +48,9 @@ pub struct TopicPlacement {
     pub replicas: Vec<Vec<u32>>,
     pub retention_bytes: i64,
     pub retention_ms: i64,
+    /// The metadata version that created it: a topic deleted and created again under the
+    /// same name is a different incarnation, so nodes drop the old one's data.
+    pub incarnation: u64,
 }
 
 /// The replicated metadata; `version` counts applied commands (refused ones included, so every
@@ -57,6 +60,10 @@ pub struct ClusterMeta {
     pub version: u64,
     pub nodes: BTreeMap<u32, NodeInfo>,
     pub topics: BTreeMap<String, TopicPlacement>,
+    /// Topics deleted (and not created again), the most recent
+    /// [`crate::limits::DELETED_TOPICS_REMEMBERED`] by name order: a node deletes a topic's
+    /// data only when it is listed here, never because a topic is merely absent.
+    pub deleted: std::collections::BTreeSet<String>,
 }
 
 impl ClusterMeta {
@@ -103,12 +110,20 @@ impl ClusterMeta {
                     replicas,
                     retention_bytes: *retention_bytes,
                     retention_ms: *retention_ms,
+                    incarnation: self.version,
                 };
                 self.topics.insert(name.clone(), placement);
+                self.deleted.remove(name);
                 Ok(())
             }
             MetaCommand::DeleteTopic { name } => match self.topics.remove(name) {
-                Some(_) => Ok(()),
+                Some(_) => {
+                    self.deleted.insert(name.clone());
+                    while self.deleted.len() > crate::limits::DELETED_TOPICS_REMEMBERED {
+                        self.deleted.pop_first();
+                    }
+                    Ok(())
+                }
                 None => Err(format!("unknown topic {name:?}")),
             },
         }
@@ -308,6 +323,7 @@ impl ClusterMeta {
             put_str(&mut out, name);
             out.extend_from_slice(&t.retention_bytes.to_le_bytes());
             out.extend_from_slice(&t.retention_ms.to_le_bytes());
+            out.extend_from_slice(&t.incarnation.to_le_bytes());
             out.extend_from_slice(&(t.replicas.len() as u32).to_le_bytes());
             for r in &t.replicas {
                 out.extend_from_slice(&(r.len() as u32).to_le_bytes());
@@ -315,6 +331,10 @@ impl ClusterMeta {
                     out.extend_from_slice(&n.to_le_bytes());
                 }
             }
+        }
+        out.extend_from_slice(&(self.deleted.len() as u32).to_le_bytes());
+        for name in &self.deleted {
+            put_str(&mut out, name);
         }
         out
     }
@@ -334,10 +354,11 @@ impl ClusterMeta {
             };
             m.nodes.insert(id, info);
         }
-        for _ in 0..r.count(24)? {
+        for _ in 0..r.count(32)? {
             let name = r.str()?;
             let retention_bytes = r.i64()?;
             let retention_ms = r.i64()?;
+            let incarnation = r.u64()?;
             let replicas = (0..r.count(4)?)
                 .map(|_| r.u32_list())
                 .collect::<Result<Vec<_>, _>>()?;
@@ -345,8 +366,12 @@ impl ClusterMeta {
                 replicas,
                 retention_bytes,
                 retention_ms,
+                incarnation,
             };
             m.topics.insert(name, t);
+        }
+        for _ in 0..r.count(4)? {
+            m.deleted.insert(r.str()?);
         }
         if !r.0.is_empty() {
             return Err("trailing bytes after the cluster metadata".into());

@@ -122,7 +122,9 @@ pub struct ClusterNode {
     /// The metadata version of the table file at boot: an older metadata (a controller still
     /// replaying) is never published, so no topic seems deleted.
     floor_version: u64,
-    last_published: RefCell<Option<(BTreeMap<String, TopicMeta>, ClusterView)>>,
+    /// The newest derived table not yet handed to the shards, with its metadata version.
+    to_publish: RefCell<Option<(u64, Metadata)>>,
+    publish_ready: Notify,
     /// (metadata version, controller leader, live nodes) of the last table derived.
     last_key: RefCell<Option<TableKey>>,
     applied_changed: Notify,
@@ -173,7 +175,8 @@ impl ClusterNode {
             next_req_id: Cell::new(1),
             published_version: Cell::new(0),
             floor_version,
-            last_published: RefCell::new(None),
+            to_publish: RefCell::new(None),
+            publish_ready: Notify::new(),
             last_key: RefCell::new(None),
             applied_changed: Notify::new(),
             stop: Rc::new(Cell::new(false)),
@@ -202,6 +205,7 @@ impl ClusterNode {
                 "follows the controller"
             }
         );
+        glommio::spawn_local(node.clone().run_publisher(shard.clone())).detach();
         glommio::spawn_local(node.clone().run(shard)).detach();
         Ok(node)
     }
@@ -278,7 +282,7 @@ impl ClusterNode {
                 let me = self.clone();
                 glommio::spawn_local(async move { me.register().await }).detach();
             }
-            self.publish(&shard).await;
+            self.refresh_table();
         }
         self.stop.set(true);
         self.links.borrow_mut().clear();
@@ -317,17 +321,20 @@ impl ClusterNode {
             K_RAFT => {
                 let m = Message::parse_from_bytes(r.rest())
                     .map_err(|e| format!("raft message from node {from}: {e}"))?;
-                if let Some(c) = self.controller.borrow_mut().as_mut() {
-                    // Messages of an old term or for a removed peer are Raft's to ignore.
-                    if let Err(e) = c.step(m) {
-                        eprintln!("ringmq: controller: message from node {from}: {e}");
-                    }
+                if m.from != u64::from(from) || m.to != u64::from(self.me()) {
+                    return Err(format!(
+                        "raft message from {} to {} arrived from node {from} at node {}",
+                        m.from,
+                        m.to,
+                        self.me()
+                    ));
                 }
+                self.step(m, from);
             }
             K_PROPOSE => {
                 let req_id = r.u64()?;
                 let cmd = MetaCommand::decode(r.rest())?;
-                self.submit(cmd, ReplyTo::Remote { node: from, req_id });
+                self.submit(cmd, ReplyTo::Remote { node: from, req_id }, req_id);
             }
             K_RESULT => {
                 let req_id = r.u64()?;
@@ -357,8 +364,37 @@ impl ClusterNode {
         Ok(())
     }
 
+    /// Hands a peer's Raft message to the controller. raft-rs panics on a message that
+    /// contradicts its log (only a node of another cluster, or a corrupted peer, sends one);
+    /// the panic is caught and this replica stops instead of the broker.
+    fn step(&self, m: Message, from: u32) {
+        let mut guard = self.controller.borrow_mut();
+        let Some(c) = guard.as_mut() else {
+            return;
+        };
+        let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.step(m)));
+        match stepped {
+            // Messages of an old term or for a removed peer are Raft's to ignore.
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("ringmq: controller: message from node {from}: {e}"),
+            Err(_) => {
+                eprintln!(
+                    "ringmq: controller: a message from node {from} contradicts this replica's log (another cluster on the peer port?); this replica stops"
+                );
+                *guard = None;
+                drop(guard);
+                self.fail_waiters("this node's controller replica stopped");
+            }
+        }
+    }
+
     fn on_hello(&self, h: Hello) {
         if h.from == self.me() {
+            return;
+        }
+        if self.hellos.borrow().len() >= limits::CLUSTER_NODES_MAX
+            && !self.hellos.borrow().contains_key(&h.from)
+        {
             return;
         }
         if self.cfg.seeds.iter().any(|s| s.to_string() == h.peer_addr) {
@@ -605,8 +641,12 @@ impl ClusterNode {
     }
 
     /// Proposes on this replica if it leads, else hands the command to the leader (local
-    /// callers only: a forwarded proposal is never forwarded again).
-    fn submit(&self, cmd: MetaCommand, reply: ReplyTo) {
+    /// callers only, under `req_id`: a forwarded proposal is never forwarded again).
+    fn submit(&self, cmd: MetaCommand, reply: ReplyTo, req_id: u64) {
+        if self.waiters.borrow().len() >= limits::CONTROLLER_PENDING_MAX {
+            let e = "the controller has too many proposals waiting; retry";
+            return self.answer(reply, Err(ProposeFailure::Unavailable(e.into())));
+        }
         let proposed = self
             .controller
             .borrow_mut()
@@ -614,10 +654,6 @@ impl ClusterNode {
             .map(|c| c.propose(&cmd));
         match proposed {
             Some(Ok(index)) => {
-                if self.waiters.borrow().len() >= limits::CONTROLLER_PENDING_MAX {
-                    let e = "the controller has too many proposals waiting; retry";
-                    return self.answer(reply, Err(ProposeFailure::Unavailable(e.into())));
-                }
                 self.waiters.borrow_mut().push(Waiter { index, cmd, reply });
                 // Drive at once: the entry goes to the followers now, not at the next tick.
                 self.inbox_ready.notify_all();
@@ -629,7 +665,7 @@ impl ClusterNode {
                 (ReplyTo::Local(tx), Some(l))
                     if l != self.me() && self.membership.borrow().is_alive(l) =>
                 {
-                    self.forward(cmd, tx, l)
+                    self.forward(cmd, tx, l, req_id)
                 }
                 (reply, _) => self.answer(
                     reply,
@@ -641,13 +677,11 @@ impl ClusterNode {
         }
     }
 
-    fn forward(&self, cmd: MetaCommand, tx: oneshot::Sender<Outcome>, leader: u32) {
+    fn forward(&self, cmd: MetaCommand, tx: oneshot::Sender<Outcome>, leader: u32, req_id: u64) {
         if self.pending.borrow().len() >= limits::CONTROLLER_PENDING_MAX {
             let e = "too many proposals waiting for the controller; retry";
             return tx.send(Err(ProposeFailure::Unavailable(e.into())));
         }
-        let req_id = self.next_req_id.get();
-        self.next_req_id.set(req_id + 1);
         let mut p = self.header();
         p.extend_from_slice(&req_id.to_le_bytes());
         p.extend_from_slice(&cmd.encode());
@@ -664,7 +698,8 @@ impl ClusterNode {
     pub async fn propose(&self, cmd: MetaCommand) -> Outcome {
         let (tx, rx) = oneshot::channel();
         let req_id = self.next_req_id.get();
-        self.submit(cmd, ReplyTo::Local(tx));
+        self.next_req_id.set(req_id + 1);
+        self.submit(cmd, ReplyTo::Local(tx), req_id);
         let timeout = async {
             crate::runtime::sleep(Duration::from_millis(limits::CONTROLLER_PROPOSE_TIMEOUT_MS))
                 .await;
@@ -758,8 +793,9 @@ impl ClusterNode {
         self.meta.borrow().topics.contains_key(name)
     }
 
-    /// Hands the shards a new table when the metadata or liveness changed.
-    async fn publish(&self, shard: &Rc<Shard>) {
+    /// Notes liveness changes, and hands the publisher a new table when the metadata or
+    /// liveness changed (the loop does not wait for it to be applied).
+    fn refresh_table(&self) {
         let now_ms = self.started.elapsed().as_millis() as u64;
         {
             let mut m = self.membership.borrow_mut();
@@ -782,24 +818,44 @@ impl ClusterNode {
             return;
         }
         *self.last_key.borrow_mut() = Some(key);
-        let table = self.derive();
-        let (topics, view) = (
-            table.topics.clone(),
-            table.cluster.clone().unwrap_or_default(),
-        );
-        if self.last_published.borrow().as_ref() == Some(&(topics.clone(), view.clone())) {
-            return;
+        *self.to_publish.borrow_mut() = Some((version, self.derive()));
+        self.publish_ready.notify_all();
+    }
+
+    /// Applies the newest derived table on every shard, one at a time; a table that could not
+    /// be applied is derived and tried again on the next tick.
+    async fn run_publisher(self: Rc<Self>, shard: Rc<Shard>) {
+        while !shard.is_shutting_down() {
+            let next = self.to_publish.borrow_mut().take();
+            let Some((version, table)) = next else {
+                let wait = self.publish_ready.wait();
+                let tick = Duration::from_millis(limits::CONTROLLER_TICK_MS);
+                futures_lite::future::or(wait, crate::runtime::sleep(tick)).await;
+                continue;
+            };
+            match shard.publish_table(table).await {
+                Ok(failed) => {
+                    if !failed.is_empty() {
+                        eprintln!(
+                            "ringmq: cluster: metadata version {version} applied; {}",
+                            failed.join("; ")
+                        );
+                    }
+                    if self.published_version.get() != version {
+                        self.published_version.set(version);
+                        // Tell the others at once (a topic change may be waiting for us).
+                        self.say_hello();
+                    }
+                    self.applied_changed.notify_all();
+                }
+                Err(e) => {
+                    eprintln!(
+                        "ringmq: cluster: metadata version {version} not applied ({e}); retrying"
+                    );
+                    *self.last_key.borrow_mut() = None;
+                }
+            }
         }
-        if let Err(e) = shard.publish_table(table).await {
-            eprintln!("ringmq: cluster: applying metadata version {version}: {e}");
-        }
-        *self.last_published.borrow_mut() = Some((topics, view));
-        if self.published_version.get() != version {
-            self.published_version.set(version);
-            // Tell the others at once (a topic change may be waiting for this node).
-            self.say_hello();
-        }
-        self.applied_changed.notify_all();
     }
 
     /// This node's topic table from the metadata and its view of liveness.
@@ -819,6 +875,7 @@ impl ClusterNode {
                     retention_bytes: t.retention_bytes,
                     retention_ms: t.retention_ms,
                     replicas: t.replicas.clone(),
+                    incarnation: t.incarnation,
                 };
                 (name.clone(), tm)
             })
@@ -845,6 +902,7 @@ impl ClusterNode {
                 controller: self.leader.get(),
                 meta_version: meta.version,
                 nodes,
+                deleted: meta.deleted.clone(),
             }),
         }
     }

@@ -176,6 +176,7 @@ mod tests {
             retention_bytes: -1,
             retention_ms: -1,
             replicas: vec![],
+            incarnation: 0,
         }));
         m
     }
@@ -259,6 +260,7 @@ mod tests {
             retention_bytes: -1,
             retention_ms: -1,
             replicas: vec![vec![1], vec![2], vec![1]],
+            incarnation: 1,
         }));
         let node = |addr: &str| NodeView {
             client_addr: addr.into(),
@@ -271,6 +273,7 @@ mod tests {
             controller: Some(1),
             meta_version: 3,
             nodes: [(1, node("a:1")), (2, node("b:2"))].into_iter().collect(),
+            deleted: Default::default(),
         });
         m
     }

@@ -285,6 +285,16 @@ fn response_reservation(f: &fb::Frame<'_>) -> u64 {
                 + 4096
         }
         fb::Body::QueueFetch => 1 << 20,
+        // A forwarded request's answer is the inner request's.
+        fb::Body::Forwarded => f
+            .body_as_forwarded()
+            .map(|x| {
+                // SAFETY: `f` is a verified frame, and verification of a Forwarded frame
+                // verifies its inner frame too (`protocol::verify_frame`).
+                let inner = unsafe { fb::root_as_frame_unchecked(x.frame().bytes()) };
+                response_reservation(&inner)
+            })
+            .unwrap_or(4096),
         _ => 4096,
     }
 }
@@ -732,15 +742,27 @@ async fn forward_to_node(
         }
     };
     let wrapped = proto::encode_forwarded(corr, me, partition, dests, frame);
+    let limit = shard.cfg.max_frame_bytes;
+    if wrapped.len() - proto::LEN_PREFIX_BYTES > limit {
+        let msg = format!(
+            "a request of {} bytes is over --max-frame-bytes {limit} once wrapped for node {node}; send it to that node ({addr}) directly, or in smaller batches",
+            frame.bytes().len()
+        );
+        return Box::pin(ready(proto::encode_error(
+            corr,
+            fb::ErrorCode::FrameTooLarge,
+            &msg,
+        )));
+    }
     if dests.is_empty() {
         crate::router::bump(&shard.router.copies.node_forwards);
     } else {
         crate::router::bump(&shard.router.copies.node_multicast);
     }
     match links.send(node, &addr, corr, &wrapped).await {
-        Ok(rx) => Box::pin(async move {
-            rx.await.unwrap_or_else(|| {
-                let msg = format!("node {node} closed the link before answering");
+        Ok(answer) => Box::pin(async move {
+            answer.get().await.unwrap_or_else(|| {
+                let msg = format!("node {node} did not answer (the link broke or timed out)");
                 proto::encode_error(corr, fb::ErrorCode::NodeUnavailable, &msg)
             })
         }),

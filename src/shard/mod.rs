@@ -282,7 +282,16 @@ impl Shard {
             self.meta.borrow_mut().cluster = Some(view);
         }
         for t in meta.topics.values() {
-            if let Err(e) = self.apply_meta(&MetaChange::Upsert(t.clone())).await {
+            let mut t = t.clone();
+            if let Some(c) = &self.cfg.cluster {
+                // Placed over this node's shards now (the file's may come from another
+                // --cores), exactly as the controller's table will place them.
+                if !t.replicas.is_empty() {
+                    t.shards =
+                        metadata::place_on_node(&t.name, &t.replicas, c.node_id, self.count());
+                }
+            }
+            if let Err(e) = self.apply_meta(&MetaChange::Upsert(t)).await {
                 eprintln!("ringmq: shard {}: {e}", self.id());
             }
         }
@@ -318,15 +327,8 @@ impl Shard {
     /// Applies a topic change to this shard: its table copy and the logs it owns.
     /// Returns the errors of partitions whose logs could not be opened.
     pub async fn apply_meta(&self, change: &MetaChange) -> Result<(), String> {
-        let removed: Vec<String> = match change {
-            MetaChange::Replace(m) => self
-                .meta
-                .borrow()
-                .topics
-                .keys()
-                .filter(|name| !m.topics.contains_key(*name))
-                .cloned()
-                .collect(),
+        let removed = match change {
+            MetaChange::Replace(m) => self.removed_by(m),
             _ => Vec::new(),
         };
         self.meta.borrow_mut().apply(change);
@@ -337,8 +339,9 @@ impl Shard {
                 Ok(())
             }
             MetaChange::Replace(m) => {
-                for name in removed {
-                    self.remove_owned(&name);
+                // Before anything opens: a new incarnation must not find the old one's files.
+                for (old, deleted) in removed {
+                    self.dispose_owned(&old, deleted);
                 }
                 let mut errors = Vec::new();
                 for t in m.topics.values() {
@@ -352,6 +355,70 @@ impl Shard {
                     Err(errors.join("; "))
                 }
             }
+        }
+    }
+
+    /// Topics this table has that `next` drops, their partition count, and whether each was
+    /// deleted by the cluster (then its data goes): listed as deleted, or created again (a
+    /// new incarnation). A topic merely absent keeps its data, set aside.
+    fn removed_by(&self, next: &Metadata) -> Vec<(TopicMeta, bool)> {
+        let deleted = |name: &str| {
+            next.cluster
+                .as_ref()
+                .is_some_and(|c| c.deleted.contains(name))
+        };
+        self.meta
+            .borrow()
+            .topics
+            .values()
+            .filter_map(|t| match next.topics.get(&t.name) {
+                None => Some((t.clone(), deleted(&t.name))),
+                Some(n) if t.incarnation != 0 && n.incarnation != t.incarnation => {
+                    Some((t.clone(), true))
+                }
+                Some(_) => None,
+            })
+            .collect()
+    }
+
+    /// Closes this shard's partitions of a removed topic and disposes of the directories of
+    /// the partitions the old table placed on this shard (open or not).
+    fn dispose_owned(&self, old: &TopicMeta, deleted: bool) {
+        self.partitions
+            .borrow_mut()
+            .retain(|(t, _), _| *t != old.name);
+        for p in 0..old.partitions() {
+            if old.shard_of(p, self.count()) == Some(self.id()) {
+                self.dispose_dir(&old.name, p, deleted);
+            }
+        }
+    }
+
+    /// Cluster: deletes a partition directory of a topic the cluster deleted, or moves that
+    /// of a topic it merely does not have to `<data>/orphaned/` (data is never deleted on an
+    /// absence alone).
+    fn dispose_dir(&self, name: &str, p: u32, deleted: bool) {
+        let dir = self.partition_dir(name, p);
+        if !dir.exists() {
+            return;
+        }
+        if deleted {
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                eprintln!("ringmq: removing {}: {e}", dir.display());
+            }
+            return;
+        }
+        let aside = self.cfg.data_dir.join("orphaned");
+        let to = aside.join(format!("{name}-{p}.{}", self.now_ms()));
+        match std::fs::create_dir_all(&aside).and_then(|()| std::fs::rename(&dir, &to)) {
+            Ok(()) => eprintln!(
+                "ringmq: partition {name}-{p} is not in the cluster metadata; its data is kept in {}",
+                to.display()
+            ),
+            Err(e) => eprintln!(
+                "ringmq: partition {name}-{p} is not in the cluster metadata; closed, data left in {} ({e})",
+                dir.display()
+            ),
         }
     }
 
@@ -761,6 +828,7 @@ impl Shard {
             retention_bytes: t.retention_bytes,
             retention_ms: t.retention_ms,
             replicas: Vec::new(),
+            incarnation: 0,
         };
         self.commit_change(MetaChange::Upsert(topic))
             .await
@@ -893,15 +961,28 @@ impl Shard {
     }
 
     /// Cluster, shard 0: makes `table` (derived from the controller's metadata) this node's
-    /// table: persisted, then applied on every shard.
-    pub async fn publish_table(&self, table: Metadata) -> Result<(), String> {
-        self.commit_change(MetaChange::Replace(Box::new(table)))
+    /// table: persisted, then applied on every shard. `Err`: not applied (try again); `Ok`
+    /// with the partitions that failed to open (they are marked failed; see `status`).
+    pub async fn publish_table(&self, table: Metadata) -> Result<Vec<String>, String> {
+        self.persist_and_apply(MetaChange::Replace(Box::new(table)))
             .await
     }
 
     /// Controller only: persists a change, applies it here and on every other shard, and waits
     /// for all of them.
     async fn commit_change(&self, change: MetaChange) -> Result<(), String> {
+        let errors = self.persist_and_apply(change).await?;
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+
+    /// Saves the changed table and applies it on every shard. `Err`: not saved or not handed
+    /// to every shard (try again); `Ok` lists what failed while applying (partitions that
+    /// could not be opened are marked failed: the table itself is applied).
+    async fn persist_and_apply(&self, change: MetaChange) -> Result<Vec<String>, String> {
         let mut next = self.meta.borrow().clone();
         let version = next.version + 1;
         next.apply_versioned(version, &change);
@@ -930,14 +1011,10 @@ impl Shard {
             match rx.await {
                 Some(Reply::Ack { error: Some(e), .. }) => errors.push(e),
                 Some(_) => {}
-                None => errors.push("a shard did not answer".into()),
+                None => return Err("a shard did not answer".into()),
             }
         }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(errors.join("; "))
-        }
+        Ok(errors)
     }
 
     /// The open partitions of this shard.

@@ -6,7 +6,8 @@
 //!
 //! Format, one topic per line, tab-separated: name, retention bytes, retention ms, and the
 //! comma-separated shard of each partition; on a cluster node a fifth field, the replica
-//! nodes of each partition (`1+2+3,2+3+1,...`). A first line `# ringmq topics v1`.
+//! nodes of each partition (`1+2+3,2+3+1,...`), and a sixth, the topic's incarnation (the
+//! controller metadata version that created it). A first line `# ringmq topics v1`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -53,9 +54,9 @@ pub fn load(data_dir: &Path) -> Result<Metadata, String> {
 
 fn parse_line(line: &str) -> Result<TopicMeta, String> {
     let f: Vec<&str> = line.split('\t').collect();
-    if f.len() != 4 && f.len() != 5 {
+    if !(4..=6).contains(&f.len()) {
         return Err(format!(
-            "expected 4 or 5 tab-separated fields, found {}",
+            "expected 4 to 6 tab-separated fields, found {}",
             f.len()
         ));
     }
@@ -85,6 +86,10 @@ fn parse_line(line: &str) -> Result<TopicMeta, String> {
         retention_ms: num(f[2], "retention ms")?,
         shards,
         replicas,
+        incarnation: match f.get(5) {
+            Some(v) => v.parse().map_err(|e| format!("incarnation: {e}"))?,
+            None => 0,
+        },
     })
 }
 
@@ -120,7 +125,7 @@ pub fn save(data_dir: &Path, meta: &Metadata) -> std::io::Result<()> {
                             .join("+")
                     })
                     .collect();
-                write!(f, "\t{}", r.join(","))?;
+                write!(f, "\t{}\t{}", r.join(","), t.incarnation)?;
             }
             writeln!(f)?;
         }
@@ -146,6 +151,7 @@ mod tests {
                 retention_bytes: 100,
                 retention_ms: -1,
                 replicas: vec![],
+                incarnation: 0,
             },
         );
         m.topics.insert(
@@ -156,6 +162,7 @@ mod tests {
                 retention_bytes: -1,
                 retention_ms: -1,
                 replicas: vec![vec![1, 2], vec![3]],
+                incarnation: 7,
             },
         );
         save(&dir, &m).unwrap();
