@@ -17,6 +17,18 @@ pub const PATTERN_REFRESH_MS: u64 = 500;
 /// Connects to the first broker of `server` (a comma-separated list, tried in order) that
 /// answers.
 pub fn connect(server: &str) -> Result<Client, String> {
+    connect_any(server).map(|(_, c)| c)
+}
+
+/// A [`Leaders`] client (requests for a partition go to its leader) bootstrapped from the
+/// first broker of `server` that answers.
+pub fn connect_leaders(server: &str) -> Result<crate::client::leaders::Leaders, String> {
+    let (addr, c) = connect_any(server)?;
+    Ok(crate::client::leaders::Leaders::new(&addr, c))
+}
+
+/// [`connect`], with the address that answered.
+pub fn connect_any(server: &str) -> Result<(String, Client), String> {
     let mut errors = Vec::new();
     for addr in server.split(',').map(str::trim).filter(|a| !a.is_empty()) {
         if let Err(e) = check_host_port(addr, "--server") {
@@ -24,7 +36,7 @@ pub fn connect(server: &str) -> Result<Client, String> {
             continue;
         }
         match Client::connect(addr) {
-            Ok(c) => return Ok(c),
+            Ok(c) => return Ok((addr.to_string(), c)),
             Err(e) => errors.push(format!("{addr}: {e}")),
         }
     }
@@ -124,23 +136,13 @@ pub fn start_offset(
     partition: u32,
     from: From,
 ) -> Result<u64, String> {
-    start_offset_of(c, topic, partition, from)
-        .map_err(|e| format!("finding the start of {topic:?} partition {partition}: {e}"))
-}
-
-/// [`start_offset`] with the broker's error as it came.
-pub fn start_offset_of(
-    c: &mut Client,
-    topic: &str,
-    partition: u32,
-    from: From,
-) -> Result<u64, crate::client::ClientError> {
-    match from {
+    let r = match from {
         From::Earliest => c.list_offset(topic, partition, -1),
         From::Latest => c.list_offset(topic, partition, -2),
-        From::Offset(o) => Ok(o),
+        From::Offset(o) => return Ok(o),
         From::Time(ms) => c.list_offset(topic, partition, ms.max(0)),
-    }
+    };
+    r.map_err(|e| format!("finding the start of {topic:?} partition {partition}: {e}"))
 }
 
 /// Cluster: the error says the partition's node is down or the partition is moving; a

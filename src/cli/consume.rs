@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 
 use super::args::ConsumeArgs;
 use super::common::{
-    connect, parse_from, start_offset, start_offset_of, unavailable_for_now, From, Subscription,
+    connect, connect_leaders, parse_from, unavailable_for_now, From, Subscription,
     PATTERN_REFRESH_MS,
 };
 use super::output::print_record;
-use crate::client::Client;
+use crate::client::leaders::Leaders;
 use crate::protocol::fb;
 
 pub fn consume(server: &str, a: &ConsumeArgs) -> Result<(), String> {
@@ -26,7 +26,8 @@ pub fn consume(server: &str, a: &ConsumeArgs) -> Result<(), String> {
         return super::queue::consume_shared(server, a, s, &sub);
     }
     let from = parse_from(a.from.as_deref().unwrap_or("latest"))?;
-    let mut c = connect(server)?;
+    // Each partition is read from its leader (one connection per node in a cluster).
+    let mut c = connect_leaders(server)?;
     let mut positions: BTreeMap<(String, u32), u64> = BTreeMap::new();
     let mut waiting = Waiting::default();
     add_new(&mut c, &sub, a, from, (&mut positions, &mut waiting))?;
@@ -61,30 +62,31 @@ pub fn consume(server: &str, a: &ConsumeArgs) -> Result<(), String> {
         let keys: Vec<(String, u32)> = positions.keys().cloned().collect();
         for (topic, p) in keys {
             let at = positions[&(topic.clone(), p)];
-            let fetched =
-                match c.fetch_filtered(&topic, p, at, 1 << 20, wait_ms, a.filter.as_deref()) {
-                    Ok(f) => f,
-                    Err(e)
-                        if e.code() == Some(fb::ErrorCode::OffsetOutOfRange)
-                            && matches!(from, From::Earliest) =>
-                    {
-                        let start = start_offset(&mut c, &topic, p, From::Earliest)?;
-                        positions.insert((topic, p), start);
-                        continue;
-                    }
-                    Err(e)
-                        if e.code() == Some(fb::ErrorCode::UnknownTopic)
-                            && matches!(sub, Subscription::Pattern(_)) =>
-                    {
-                        positions.retain(|(t, _), _| *t != topic);
-                        continue;
-                    }
-                    Err(e) if unavailable_for_now(&e) => {
-                        waiting.warn(&topic, p, &e);
-                        continue;
-                    }
-                    Err(e) => return Err(format!("consuming {topic:?} partition {p}: {e}")),
-                };
+            let fetched = match c.fetch(&topic, p, at, 1 << 20, wait_ms, a.filter.as_deref()) {
+                Ok(f) => f,
+                Err(e)
+                    if e.code() == Some(fb::ErrorCode::OffsetOutOfRange)
+                        && matches!(from, From::Earliest) =>
+                {
+                    let start = start_via(&mut c, &topic, p, From::Earliest).map_err(|e| {
+                        format!("finding the start of {topic:?} partition {p}: {e}")
+                    })?;
+                    positions.insert((topic, p), start);
+                    continue;
+                }
+                Err(e)
+                    if e.code() == Some(fb::ErrorCode::UnknownTopic)
+                        && matches!(sub, Subscription::Pattern(_)) =>
+                {
+                    positions.retain(|(t, _), _| *t != topic);
+                    continue;
+                }
+                Err(e) if unavailable_for_now(&e) => {
+                    waiting.warn(&topic, p, &e);
+                    continue;
+                }
+                Err(e) => return Err(format!("consuming {topic:?} partition {p}: {e}")),
+            };
             waiting.recovered(&topic, p);
             positions.insert((topic.clone(), p), fetched.next_offset.max(at));
             for r in fetched.records {
@@ -134,7 +136,7 @@ impl Waiting {
     /// Tries again (every [`UNAVAILABLE_RETRY_MS`]) to find the start of waiting partitions.
     fn retry(
         &mut self,
-        c: &mut Client,
+        c: &mut Leaders,
         positions: &mut BTreeMap<(String, u32), u64>,
     ) -> Result<(), String> {
         if self.starts.is_empty()
@@ -156,12 +158,12 @@ impl Waiting {
     /// down.
     fn start(
         &mut self,
-        c: &mut Client,
+        c: &mut Leaders,
         at: (&str, u32, From),
         positions: &mut BTreeMap<(String, u32), u64>,
     ) -> Result<(), String> {
         let (topic, p, from) = at;
-        match start_offset_of(c, topic, p, from) {
+        match start_via(c, topic, p, from) {
             Ok(start) => {
                 self.recovered(topic, p);
                 positions.insert((topic.to_string(), p), start);
@@ -176,16 +178,36 @@ impl Waiting {
     }
 }
 
+/// The start offset of `p` under `from`, asked of its leader.
+fn start_via(
+    c: &mut Leaders,
+    topic: &str,
+    p: u32,
+    from: From,
+) -> Result<u64, crate::client::ClientError> {
+    match from {
+        From::Earliest => c.list_offset(topic, p, -1),
+        From::Latest => c.list_offset(topic, p, -2),
+        From::Offset(o) => Ok(o),
+        From::Time(ms) => c.list_offset(topic, p, ms.max(0)),
+    }
+}
+
 /// Adds positions for matching partitions not tracked yet, starting at `from`.
 fn add_new(
-    c: &mut Client,
+    c: &mut Leaders,
     sub: &Subscription,
     a: &ConsumeArgs,
     from: From,
     track: (&mut BTreeMap<(String, u32), u64>, &mut Waiting),
 ) -> Result<(), String> {
     let (positions, waiting) = track;
-    for (topic, n) in sub.topics(c)? {
+    for (topic, n) in sub.topics(c.bootstrap().map_err(|e| e.to_string())?)? {
+        if !positions.keys().any(|(t, _)| *t == topic) {
+            // Leaders of a topic seen for the first time.
+            c.refresh(&topic)
+                .map_err(|e| format!("consuming {topic:?}: {e}"))?;
+        }
         for p in 0..n {
             let key = (topic.clone(), p);
             if a.partition.is_some_and(|want| want != p)

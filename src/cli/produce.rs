@@ -6,51 +6,93 @@
 use std::io::BufRead;
 
 use super::args::ProduceArgs;
-use super::common::connect;
+use super::common::{connect, connect_leaders};
+use crate::client::leaders::Leaders;
 use crate::client::{produce_ack, Client};
 use crate::protocol::{self as proto, fb, PartitionChoice, RecordIn};
+use std::collections::BTreeMap;
 
-/// Batches of records per partition choice, sent pipelined; every ack is awaited.
+/// Batches of records per partition choice, sent pipelined to each partition's leader (one
+/// connection per node in a cluster, `window` requests in flight on each); every ack is
+/// awaited. A partition's batches all go over one connection, so they keep their order.
 struct Sender<'a> {
-    client: Client,
+    leaders: Leaders,
     topic: &'a str,
     window: usize,
-    in_flight: usize,
+    /// Requests in flight per connection (by address).
+    in_flight: BTreeMap<String, usize>,
     acked: u64,
+    /// The next partition for keyless lines in a cluster (chosen here, so they go straight
+    /// to a live leader).
+    round_robin: u32,
 }
 
 impl Sender<'_> {
-    fn send(&mut self, choice: PartitionChoice<'_>, records: &[RecordIn]) -> Result<(), String> {
+    /// Where a batch goes: its partition choice and the connection's address.
+    fn route(&mut self, choice: PartitionChoice<'static>) -> (PartitionChoice<'static>, String) {
+        let topic = self.topic;
+        let choice = match choice {
+            PartitionChoice::RoundRobin if self.leaders.is_cluster(topic) => {
+                let n = self.leaders.partitions(topic).unwrap_or(1).max(1);
+                let start = self.round_robin;
+                self.round_robin = self.round_robin.wrapping_add(1);
+                let p = (0..n)
+                    .map(|i| start.wrapping_add(i) % n)
+                    .find(|&p| self.leaders.has_leader(topic, p))
+                    .unwrap_or(start % n);
+                PartitionChoice::Explicit(p)
+            }
+            c => c,
+        };
+        let addr = match choice {
+            PartitionChoice::Explicit(p) => self.leaders.address_of(topic, p),
+            _ => self.leaders.bootstrap_address().to_string(),
+        };
+        (choice, self.leaders.reachable(&addr))
+    }
+
+    fn send(
+        &mut self,
+        choice: PartitionChoice<'static>,
+        records: &[RecordIn],
+    ) -> Result<(), String> {
         if records.is_empty() {
             return Ok(());
         }
-        if self.in_flight >= self.window {
-            self.recv_one()?;
+        let (choice, addr) = self.route(choice);
+        if self.in_flight.get(&addr).copied().unwrap_or(0) >= self.window {
+            self.recv_one(&addr)?;
         }
         let batch = proto::encode_record_batch(records);
         let topic = self.topic;
-        self.client
-            .send(|c| proto::encode_produce(c, topic, choice, &batch))
+        let c = self.leaders.at(&addr).map_err(|e| e.to_string())?;
+        c.send(|corr| proto::encode_produce(corr, topic, choice, &batch))
             .map_err(|e| format!("producing to {topic:?}: {e}"))?;
-        self.client.flush().map_err(|e| e.to_string())?;
-        self.in_flight += 1;
+        c.flush().map_err(|e| e.to_string())?;
+        *self.in_flight.entry(addr).or_default() += 1;
         Ok(())
     }
 
-    fn recv_one(&mut self) -> Result<(), String> {
-        let r = self
-            .client
+    fn recv_one(&mut self, addr: &str) -> Result<(), String> {
+        let topic = self.topic;
+        let c = self.leaders.at(addr).map_err(|e| e.to_string())?;
+        let r = c
             .recv()
-            .map_err(|e| format!("producing to {:?}: {e}", self.topic))?;
-        let ack = produce_ack(&r).map_err(|e| format!("producing to {:?}: {e}", self.topic))?;
+            .map_err(|e| format!("producing to {topic:?}: {e}"))?;
+        let ack = produce_ack(&r).map_err(|e| format!("producing to {topic:?}: {e}"))?;
         self.acked += u64::from(ack.record_count);
-        self.in_flight -= 1;
+        if let Some(n) = self.in_flight.get_mut(addr) {
+            *n = n.saturating_sub(1);
+        }
         Ok(())
     }
 
     fn finish(&mut self) -> Result<u64, String> {
-        while self.in_flight > 0 {
-            self.recv_one()?;
+        let addrs: Vec<String> = self.in_flight.keys().cloned().collect();
+        for addr in addrs {
+            while self.in_flight.get(&addr).copied().unwrap_or(0) > 0 {
+                self.recv_one(&addr)?;
+            }
         }
         Ok(self.acked)
     }
@@ -96,19 +138,18 @@ pub fn produce(server: &str, a: ProduceArgs) -> Result<(), String> {
         return produce_multicast(server, &a, &headers);
     }
     let topic = a.topic.clone().unwrap_or_default();
-    let mut client = connect(server)?;
-    let partitions = client
-        .metadata(&[topic.as_str()])
+    let mut leaders = connect_leaders(server)?;
+    let partitions = leaders
+        .refresh(&topic)
         .map_err(|e| format!("producing to {topic:?}: {e}"))?
-        .first()
-        .map(|t| t.partitions.len() as u32)
-        .unwrap_or(1);
+        .max(1);
     let mut s = Sender {
-        client,
+        leaders,
         topic: &topic,
         window: a.window.max(1),
-        in_flight: 0,
+        in_flight: BTreeMap::new(),
         acked: 0,
+        round_robin: std::process::id(),
     };
     let batch_max = a.batch.clamp(1, 100_000);
     let mut read = 0u64;

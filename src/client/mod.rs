@@ -5,6 +5,7 @@
 //! several requests with [`Client::send`] and collect their responses with [`Client::recv`].
 
 pub mod heartbeat;
+pub mod leaders;
 
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};

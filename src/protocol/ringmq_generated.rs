@@ -1157,8 +1157,8 @@ impl<'a> CreateTopic<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<i64>(CreateTopic::VT_RETENTION_MS, Some(-1)).unwrap()}
   }
-  /// Cluster: nodes holding each partition; 0 = the default, min(3, live nodes). A single
-  /// node accepts 0 and 1.
+  /// Cluster: nodes holding each partition; 0 = the default (1 until partition replication
+  /// lands; more is refused until then). A single node accepts 0 and 1.
   #[inline]
   pub fn replicas(&self) -> u32 {
     // Safety:
