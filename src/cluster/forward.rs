@@ -34,6 +34,8 @@ type PendingMap = Rc<RefCell<HashMap<u64, oneshot::Sender<Bytes>>>>;
 /// One link to one node's client address.
 struct Link {
     writer: RefCell<Option<futures_lite::io::WriteHalf<TcpStream>>>,
+    /// One frame is written at a time (requests of one connection, and its fan-outs).
+    write_lock: glommio::sync::Semaphore,
     pending: PendingMap,
     broken: Rc<Cell<bool>>,
     fd: i32,
@@ -164,6 +166,7 @@ impl Link {
         let (reader, writer) = futures_lite::io::split(stream);
         let link = Self {
             writer: RefCell::new(Some(writer)),
+            write_lock: glommio::sync::Semaphore::new(1),
             pending: Rc::new(RefCell::new(HashMap::new())),
             broken: Rc::new(Cell::new(false)),
             fd,
@@ -185,6 +188,14 @@ impl Link {
     /// Writes one frame, within [`limits::PEER_WRITE_TIMEOUT_MS`] (a node that stopped
     /// reading breaks the link instead of stalling the client's connection).
     async fn write(&self, frame: &[u8]) -> Result<(), String> {
+        let _turn = self
+            .write_lock
+            .acquire_permit(1)
+            .await
+            .map_err(|e| e.to_string())?;
+        if self.broken.get() {
+            return Err("the link broke".into());
+        }
         let Some(mut w) = self.writer.borrow_mut().take() else {
             return Err("the link is busy or broken".into());
         };

@@ -1045,8 +1045,15 @@ async fn ask_scope(
             None => Vec::new(),
         }
     };
+    // All nodes at once: one that is slow to connect or answer does not delay the others.
     for node in others {
-        replies.push(forward_to_node(shard, scope.links, (node, 0, &[]), corr, &frame).await);
+        let (me, links, frame) = (shard.clone(), scope.links.clone(), frame.clone());
+        let task = glommio::spawn_local(async move {
+            forward_to_node(&me, &links, (node, 0, &[]), corr, &frame)
+                .await
+                .await
+        });
+        replies.push(Box::pin(task));
     }
     replies
 }
