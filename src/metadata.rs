@@ -143,15 +143,26 @@ impl Metadata {
         }
     }
 
-    /// Cluster: the node coordinating `group` (crc32 of the name over the registered nodes,
-    /// in id order); `None` on a single node or before any node is known.
-    pub fn group_node(&self, group: &str) -> Option<u32> {
-        let c = self.cluster.as_ref()?;
-        let ids: Vec<u32> = c.nodes.keys().copied().collect();
+    /// Cluster: the node coordinating `group`: crc32 of the name over the controller's
+    /// voters in id order (a set fixed when the cluster formed, so nodes joining later do not
+    /// move groups and their committed offsets). `Ok(None)` on a single node; `Err` while
+    /// this node does not know the voters yet (it must not coordinate on its own meanwhile).
+    pub fn group_node(&self, group: &str) -> Result<Option<u32>, ()> {
+        let Some(c) = self.cluster.as_ref() else {
+            return Ok(None);
+        };
+        let ids: Vec<u32> = c
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.voter)
+            .map(|(id, _)| *id)
+            .collect();
         if ids.is_empty() {
-            return None;
+            return Err(());
         }
-        Some(ids[(crc32fast::hash(group.as_bytes()) as usize) % ids.len()])
+        Ok(Some(
+            ids[(crc32fast::hash(group.as_bytes()) as usize) % ids.len()],
+        ))
     }
 
     /// Cluster: a node's client address and whether it is alive.

@@ -351,6 +351,25 @@ fn a_node_started_later_with_the_same_seeds_joins_and_gets_partitions() {
         )),
         "{out}"
     );
+    // A group used through the joined node is coordinated by a voter, seen from any node.
+    let (code, out, err) = common::cli(
+        &cluster.addr(4),
+        &[
+            "consume",
+            "wide",
+            "--group",
+            "late",
+            "--from",
+            "earliest",
+            "--idle-ms",
+            "1000",
+        ],
+        "",
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().count(), 2, "{out}");
+    let (code, out, _) = common::cli(&cluster.addr(1), &["group", "list"], "");
+    assert_eq!((code, out.as_str()), (0, "late\n"));
 }
 
 #[test]

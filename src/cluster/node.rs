@@ -68,8 +68,9 @@ impl std::fmt::Display for ProposeFailure {
 
 type Outcome = Result<u64, ProposeFailure>;
 
-/// What a derived table depends on: metadata version, controller leader, live nodes.
-type TableKey = (u64, Option<u32>, Vec<u32>);
+/// What a derived table depends on: metadata version, controller leader, live nodes, voters
+/// known.
+type TableKey = (u64, Option<u32>, Vec<u32>, usize);
 
 enum ReplyTo {
     Local(oneshot::Sender<Outcome>),
@@ -352,10 +353,16 @@ impl ClusterNode {
             }
             K_META => {
                 let leader = r.u32()?;
+                let n = r.u32()? as usize;
+                if n > limits::CONTROLLER_VOTERS_MAX {
+                    return Err(format!("a metadata push with {n} voters"));
+                }
+                let voters = (0..n).map(|_| r.u32()).collect::<Result<Vec<_>, _>>()?;
                 let meta = ClusterMeta::decode(r.rest())?;
                 if self.controller.borrow().is_none() && meta.version >= self.meta.borrow().version
                 {
                     *self.meta.borrow_mut() = meta;
+                    *self.voters.borrow_mut() = voters;
                     self.leader.set(Some(leader));
                 }
             }
@@ -476,6 +483,10 @@ impl ClusterNode {
         let voters = self.voters.borrow().clone();
         let mut p = self.header();
         p.extend_from_slice(&self.me().to_le_bytes());
+        p.extend_from_slice(&(voters.len() as u32).to_le_bytes());
+        for v in &voters {
+            p.extend_from_slice(&v.to_le_bytes());
+        }
         p.extend_from_slice(&self.meta.borrow().encode());
         let followers: Vec<u32> = self
             .meta
@@ -813,7 +824,12 @@ impl ClusterNode {
         if version < self.floor_version {
             return;
         }
-        let key = (version, self.leader.get(), self.live_nodes());
+        let key = (
+            version,
+            self.leader.get(),
+            self.live_nodes(),
+            self.voters.borrow().len(),
+        );
         if self.last_key.borrow().as_ref() == Some(&key) {
             return;
         }
@@ -864,7 +880,6 @@ impl ClusterNode {
         let me = self.me();
         let voters = self.voters.borrow();
         let membership = self.membership.borrow();
-        let hellos = self.hellos.borrow();
         let topics = meta
             .topics
             .iter()
@@ -884,12 +899,13 @@ impl ClusterNode {
             .nodes
             .iter()
             .map(|(&id, n)| {
-                let voter = voters.contains(&id) || hellos.get(&id).is_some_and(|h| h.voter);
+                // The controller's own voter set (a voter's replica, or the leader's push):
+                // groups are placed over it, so every node must see the same.
                 let view = NodeView {
                     client_addr: n.client_addr.clone(),
                     peer_addr: n.peer_addr.clone(),
                     alive: id == me || membership.is_alive(id),
-                    voter: voter || (id == me && self.cfg.is_voter()),
+                    voter: voters.contains(&id),
                 };
                 (id, view)
             })

@@ -60,6 +60,8 @@ pub enum Target<'a> {
 /// Why a request has nowhere to go.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RouteError {
+    /// Cluster: this node has not received the controller's metadata yet (retry).
+    ClusterNotReady,
     UnknownTopic(String),
     UnknownPartition {
         topic: String,
@@ -71,6 +73,10 @@ pub enum RouteError {
 impl std::fmt::Display for RouteError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            Self::ClusterNotReady => write!(
+                f,
+                "this node has not received the cluster's metadata yet; retry shortly"
+            ),
             Self::UnknownTopic(t) => write!(f, "unknown topic {t:?}"),
             Self::UnknownPartition {
                 topic,
@@ -117,10 +123,11 @@ pub fn route(
 ) -> Result<(u32, Dest), RouteError> {
     let (topic, partition) = match target {
         Target::Group(g) => {
-            return Ok(match table.group_node(g) {
-                Some(n) if Some(n) != table.node_id() => (0, Dest::remote(n)),
-                _ => (0, Dest::local(coordinator_of(g, shards))),
-            })
+            return match table.group_node(g) {
+                Ok(Some(n)) if Some(n) != table.node_id() => Ok((0, Dest::remote(n))),
+                Ok(_) => Ok((0, Dest::local(coordinator_of(g, shards)))),
+                Err(()) => Err(RouteError::ClusterNotReady),
+            }
         }
         Target::Controller => return Ok((0, Dest::local(CONTROLLER_SHARD))),
         Target::Partition { topic, partition } => (topic, Some(partition)),
@@ -268,11 +275,17 @@ mod tests {
             alive: true,
             voter: true,
         };
+        let learner = NodeView {
+            voter: false,
+            ..node("c:3")
+        };
         m.cluster = Some(ClusterView {
             me,
             controller: Some(1),
             meta_version: 3,
-            nodes: [(1, node("a:1")), (2, node("b:2"))].into_iter().collect(),
+            nodes: [(1, node("a:1")), (2, node("b:2")), (3, learner)]
+                .into_iter()
+                .collect(),
             deleted: Default::default(),
         });
         m
@@ -305,12 +318,24 @@ mod tests {
             .map(|rr| route(&down, 2, keyless, rr).unwrap().0)
             .collect();
         assert!(!picks.contains(&1), "{picks:?}");
-        // A group lives on one node for the whole cluster.
+        // A group lives on one voter node for the whole cluster (node 3 does not vote).
+        let m3 = cluster_table(3);
         for g in ["billing", "audit", "x", "y"] {
             let (_, d1) = route(&m, 2, Target::Group(g), 0).unwrap();
             let (_, d2) = route(&m2, 2, Target::Group(g), 0).unwrap();
             assert!(d1.is_local() != d2.is_local(), "{g}: {d1:?} {d2:?}");
+            let (_, d3) = route(&m3, 2, Target::Group(g), 0).unwrap();
+            assert!(!d3.is_local(), "{g}: {d3:?}");
         }
+        // Before a node knows the voters, it coordinates nothing on its own.
+        let mut blind = cluster_table(3);
+        if let Some(c) = blind.cluster.as_mut() {
+            c.nodes.clear();
+        }
+        assert_eq!(
+            route(&blind, 2, Target::Group("g"), 0),
+            Err(RouteError::ClusterNotReady)
+        );
     }
 
     #[test]

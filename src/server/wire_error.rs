@@ -31,6 +31,7 @@ impl WireCode for FrameError {
 impl WireCode for RouteError {
     fn wire_code(&self) -> fb::ErrorCode {
         match self {
+            Self::ClusterNotReady => fb::ErrorCode::ControllerUnavailable,
             Self::UnknownTopic(_) => fb::ErrorCode::UnknownTopic,
             Self::UnknownPartition { .. } => fb::ErrorCode::UnknownPartition,
         }
