@@ -60,6 +60,17 @@ pub enum MetaChange {
     Replace(Box<Metadata>),
 }
 
+/// Where a consumer group is coordinated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupHome {
+    /// A single node: here.
+    ThisNode,
+    /// Cluster: this node (if it is this node's id) or another.
+    Node(u32),
+    /// Cluster: not known yet.
+    Unknown,
+}
+
 /// A cluster node as this node's table knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeView {
@@ -145,11 +156,11 @@ impl Metadata {
 
     /// Cluster: the node coordinating `group`: crc32 of the name over the controller's
     /// voters in id order (a set fixed when the cluster formed, so nodes joining later do not
-    /// move groups and their committed offsets). `Ok(None)` on a single node; `Err` while
-    /// this node does not know the voters yet (it must not coordinate on its own meanwhile).
-    pub fn group_node(&self, group: &str) -> Result<Option<u32>, ()> {
+    /// move groups and their committed offsets). `Unknown` while this node does not know the
+    /// voters yet (it must not coordinate on its own meanwhile).
+    pub fn group_node(&self, group: &str) -> GroupHome {
         let Some(c) = self.cluster.as_ref() else {
-            return Ok(None);
+            return GroupHome::ThisNode;
         };
         let ids: Vec<u32> = c
             .nodes

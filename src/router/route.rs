@@ -5,7 +5,7 @@
 //! partitions: it reads the placement table and returns an answer, so every rule is unit-tested
 //! here. Callers map [`RouteError`] to wire codes at the edge.
 
-use crate::metadata::Metadata;
+use crate::metadata::{GroupHome, Metadata};
 use crate::protocol::partitioner;
 
 /// This node. Cluster node ids start at 1, so a [`Dest`] with node 0 never leaves the node.
@@ -124,9 +124,11 @@ pub fn route(
     let (topic, partition) = match target {
         Target::Group(g) => {
             return match table.group_node(g) {
-                Ok(Some(n)) if Some(n) != table.node_id() => Ok((0, Dest::remote(n))),
-                Ok(_) => Ok((0, Dest::local(coordinator_of(g, shards)))),
-                Err(()) => Err(RouteError::ClusterNotReady),
+                GroupHome::Node(n) if Some(n) != table.node_id() => Ok((0, Dest::remote(n))),
+                GroupHome::Node(_) | GroupHome::ThisNode => {
+                    Ok((0, Dest::local(coordinator_of(g, shards))))
+                }
+                GroupHome::Unknown => Err(RouteError::ClusterNotReady),
             }
         }
         Target::Controller => return Ok((0, Dest::local(CONTROLLER_SHARD))),
