@@ -169,11 +169,9 @@ impl Metadata {
             .map(|(id, _)| *id)
             .collect();
         if ids.is_empty() {
-            return Err(());
+            return GroupHome::Unknown;
         }
-        Ok(Some(
-            ids[(crc32fast::hash(group.as_bytes()) as usize) % ids.len()],
-        ))
+        GroupHome::Node(ids[(crc32fast::hash(group.as_bytes()) as usize) % ids.len()])
     }
 
     /// Cluster: a node's client address and whether it is alive.
