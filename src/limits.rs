@@ -262,3 +262,7 @@ pub const CLUSTER_NODES_MAX: usize = 256;
 /// A forwarded request's answer is awaited at most this long (longer than the longest fetch
 /// long-poll); then the link is dropped and the request answered `NodeUnavailable`.
 pub const FORWARD_ANSWER_TIMEOUT_MS: u64 = FETCH_WAIT_MS_MAX as u64 + 30_000;
+
+/// Entry data (stored batch bytes) a partition replica keeps in memory beyond its unapplied
+/// entries, for followers a little behind; older entries are read back from the log.
+pub const REPLICA_CACHE_BYTES: usize = 8 << 20;

@@ -17,4 +17,5 @@ pub mod membership;
 pub mod meta;
 pub mod node;
 pub mod raft_store;
+pub mod replica_log;
 pub mod transport;
