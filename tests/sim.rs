@@ -13,7 +13,11 @@
 //!   replica converges on the same log and metadata. (Mutation check: a replica that forgets
 //!   its vote across a crash gives two leaders in one term at seed 197.) A seed replays
 //!   exactly: raft-rs's own unseeded election jitter is fixed, and seeded tick jitter breaks
-//!   ties instead.
+//!   ties instead;
+//! - partition replication (first step): 3 replicas of one partition, raft-rs over
+//!   `cluster::replica_log` and a model of each partition log, with the same network faults
+//!   and crashes; checked: committed entries agree, commit never goes back, every
+//!   acknowledged batch is committed once and in order, replicas converge.
 //!
 //! Checked after every step: every committed batch is present once, in order, with its bytes,
 //! across crashes and truncations; the commit index and the high watermark never go back;
@@ -814,6 +818,348 @@ fn controller_simulation() {
     let mut last = String::new();
     for seed in seeds {
         last = controller_sim(seed);
+    }
+    eprintln!("{n} seeds; last: {last}");
+}
+
+// ---- partition replication (issue 14, first step) ------------------------------------------
+//
+// Three replicas of one partition: real raft-rs over `cluster::replica_log::ReplicaStorage`,
+// each over a model of its partition log (one stored batch per Raft entry, an empty entry as
+// one control record). A replica's durable state is its log and HardState, written before any
+// message that depends on them is sent; a crash keeps exactly that, and a restart rebuilds the
+// index from the log. Network faults as in the controller simulation. Checked after every
+// step: replicas agree on every committed entry (index, term, offset, bytes); a replica's
+// commit index never goes back; every acknowledged batch is in the committed log once, in the
+// order acknowledged. After the faults stop, all replicas converge. (Mutation check: a replica
+// that loses, in a crash, an entry it had acknowledged as persisted makes raft-rs panic with
+// "to_commit out of range" within 300 seeds.)
+
+use ringmq::cluster::replica_log::{EntryMeta, ReplicaIndex, ReplicaStorage};
+
+/// One stored batch: (raft index, term, first offset, bytes; empty = a control record).
+type SimBatch = (u64, u64, u64, Bytes);
+
+/// What survives a crash.
+#[derive(Clone, Default)]
+struct ReplicaDurable {
+    log: Vec<SimBatch>,
+    hard_state: raft::eraftpb::HardState,
+}
+
+struct SimReplica {
+    raw: raft::RawNode<ReplicaStorage>,
+    store: ReplicaStorage,
+}
+
+fn replica_open(id: u64, d: &ReplicaDurable, cache_bytes: usize) -> SimReplica {
+    let mut index = ReplicaIndex::default();
+    for b in &d.log {
+        let m = EntryMeta {
+            term: b.1,
+            base_offset: b.2,
+            records: 1,
+        };
+        index.push(b.0, m).expect("the durable log is consistent");
+    }
+    let applied = d.hard_state.commit;
+    let cs = raft::eraftpb::ConfState::from((vec![1, 2, 3], vec![]));
+    let store = ReplicaStorage::new(index, d.hard_state.clone(), cs, applied)
+        .with_cache_budget(cache_bytes);
+    // Entries above the applied index are read synchronously by raft-rs: preload them.
+    store.preload(
+        d.log
+            .iter()
+            .filter(|b| b.0 > applied)
+            .map(sim_entry)
+            .collect(),
+    );
+    let cfg = raft::Config {
+        id,
+        election_tick: 10,
+        min_election_tick: 10,
+        max_election_tick: 11,
+        heartbeat_tick: 2,
+        pre_vote: true,
+        check_quorum: true,
+        max_size_per_msg: 4096,
+        max_inflight_msgs: 32,
+        applied,
+        ..Default::default()
+    };
+    let logger = slog::Logger::root(slog::Discard, slog::o!());
+    let raw = raft::RawNode::new(&cfg, store.clone(), &logger).expect("raft node");
+    SimReplica { raw, store }
+}
+
+fn sim_entry(b: &SimBatch) -> raft::eraftpb::Entry {
+    raft::eraftpb::Entry {
+        index: b.0,
+        term: b.1,
+        data: b.3.clone(),
+        ..Default::default()
+    }
+}
+
+/// Appends raft entries to the durable log, cutting a conflicting suffix at its offset first
+/// (as `Log::truncate_suffix` does), then tells the storage where they went.
+fn replica_persist(r: &SimReplica, d: &mut ReplicaDurable, entries: &[raft::eraftpb::Entry]) {
+    let Some(first) = entries.first() else {
+        return;
+    };
+    if let Some(cut) = r.store.conflict_offset(first.index) {
+        d.log.retain(|b| b.2 < cut);
+    }
+    let mut metas = Vec::new();
+    for e in entries {
+        let base = d.log.last().map_or(0, |b| b.2 + 1);
+        d.log.push((e.index, e.term, base, e.data.clone()));
+        metas.push(EntryMeta {
+            term: e.term,
+            base_offset: base,
+            records: 1,
+        });
+    }
+    r.store.append(entries, &metas).expect("append");
+}
+
+/// One replica's Ready loop: persist before send; misses read back from the log.
+fn replica_drive(r: &mut SimReplica, d: &mut ReplicaDurable) -> Vec<raft::eraftpb::Message> {
+    let mut out = Vec::new();
+    while r.raw.has_ready() {
+        let mut rd = r.raw.ready();
+        out.extend(rd.take_messages());
+        let committed = rd.take_committed_entries();
+        replica_persist(r, d, rd.entries());
+        if let Some(hs) = rd.hs() {
+            d.hard_state = hs.clone();
+            r.store.set_hard_state(hs);
+        }
+        out.extend(rd.take_persisted_messages());
+        let mut light = r.raw.advance(rd);
+        if let Some(c) = light.commit_index() {
+            d.hard_state.commit = c;
+            r.store.set_hard_state(&d.hard_state);
+        }
+        out.extend(light.take_messages());
+        let more = light.take_committed_entries();
+        if let Some(last) = committed.last().or(more.last()) {
+            r.store
+                .set_applied(last.index.max(more.last().map_or(0, |e| e.index)));
+        }
+        r.raw.advance_apply();
+        for (lo, hi, ctx) in r.store.take_wanted() {
+            let got = d
+                .log
+                .iter()
+                .filter(|b| b.0 >= lo && b.0 < hi)
+                .map(sim_entry)
+                .collect();
+            r.store.fill(got);
+            r.raw.on_entries_fetched(ctx);
+        }
+    }
+    out
+}
+
+fn committed_prefix(d: &ReplicaDurable) -> Vec<SimBatch> {
+    d.log
+        .iter()
+        .filter(|b| b.0 <= d.hard_state.commit)
+        .cloned()
+        .collect()
+}
+
+fn replica_sim(seed: u64) -> String {
+    let mut rng = Rng::new(seed);
+    // Small caches so lagging followers are served from the log.
+    let cache_bytes = 64 + rng.below(256) as usize;
+    let mut durable: Vec<ReplicaDurable> = vec![ReplicaDurable::default(); 3];
+    let mut nodes: Vec<Option<SimReplica>> = (0..3)
+        .map(|i| Some(replica_open(i as u64 + 1, &durable[i], cache_bytes)))
+        .collect();
+    let mut net: Vec<InFlight> = Vec::new();
+    // Proposed and not yet known: value -> (index, term) it was given.
+    let mut pending: BTreeMap<Bytes, (u64, u64)> = BTreeMap::new();
+    let mut acked: Vec<Bytes> = Vec::new();
+    let mut commits = [0u64; 3];
+    let (mut crashes, mut drops, mut partitions, mut next_value) = (0, 0, 0, 0u64);
+    let mut misses = 0u64;
+    let mut isolated: Option<(u64, u32)> = None;
+    let steps = 1_200u32;
+    for step in 0..steps {
+        let faults = step < steps - 400;
+        if isolated.is_some_and(|(_, until)| step >= until || !faults) {
+            isolated = None;
+        }
+        if faults && isolated.is_none() && rng.below(80) == 0 {
+            isolated = Some((1 + rng.below(3), step + 10 + rng.below(80) as u32));
+            partitions += 1;
+        }
+        let cut = |from: u64, to: u64| isolated.is_some_and(|(n, _)| n == from || n == to);
+        if faults && rng.below(50) == 0 {
+            let i = rng.below(3) as usize;
+            if nodes.iter().all(|n| n.is_some()) {
+                if let Some(n) = nodes[i].take() {
+                    misses += n.store.misses();
+                    crashes += 1;
+                }
+            }
+        }
+        for i in 0..3 {
+            if nodes[i].is_none() && (!faults || rng.below(10) == 0) {
+                nodes[i] = Some(replica_open(i as u64 + 1, &durable[i], cache_bytes));
+            }
+        }
+        for n in nodes.iter_mut().flatten() {
+            if rng.below(10) != 0 {
+                n.raw.tick();
+            }
+        }
+        // A producer sends a batch to whoever leads.
+        if step < steps - 100 && rng.below(3) == 0 {
+            if let Some(n) = nodes
+                .iter_mut()
+                .flatten()
+                .find(|n| n.raw.raft.state == raft::StateRole::Leader)
+            {
+                // 40 bytes each: the small caches hold only a few applied entries.
+                let v = Bytes::from(format!("v{next_value:06}-{}", "x".repeat(32)));
+                next_value += 1;
+                if n.raw.propose(vec![], v.to_vec()).is_ok() {
+                    let at = (n.raw.raft.raft_log.last_index(), n.raw.raft.term);
+                    pending.insert(v, at);
+                }
+            }
+        }
+        let mut due: Vec<InFlight> = Vec::new();
+        let mut later: Vec<InFlight> = Vec::new();
+        for m in net.drain(..) {
+            if m.0 <= step {
+                due.push(m);
+            } else {
+                later.push(m);
+            }
+        }
+        net = later;
+        while !due.is_empty() {
+            let k = rng.below(due.len() as u64) as usize;
+            let (_, to, msg) = due.swap_remove(k);
+            if let Some(n) = nodes[(to - 1) as usize].as_mut() {
+                let _ = n.raw.step(msg);
+            }
+        }
+        for i in 0..3 {
+            let Some(n) = nodes[i].as_mut() else {
+                continue;
+            };
+            for m in replica_drive(n, &mut durable[i]) {
+                if (faults && rng.below(10) == 0) || cut(m.from, m.to) {
+                    drops += 1;
+                    continue;
+                }
+                let delay = if faults { rng.below(4) as u32 } else { 0 };
+                let copies = if faults && rng.below(20) == 0 { 2 } else { 1 };
+                for _ in 0..copies {
+                    net.push((step + 1 + delay, m.to, m.clone()));
+                }
+            }
+            assert!(
+                durable[i].hard_state.commit >= commits[i],
+                "seed {seed} step {step}: replica {} commit went back",
+                i + 1
+            );
+            commits[i] = durable[i].hard_state.commit;
+        }
+        // Acknowledged: a proposal whose (index, term) is committed on the leader's log.
+        let leader = (0..3).find(|&i| {
+            nodes[i]
+                .as_ref()
+                .is_some_and(|n| n.raw.raft.state == raft::StateRole::Leader)
+        });
+        if let Some(l) = leader {
+            let log = committed_prefix(&durable[l]);
+            let mut newly: Vec<(u64, Bytes)> = Vec::new();
+            pending.retain(|v, (idx, term)| match log.iter().find(|b| b.0 == *idx) {
+                Some(b) if b.1 == *term && b.3 == *v => {
+                    newly.push((*idx, v.clone()));
+                    false
+                }
+                Some(_) => false, // that index holds another entry: not acknowledged, dropped
+                None => true,
+            });
+            newly.sort();
+            acked.extend(newly.into_iter().map(|(_, v)| v));
+        }
+        // Replicas agree on every entry both have committed.
+        let prefixes: Vec<Vec<SimBatch>> = durable.iter().map(committed_prefix).collect();
+        for a in &prefixes {
+            for b in &prefixes {
+                let n = a.len().min(b.len());
+                assert_eq!(
+                    a[..n],
+                    b[..n],
+                    "seed {seed} step {step}: committed logs differ"
+                );
+            }
+        }
+        // Every acknowledged batch is committed somewhere, once, in acknowledgement order.
+        let longest = prefixes
+            .iter()
+            .max_by_key(|p| p.len())
+            .cloned()
+            .unwrap_or_default();
+        let values: Vec<&Bytes> = longest
+            .iter()
+            .map(|b| &b.3)
+            .filter(|v| !v.is_empty())
+            .collect();
+        let mut at = 0usize;
+        for v in &acked {
+            let pos = values[at..].iter().position(|x| *x == v);
+            assert!(
+                pos.is_some(),
+                "seed {seed} step {step}: acknowledged {v:?} lost or out of order"
+            );
+            at += pos.unwrap_or(0) + 1;
+            assert_eq!(
+                values.iter().filter(|x| **x == v).count(),
+                1,
+                "seed {seed}: {v:?} twice"
+            );
+        }
+    }
+    let finals: Vec<Vec<SimBatch>> = durable.iter().map(committed_prefix).collect();
+    assert!(
+        finals.iter().all(|f| f == &finals[0]),
+        "seed {seed}: replicas did not converge: {:?}",
+        finals.iter().map(Vec::len).collect::<Vec<_>>()
+    );
+    misses += nodes
+        .iter()
+        .flatten()
+        .map(|n| n.store.misses())
+        .sum::<u64>();
+    format!(
+        "{} acked of {next_value} proposed, {} committed entries, {crashes} crashes, {partitions} partitions, {drops} drops, {misses} cache misses served from the log",
+        acked.len(),
+        finals[0].len()
+    )
+}
+
+#[test]
+fn replica_simulation() {
+    let seeds = seeds();
+    let first = seeds[0];
+    assert_eq!(
+        replica_sim(first),
+        replica_sim(first),
+        "seed {first} does not replay exactly"
+    );
+    let n = seeds.len();
+    let mut last = String::new();
+    for seed in seeds {
+        last = replica_sim(seed);
     }
     eprintln!("{n} seeds; last: {last}");
 }

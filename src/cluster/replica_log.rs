@@ -65,8 +65,14 @@ impl ReplicaIndex {
     }
 
     /// Records entry `idx`. It must follow the last one (cut a conflicting suffix first with
-    /// [`Self::truncate_from`]) and start where the previous batch ended.
+    /// [`Self::truncate_from`]), start where the previous batch ended, and hold at least one
+    /// record: Raft's empty entries (a new leader's first) are stored as one control record,
+    /// so every entry has an offset of its own and a cut at an offset never takes an entry
+    /// before it.
     pub fn push(&mut self, idx: u64, meta: EntryMeta) -> Result<(), String> {
+        if meta.records == 0 {
+            return Err(format!("raft entry {idx} holds no record"));
+        }
         if idx != self.last_index() + 1 {
             return Err(format!(
                 "raft entry {idx} does not follow the last one ({})",
@@ -266,6 +272,16 @@ impl ReplicaStorage {
         std::mem::take(&mut self.inner.borrow_mut().wanted)
     }
 
+    /// Puts entries in the cache without recording them (a restarted replica preloads the
+    /// entries above its applied index, which raft-rs will read synchronously).
+    pub fn preload(&self, entries: Vec<Entry>) {
+        let mut st = self.inner.borrow_mut();
+        for e in entries {
+            st.cache_bytes += e.data.len();
+            st.cache.insert(e.index, e);
+        }
+    }
+
     /// Entries read back from the partition log for a wanted range.
     pub fn fill(&self, entries: Vec<Entry>) {
         let mut st = self.inner.borrow_mut();
@@ -384,6 +400,10 @@ mod tests {
     fn the_index_maps_entries_to_offsets_and_cuts_suffixes() {
         let mut ix = ReplicaIndex::default();
         assert_eq!((ix.first_index(), ix.last_index()), (1, 0));
+        assert!(
+            ix.push(1, meta(1, 0, 0)).is_err(),
+            "an entry holds a record"
+        );
         ix.push(1, meta(1, 0, 3)).unwrap();
         ix.push(2, meta(1, 3, 2)).unwrap();
         ix.push(3, meta(2, 5, 1)).unwrap();
@@ -511,12 +531,10 @@ mod tests {
             }
             let mut metas = Vec::new();
             for e in entries {
+                // One record each; an empty entry is a control record.
                 let base = self.end_offset();
-                let records = u32::from(!e.data.is_empty());
-                if records == 1 {
-                    self.log.push((e.index, e.term, base, e.data.clone()));
-                }
-                metas.push(meta(e.term, base, records));
+                self.log.push((e.index, e.term, base, e.data.clone()));
+                metas.push(meta(e.term, base, 1));
             }
             self.store.append(entries, &metas).unwrap();
         }
@@ -570,7 +588,7 @@ mod tests {
         fn committed_values(&self) -> Vec<bytes::Bytes> {
             self.log
                 .iter()
-                .filter(|b| b.0 <= self.committed)
+                .filter(|b| b.0 <= self.committed && !b.3.is_empty())
                 .map(|b| b.3.clone())
                 .collect()
         }
@@ -649,7 +667,8 @@ mod tests {
             rs[0].raw.propose(vec![], v).unwrap();
             settle(&mut rs, &[1]);
         }
-        assert_eq!(rs[0].log.len(), 3, "appended locally");
+        // Its log: the election's empty entry, "committed", and the two lost batches.
+        assert_eq!(rs[0].log.len(), 4, "appended locally");
         // Replicas 2 and 3 elect 2, which commits other batches.
         rs[1].raw.campaign().unwrap();
         settle(&mut rs, &[1]);
@@ -674,7 +693,10 @@ mod tests {
         for r in &rs {
             assert_eq!(r.committed_values(), want);
         }
-        let offsets: Vec<u64> = rs[0].log.iter().map(|b| b.2).collect();
-        assert_eq!(offsets, vec![0, 1, 2, 3], "offsets reassigned from the cut");
+        // Offsets follow entries (control records included); replica 1's were reassigned
+        // from the cut, so every replica has the same offsets.
+        let offsets = |r: &Replica| r.log.iter().map(|b| (b.0, b.2)).collect::<Vec<_>>();
+        assert_eq!(offsets(&rs[0]), offsets(&rs[1]));
+        assert_eq!(offsets(&rs[0]), offsets(&rs[2]));
     }
 }
