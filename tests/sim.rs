@@ -607,6 +607,13 @@ use ringmq::cluster::meta::MetaCommand;
 /// A message in flight: (delivery step, to, message).
 type InFlight = (u32, u64, raft::eraftpb::Message);
 
+/// The messages due at `step` (the rest stay in flight).
+fn take_due(net: &mut Vec<InFlight>, step: u32) -> Vec<InFlight> {
+    let (due, later): (Vec<InFlight>, Vec<InFlight>) = net.drain(..).partition(|m| m.0 <= step);
+    *net = later;
+    due
+}
+
 /// Checks that every two replicas applied the same commands at the same indexes as far as both
 /// got (state-machine safety).
 fn check_applied_prefixes(logs: &BTreeMap<u64, Vec<String>>, seed: u64, step: u32) {
@@ -726,16 +733,7 @@ fn controller_sim(seed: u64) -> String {
             }
         }
         // Deliver what is due (in random order among those due).
-        let mut due: Vec<InFlight> = Vec::new();
-        let mut later: Vec<InFlight> = Vec::new();
-        for m in net.drain(..) {
-            if m.0 <= step {
-                due.push(m);
-            } else {
-                later.push(m);
-            }
-        }
-        net = later;
+        let mut due = take_due(&mut net, step);
         while !due.is_empty() {
             let k = rng.below(due.len() as u64) as usize;
             let (_, to, msg) = due.swap_remove(k);
@@ -1032,16 +1030,7 @@ fn replica_sim(seed: u64) -> String {
                 }
             }
         }
-        let mut due: Vec<InFlight> = Vec::new();
-        let mut later: Vec<InFlight> = Vec::new();
-        for m in net.drain(..) {
-            if m.0 <= step {
-                due.push(m);
-            } else {
-                later.push(m);
-            }
-        }
-        net = later;
+        let mut due = take_due(&mut net, step);
         while !due.is_empty() {
             let k = rng.below(due.len() as u64) as usize;
             let (_, to, msg) = due.swap_remove(k);

@@ -8,6 +8,8 @@
 
 use std::collections::BTreeMap;
 
+use super::wire::{put_str, Reader};
+
 /// One change to the cluster metadata, as proposed to the controller.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MetaCommand {
@@ -213,7 +215,7 @@ impl MetaCommand {
 
     /// Decodes [`MetaCommand::encode`]'s bytes; an error names what is wrong.
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
-        let mut r = Reader(bytes);
+        let mut r = Reader::new(bytes);
         let cmd = match r.u8()? {
             TAG_REGISTER => Self::RegisterNode {
                 id: r.u32()?,
@@ -231,78 +233,13 @@ impl MetaCommand {
             TAG_DELETE => Self::DeleteTopic { name: r.str()? },
             t => return Err(format!("unknown metadata command tag {t}")),
         };
-        if !r.0.is_empty() {
+        if !r.is_empty() {
             return Err(format!(
                 "{} trailing bytes after a metadata command",
-                r.0.len()
+                r.remaining()
             ));
         }
         Ok(cmd)
-    }
-}
-
-fn put_str(out: &mut Vec<u8>, s: &str) {
-    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
-    out.extend_from_slice(s.as_bytes());
-}
-
-struct Reader<'a>(&'a [u8]);
-
-impl Reader<'_> {
-    fn take(&mut self, n: usize) -> Result<&[u8], String> {
-        if self.0.len() < n {
-            return Err("metadata command cut short".into());
-        }
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
-        Ok(head)
-    }
-
-    fn u8(&mut self) -> Result<u8, String> {
-        Ok(self.take(1)?[0])
-    }
-
-    fn u32(&mut self) -> Result<u32, String> {
-        let b = self.take(4)?;
-        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    }
-
-    fn u64(&mut self) -> Result<u64, String> {
-        let b = self.take(8)?;
-        let mut a = [0u8; 8];
-        a.copy_from_slice(b);
-        Ok(u64::from_le_bytes(a))
-    }
-
-    /// A count of items of at least `min_item_bytes` each, bounded by the bytes present.
-    fn count(&mut self, min_item_bytes: usize) -> Result<usize, String> {
-        let n = self.u32()? as usize;
-        if n > self.0.len() / min_item_bytes.max(1) {
-            return Err("metadata count larger than its bytes".into());
-        }
-        Ok(n)
-    }
-
-    fn i64(&mut self) -> Result<i64, String> {
-        let b = self.take(8)?;
-        let mut a = [0u8; 8];
-        a.copy_from_slice(b);
-        Ok(i64::from_le_bytes(a))
-    }
-
-    /// A count, then that many u32s (the count bounded by the bytes present).
-    fn u32_list(&mut self) -> Result<Vec<u32>, String> {
-        let n = self.u32()? as usize;
-        if n > self.0.len() / 4 {
-            return Err("metadata list longer than its bytes".into());
-        }
-        (0..n).map(|_| self.u32()).collect()
-    }
-
-    fn str(&mut self) -> Result<String, String> {
-        let n = self.u32()? as usize;
-        let b = self.take(n)?;
-        String::from_utf8(b.to_vec()).map_err(|_| "metadata string is not UTF-8".into())
     }
 }
 
@@ -341,7 +278,7 @@ impl ClusterMeta {
 
     /// Decodes [`ClusterMeta::encode`]'s bytes; every count is bounded by the bytes present.
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
-        let mut r = Reader(bytes);
+        let mut r = Reader::new(bytes);
         let mut m = ClusterMeta {
             version: r.u64()?,
             ..Default::default()
@@ -373,7 +310,7 @@ impl ClusterMeta {
         for _ in 0..r.count(4)? {
             m.deleted.insert(r.str()?);
         }
-        if !r.0.is_empty() {
+        if !r.is_empty() {
             return Err("trailing bytes after the cluster metadata".into());
         }
         Ok(m)

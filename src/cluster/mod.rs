@@ -19,3 +19,4 @@ pub mod node;
 pub mod raft_store;
 pub mod replica_log;
 pub mod transport;
+pub mod wire;

@@ -28,6 +28,7 @@ use super::membership::{Change, Membership};
 use super::meta::{ClusterMeta, MetaCommand, NodeInfo};
 use super::raft_store::FileRaftStore;
 use super::transport::{serve_peers, PeerFrame, PeerLink};
+use super::wire::{put_str, Reader};
 use crate::limits;
 use crate::metadata::{self, ClusterView, Metadata, NodeView, TopicMeta};
 use crate::runtime::config::ClusterConfig;
@@ -304,7 +305,7 @@ impl ClusterNode {
     }
 
     fn handle(&self, f: PeerFrame) -> Result<(), String> {
-        let mut r = Bytes(&f.payload);
+        let mut r = Reader::new(&f.payload);
         let from = r.u32()?;
         let now_ms = self.started.elapsed().as_millis() as u64;
         if from != self.me() {
@@ -921,50 +922,5 @@ impl ClusterNode {
                 deleted: meta.deleted.clone(),
             }),
         }
-    }
-}
-
-fn put_str(out: &mut Vec<u8>, s: &str) {
-    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
-    out.extend_from_slice(s.as_bytes());
-}
-
-/// Reads a peer frame's payload; every length is checked against the bytes present.
-struct Bytes<'a>(&'a [u8]);
-
-impl<'a> Bytes<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
-        if self.0.len() < n {
-            return Err("peer frame cut short".into());
-        }
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
-        Ok(head)
-    }
-
-    fn u8(&mut self) -> Result<u8, String> {
-        Ok(self.take(1)?[0])
-    }
-
-    fn u32(&mut self) -> Result<u32, String> {
-        let mut a = [0u8; 4];
-        a.copy_from_slice(self.take(4)?);
-        Ok(u32::from_le_bytes(a))
-    }
-
-    fn u64(&mut self) -> Result<u64, String> {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(self.take(8)?);
-        Ok(u64::from_le_bytes(a))
-    }
-
-    fn str(&mut self) -> Result<String, String> {
-        let n = self.u32()? as usize;
-        let b = self.take(n)?;
-        String::from_utf8(b.to_vec()).map_err(|_| "peer frame string is not UTF-8".into())
-    }
-
-    fn rest(&mut self) -> &'a [u8] {
-        std::mem::take(&mut self.0)
     }
 }
