@@ -607,6 +607,24 @@ use ringmq::cluster::meta::MetaCommand;
 /// A message in flight: (delivery step, to, message).
 type InFlight = (u32, u64, raft::eraftpb::Message);
 
+/// Runs `sim` for every seed (the first twice: it must replay exactly) and prints the last
+/// seed's summary.
+fn run_seeds(sim: fn(u64) -> String) {
+    let seeds = seeds();
+    let first = seeds[0];
+    assert_eq!(
+        sim(first),
+        sim(first),
+        "seed {first} does not replay exactly"
+    );
+    let n = seeds.len();
+    let mut last = String::new();
+    for seed in seeds {
+        last = sim(seed);
+    }
+    eprintln!("{n} seeds; last: {last}");
+}
+
 /// The messages due at `step` (the rest stay in flight).
 fn take_due(net: &mut Vec<InFlight>, step: u32) -> Vec<InFlight> {
     let (due, later): (Vec<InFlight>, Vec<InFlight>) = net.drain(..).partition(|m| m.0 <= step);
@@ -805,19 +823,7 @@ fn controller_sim(seed: u64) -> String {
 
 #[test]
 fn controller_simulation() {
-    let seeds = seeds();
-    let first = seeds[0];
-    assert_eq!(
-        controller_sim(first),
-        controller_sim(first),
-        "seed {first} does not replay exactly"
-    );
-    let n = seeds.len();
-    let mut last = String::new();
-    for seed in seeds {
-        last = controller_sim(seed);
-    }
-    eprintln!("{n} seeds; last: {last}");
+    run_seeds(controller_sim);
 }
 
 // ---- partition replication (issue 14, first step) ------------------------------------------
@@ -1138,17 +1144,5 @@ fn replica_sim(seed: u64) -> String {
 
 #[test]
 fn replica_simulation() {
-    let seeds = seeds();
-    let first = seeds[0];
-    assert_eq!(
-        replica_sim(first),
-        replica_sim(first),
-        "seed {first} does not replay exactly"
-    );
-    let n = seeds.len();
-    let mut last = String::new();
-    for seed in seeds {
-        last = replica_sim(seed);
-    }
-    eprintln!("{n} seeds; last: {last}");
+    run_seeds(replica_sim);
 }
