@@ -18,6 +18,7 @@ pub mod meta;
 pub mod node;
 pub mod raft_store;
 pub mod replica_log;
+pub mod replica_recovery;
 pub mod replica_state;
 pub mod transport;
 pub mod wire;

@@ -43,6 +43,16 @@ pub struct ReplicaIndex {
 }
 
 impl ReplicaIndex {
+    /// An index whose first entry will be `first_index`, the entry before it having had
+    /// `prev_term` (a log whose start was cut by retention).
+    pub fn starting_at(first_index: u64, prev_term: u64) -> Self {
+        Self {
+            compacted_index: first_index.saturating_sub(1),
+            compacted_term: prev_term,
+            entries: VecDeque::new(),
+        }
+    }
+
     pub fn first_index(&self) -> u64 {
         self.compacted_index + 1
     }

@@ -11,7 +11,7 @@
 //! and its commit never goes below what was saved).
 //!
 //! Format: `RQR1`, a u32 CRC32 of the rest, then little-endian term, vote, commit, first
-//! index, first offset (u64 each), voter count and ids, learner count and ids (u32 count,
+//! index, first offset, the term before the first entry (u64 each), voter count and ids, learner count and ids (u32 count,
 //! u64 ids).
 //!
 //! Owns: that one file. Must not touch: the log, Raft itself.
@@ -32,9 +32,10 @@ pub struct ReplicaState {
     pub hard_state: HardState,
     pub conf_state: ConfState,
     /// Raft index and first offset of the log's first entry (1 and 0 for a log never cut by
-    /// retention).
+    /// retention), and the term of the entry just before it (0 before any cut).
     pub first_index: u64,
     pub first_offset: u64,
+    pub prev_term: u64,
 }
 
 fn path(dir: &Path) -> PathBuf {
@@ -49,6 +50,7 @@ impl ReplicaState {
             conf_state: ConfState::from((voters, vec![])),
             first_index: 1,
             first_offset: 0,
+            prev_term: 0,
         }
     }
 
@@ -61,6 +63,7 @@ impl ReplicaState {
             || self.conf_state != next.conf_state
             || self.first_index != next.first_index
             || self.first_offset != next.first_offset
+            || self.prev_term != next.prev_term
     }
 
     fn encode(&self) -> Vec<u8> {
@@ -72,6 +75,7 @@ impl ReplicaState {
             hs.commit,
             self.first_index,
             self.first_offset,
+            self.prev_term,
         ] {
             body.extend_from_slice(&v.to_le_bytes());
         }
@@ -104,7 +108,7 @@ impl ReplicaState {
             commit: r.u64()?,
             ..Default::default()
         };
-        let (first_index, first_offset) = (r.u64()?, r.u64()?);
+        let (first_index, first_offset, prev_term) = (r.u64()?, r.u64()?, r.u64()?);
         let mut members = Vec::new();
         for _ in 0..2 {
             let n = r.count(8)?;
@@ -126,6 +130,7 @@ impl ReplicaState {
             conf_state: ConfState::from((voters, learners)),
             first_index,
             first_offset,
+            prev_term,
         })
     }
 
@@ -177,6 +182,7 @@ mod tests {
         s.hard_state.commit = 41;
         s.first_index = 10;
         s.first_offset = 900;
+        s.prev_term = 6;
         s.save(&d).unwrap();
         assert_eq!(ReplicaState::load(&d).unwrap(), Some(s.clone()));
         // A leftover temp file (a crash before the rename) changes nothing.

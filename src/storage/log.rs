@@ -920,12 +920,30 @@ impl<S: Storage> Log<S> {
     }
 
     /// Reads whole stored batches starting with the one containing `offset`, up to `max_bytes`
-    /// (at least one batch if any is there).
+    /// (at least one batch if any is there), below the commit index: what readers may see.
     pub async fn read(&self, offset: u64, max_bytes: usize) -> Result<ReadBatches, StorageError> {
-        let (start, end) = {
-            let st = self.st.borrow();
-            (st.log_start, st.committed_end)
-        };
+        let end = self.st.borrow().committed_end;
+        self.read_below(offset, max_bytes, end).await
+    }
+
+    /// Like [`Self::read`], up to the durable end instead: committed or not (a replica
+    /// rebuilding its Raft index at start; never for readers).
+    pub async fn read_durable(
+        &self,
+        offset: u64,
+        max_bytes: usize,
+    ) -> Result<ReadBatches, StorageError> {
+        let end = self.st.borrow().durable_end;
+        self.read_below(offset, max_bytes, end).await
+    }
+
+    async fn read_below(
+        &self,
+        offset: u64,
+        max_bytes: usize,
+        end: u64,
+    ) -> Result<ReadBatches, StorageError> {
+        let start = self.st.borrow().log_start;
         let mut out = ReadBatches {
             batches: Vec::new(),
             next_offset: offset,
