@@ -85,9 +85,7 @@ mod tests {
                 // Terms 1, 1, 2, 3 with 3, 1, 2, 1 records; nothing is committed.
                 for (term, records) in [(1u32, 3u32), (1, 1), (2, 2), (3, 1)] {
                     log.set_leader_term(term);
-                    log.append(meta(records), &vec![7u8; 40])
-                        .await
-                        .expect("append");
+                    log.append(meta(records), &[7u8; 40]).await.expect("append");
                 }
                 drop(log);
                 let log = Log::open(storage.clone(), dir, cfg())
