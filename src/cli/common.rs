@@ -31,10 +31,7 @@ pub fn connect_leaders(server: &str) -> Result<crate::client::leaders::Leaders, 
 pub fn connect_any(server: &str) -> Result<(String, Client), String> {
     let mut errors = Vec::new();
     for addr in server.split(',').map(str::trim).filter(|a| !a.is_empty()) {
-        if let Err(e) = check_host_port(addr, "--server") {
-            errors.push(e);
-            continue;
-        }
+        check_host_port(addr, "--server")?;
         match Client::connect(addr) {
             Ok(c) => return Ok((addr.to_string(), c)),
             Err(e) => errors.push(format!("{addr}: {e}")),
