@@ -266,3 +266,7 @@ pub const FORWARD_ANSWER_TIMEOUT_MS: u64 = FETCH_WAIT_MS_MAX as u64 + 30_000;
 /// Entry data (stored batch bytes) a partition replica keeps in memory beyond its unapplied
 /// entries, for followers a little behind; older entries are read back from the log.
 pub const REPLICA_CACHE_BYTES: usize = 8 << 20;
+
+/// While a forwarded request waits for its answer, how often it checks whether the node it
+/// went to has been seen down (then it is answered `NodeUnavailable` at once).
+pub const FORWARD_NODE_CHECK_MS: u64 = 200;

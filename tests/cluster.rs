@@ -643,3 +643,45 @@ fn a_single_node_data_directory_joining_a_cluster_keeps_its_topics_aside() {
     let (code, out, _) = b.cli(&["topic", "list"], "");
     assert_eq!((code, out.as_str()), (0, ""));
 }
+
+#[test]
+fn a_forwarded_request_to_a_node_that_stops_answering_fails_when_the_node_is_seen_down() {
+    let _one = serialize();
+    let mut cluster = Cluster::start("cl-stop", 3);
+    let mut c1 = cluster.client(1);
+    c1.create_topic("s", 3, -1, -1).expect("create");
+    let leaders = leaders_of(&mut c1, "s");
+    let p = leaders
+        .iter()
+        .position(|&l| l != 1)
+        .expect("a partition elsewhere") as u32;
+    let stopped = leaders[p as usize] as u32;
+    let pid = cluster
+        .node(stopped)
+        .broker
+        .as_ref()
+        .expect("broker")
+        .child
+        .id() as i32;
+    // A 20 s long poll through node 1 waits on the other node, which is then frozen.
+    c1.set_read_timeout(Some(Duration::from_secs(15)))
+        .expect("timeout");
+    let freezer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        // SAFETY: signalling a child process this test started.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+    });
+    let r = c1.fetch("s", p, 0, 1 << 20, 20_000);
+    freezer.join().expect("freezer");
+    // SAFETY: as above; the node resumes for the cleanup.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    match r {
+        Err(e) => assert_eq!(
+            e.code(),
+            Some(ringmq::protocol::fb::ErrorCode::NodeUnavailable),
+            "{e}"
+        ),
+        Ok(f) => panic!("a frozen node answered: {} records", f.records.len()),
+    }
+    cluster.kill9(stopped);
+}

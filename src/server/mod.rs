@@ -760,13 +760,34 @@ async fn forward_to_node(
         crate::router::bump(&shard.router.copies.node_multicast);
     }
     match links.send(node, &addr, corr, &wrapped).await {
-        Ok(answer) => Box::pin(async move {
-            answer.get().await.unwrap_or_else(|| {
-                let msg = format!("node {node} did not answer (the link broke or timed out)");
-                proto::encode_error(corr, fb::ErrorCode::NodeUnavailable, &msg)
+        Ok(answer) => {
+            let me = shard.clone();
+            Box::pin(async move {
+                // A node seen down (stopped, cut off) will not answer: say so now rather than
+                // at the answer timeout.
+                let gone = async {
+                    node_goes_down(&me, node).await;
+                    None
+                };
+                let got = futures_lite::future::or(answer.get(), gone).await;
+                got.unwrap_or_else(|| {
+                    let msg = format!("node {node} did not answer (it went down, the link broke, or it timed out)");
+                    proto::encode_error(corr, fb::ErrorCode::NodeUnavailable, &msg)
+                })
             })
-        }),
+        }
         Err(e) => unavailable(e.to_string()),
+    }
+}
+
+/// Resolves once this node's table says `node` is down (checked every
+/// [`limits::FORWARD_NODE_CHECK_MS`]).
+async fn node_goes_down(shard: &Shard, node: u32) {
+    loop {
+        crate::runtime::sleep(Duration::from_millis(limits::FORWARD_NODE_CHECK_MS)).await;
+        if shard.table().node(node).is_some_and(|n| !n.alive) {
+            return;
+        }
     }
 }
 
