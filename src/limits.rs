@@ -270,3 +270,11 @@ pub const REPLICA_CACHE_BYTES: usize = 8 << 20;
 /// While a forwarded request waits for its answer, how often it checks whether the node it
 /// went to has been seen down (then it is answered `NodeUnavailable` at once).
 pub const FORWARD_NODE_CHECK_MS: u64 = 200;
+
+/// Entries read back from a partition log for lagging followers, held until raft-rs reads
+/// them, at most (per replica).
+pub const REPLICA_FETCHED_ENTRIES_MAX: usize = 4_096;
+
+/// Ranges a replica waits to have read back from its log at most (per replica); the oldest
+/// are dropped (raft-rs asks again on its next attempt to send).
+pub const REPLICA_WANTED_MAX: usize = 64;

@@ -94,6 +94,8 @@ pub struct ClusterView {
     pub nodes: BTreeMap<u32, NodeView>,
     /// Topics the controller deleted (recently): their data may be deleted here.
     pub deleted: std::collections::BTreeSet<String>,
+    /// The controller's voters (fixed when the cluster formed; registered or not), sorted.
+    pub voters: Vec<u32>,
 }
 
 /// The topic table (the placement of every partition).
@@ -162,12 +164,9 @@ impl Metadata {
         let Some(c) = self.cluster.as_ref() else {
             return GroupHome::ThisNode;
         };
-        let ids: Vec<u32> = c
-            .nodes
-            .iter()
-            .filter(|(_, n)| n.voter)
-            .map(|(id, _)| *id)
-            .collect();
+        // The voter list itself, not the voters that have registered so far: every node
+        // hashes over the same set from the moment it knows the voters.
+        let ids = &c.voters;
         if ids.is_empty() {
             return GroupHome::Unknown;
         }

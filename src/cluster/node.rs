@@ -920,6 +920,11 @@ impl ClusterNode {
                 meta_version: meta.version,
                 nodes,
                 deleted: meta.deleted.clone(),
+                voters: {
+                    let mut v = voters.clone();
+                    v.sort_unstable();
+                    v
+                },
             }),
         }
     }

@@ -226,6 +226,10 @@ impl ReplicaStorage {
                     st.cache_bytes -= e.data.len();
                 }
             }
+            // Reads of the cut entries must never be served from what was fetched for them.
+            let at = first.index;
+            st.fetched.retain(|i, _| *i < at);
+            st.wanted.retain(|(lo, _, _)| *lo < at);
         }
         for (e, m) in entries.iter().zip(metas) {
             if e.term != m.term {
@@ -292,11 +296,18 @@ impl ReplicaStorage {
         }
     }
 
-    /// Entries read back from the partition log for a wanted range.
+    /// Entries read back from the partition log for a wanted range. Only entries that still
+    /// match the index (same term at that index) are kept, at most
+    /// [`limits::REPLICA_FETCHED_ENTRIES_MAX`].
     pub fn fill(&self, entries: Vec<Entry>) {
         let mut st = self.inner.borrow_mut();
         for e in entries {
-            st.fetched.insert(e.index, e);
+            if st.fetched.len() >= limits::REPLICA_FETCHED_ENTRIES_MAX {
+                break;
+            }
+            if st.index.term(e.index) == Some(e.term) {
+                st.fetched.insert(e.index, e);
+            }
         }
     }
 
@@ -348,6 +359,11 @@ impl raft::Storage for ReplicaStorage {
                 None => {
                     if context.can_async() {
                         st.misses += 1;
+                        // One wanted range per reader at most: raft-rs asks again after
+                        // `on_entries_fetched`, so the oldest are dropped beyond the bound.
+                        if st.wanted.len() >= limits::REPLICA_WANTED_MAX {
+                            st.wanted.remove(0);
+                        }
                         st.wanted.push((i, high, context));
                         return Err(store_err(StorageError::LogTemporarilyUnavailable));
                     }
@@ -485,6 +501,9 @@ mod tests {
             .entries(2, 4, None, GetEntriesContext::empty(true))
             .unwrap();
         assert_eq!(got.iter().map(|e| e.index).collect::<Vec<_>>(), vec![2, 3]);
+        // Read back with a term the index no longer has (a cut entry): not kept, not served.
+        s.fill(vec![entry(2, 9, b"stale")]);
+        assert!(s.inner.borrow().fetched.is_empty());
         // A conflicting append from index 3 cuts the suffix at entry 3's first offset.
         assert_eq!(s.conflict_offset(3), Some(2));
         s.append(&[entry(3, 2, b"new")], &[meta(2, 2, 1)]).unwrap();

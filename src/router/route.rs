@@ -289,6 +289,7 @@ mod tests {
                 .into_iter()
                 .collect(),
             deleted: Default::default(),
+            voters: vec![1, 2],
         });
         m
     }
@@ -329,10 +330,18 @@ mod tests {
             let (_, d3) = route(&m3, 2, Target::Group(g), 0).unwrap();
             assert!(!d3.is_local(), "{g}: {d3:?}");
         }
+        // A voter that has not registered yet still counts: the home does not move.
+        let mut partial = cluster_table(1);
+        if let Some(c) = partial.cluster.as_mut() {
+            c.nodes.remove(&2);
+        }
+        for g in ["billing", "audit", "x", "y"] {
+            assert_eq!(partial.group_node(g), m.group_node(g), "{g}");
+        }
         // Before a node knows the voters, it coordinates nothing on its own.
         let mut blind = cluster_table(3);
         if let Some(c) = blind.cluster.as_mut() {
-            c.nodes.clear();
+            c.voters.clear();
         }
         assert_eq!(
             route(&blind, 2, Target::Group("g"), 0),
