@@ -278,3 +278,15 @@ pub const REPLICA_FETCHED_ENTRIES_MAX: usize = 4_096;
 /// Ranges a replica waits to have read back from its log at most (per replica); the oldest
 /// are dropped (raft-rs asks again on its next attempt to send).
 pub const REPLICA_WANTED_MAX: usize = 64;
+
+/// A cluster client (`client::leaders`) connects to a partition's leader within this long,
+/// else it asks through its bootstrap node.
+pub const CLIENT_LEADER_CONNECT_TIMEOUT_MS: u64 = 2_000;
+
+/// A cluster client waits this long for an answer on a leader's connection (longer than the
+/// longest fetch long-poll) before it drops the connection.
+pub const CLIENT_LEADER_READ_TIMEOUT_MS: u64 = FETCH_WAIT_MS_MAX as u64 + 30_000;
+
+/// After a leader's address failed to connect, a cluster client goes through its bootstrap
+/// node for this long before trying that address again.
+pub const CLIENT_LEADER_RETRY_MS: u64 = 1_000;

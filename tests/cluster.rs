@@ -676,9 +676,10 @@ fn a_forwarded_request_to_a_node_that_stops_answering_fails_when_the_node_is_see
     // SAFETY: as above; the node resumes for the cleanup.
     unsafe { libc::kill(pid, libc::SIGCONT) };
     match r {
+        // Sent, then no answer: the outcome is unknown (it is not "not carried out").
         Err(e) => assert_eq!(
             e.code(),
-            Some(ringmq::protocol::fb::ErrorCode::NodeUnavailable),
+            Some(ringmq::protocol::fb::ErrorCode::OutcomeUnknown),
             "{e}"
         ),
         Ok(f) => panic!("a frozen node answered: {} records", f.records.len()),

@@ -59,8 +59,14 @@ pub fn consume(server: &str, a: &ConsumeArgs) -> Result<(), String> {
         waiting.retry(&mut c, &mut positions)?;
         let wait_ms = if positions.len() == 1 { 200 } else { 20 };
         let mut got_any = false;
+        let mut asked = 0usize;
         let keys: Vec<(String, u32)> = positions.keys().cloned().collect();
         for (topic, p) in keys {
+            // A partition whose node is down is asked again only every retry interval.
+            if !waiting.due(&topic, p) {
+                continue;
+            }
+            asked += 1;
             let at = positions[&(topic.clone(), p)];
             let fetched = match c.fetch(&topic, p, at, 1 << 20, wait_ms, a.filter.as_deref()) {
                 Ok(f) => f,
@@ -81,7 +87,10 @@ pub fn consume(server: &str, a: &ConsumeArgs) -> Result<(), String> {
                     positions.retain(|(t, _), _| *t != topic);
                     continue;
                 }
-                Err(e) if unavailable_for_now(&e) => {
+                Err(e)
+                    if unavailable_for_now(&e)
+                        || e.code() == Some(fb::ErrorCode::OutcomeUnknown) =>
+                {
                     waiting.warn(&topic, p, &e);
                     continue;
                 }
@@ -102,7 +111,7 @@ pub fn consume(server: &str, a: &ConsumeArgs) -> Result<(), String> {
         out.flush().map_err(|e| e.to_string())?;
         if super::common::idle_for_long(a.idle_ms, got_any, &mut idle_since) {
             return Ok(());
-        } else if !got_any && positions.is_empty() {
+        } else if !got_any && (positions.is_empty() || asked == 0) {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -112,7 +121,8 @@ pub fn consume(server: &str, a: &ConsumeArgs) -> Result<(), String> {
 /// until it answers again), and those whose start is still to be found.
 #[derive(Default)]
 struct Waiting {
-    warned: std::collections::BTreeSet<(String, u32)>,
+    /// Partitions warned about, and when they were last asked.
+    warned: BTreeMap<(String, u32), Instant>,
     starts: BTreeMap<(String, u32), From>,
     last_try: Option<Instant>,
 }
@@ -122,15 +132,27 @@ const UNAVAILABLE_RETRY_MS: u64 = 500;
 
 impl Waiting {
     fn warn(&mut self, topic: &str, p: u32, e: &crate::client::ClientError) {
-        if self.warned.insert((topic.to_string(), p)) {
+        let first = self
+            .warned
+            .insert((topic.to_string(), p), Instant::now())
+            .is_none();
+        if first {
             eprintln!("ringmq: {topic} partition {p} unavailable for now ({e}); reading the others and retrying it");
         }
     }
 
     fn recovered(&mut self, topic: &str, p: u32) {
-        if self.warned.remove(&(topic.to_string(), p)) {
+        if self.warned.remove(&(topic.to_string(), p)).is_some() {
             eprintln!("ringmq: {topic} partition {p} is available again");
         }
+    }
+
+    /// Whether to ask partition `p` now: always, unless it was unavailable less than
+    /// [`UNAVAILABLE_RETRY_MS`] ago.
+    fn due(&self, topic: &str, p: u32) -> bool {
+        self.warned
+            .get(&(topic.to_string(), p))
+            .is_none_or(|t| t.elapsed() >= Duration::from_millis(UNAVAILABLE_RETRY_MS))
     }
 
     /// Tries again (every [`UNAVAILABLE_RETRY_MS`]) to find the start of waiting partitions.

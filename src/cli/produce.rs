@@ -25,6 +25,9 @@ struct Sender<'a> {
     /// The next partition for keyless lines in a cluster (chosen here, so they go straight
     /// to a live leader).
     round_robin: u32,
+    /// The connection each partition's batches use, fixed at its first batch: batches of one
+    /// partition never race each other over two connections.
+    pinned: BTreeMap<u32, String>,
 }
 
 impl Sender<'_> {
@@ -45,10 +48,18 @@ impl Sender<'_> {
             c => c,
         };
         let addr = match choice {
-            PartitionChoice::Explicit(p) => self.leaders.address_of(topic, p),
+            PartitionChoice::Explicit(p) => match self.pinned.get(&p) {
+                Some(a) => return (choice, a.clone()),
+                None => {
+                    let leader = self.leaders.address_of(topic, p);
+                    let a = self.leaders.reachable(&leader);
+                    self.pinned.insert(p, a.clone());
+                    return (choice, a);
+                }
+            },
             _ => self.leaders.bootstrap_address().to_string(),
         };
-        (choice, self.leaders.reachable(&addr))
+        (choice, addr)
     }
 
     fn send(
@@ -150,6 +161,7 @@ pub fn produce(server: &str, a: ProduceArgs) -> Result<(), String> {
         in_flight: BTreeMap::new(),
         acked: 0,
         round_robin: std::process::id(),
+        pinned: BTreeMap::new(),
     };
     let batch_max = a.batch.clamp(1, 100_000);
     let mut read = 0u64;

@@ -8,8 +8,10 @@
 //! (that is `Client`'s) or server internals.
 
 use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
 
 use super::{Client, ClientError, Fetched, ProduceAck};
+use crate::limits;
 use crate::protocol::{fb, PartitionChoice, RecordIn};
 
 /// Connections to a cluster's nodes and the leader of each partition seen so far.
@@ -21,14 +23,24 @@ pub struct Leaders {
     leaders: BTreeMap<(String, u32), String>,
     /// Partitions per topic, from the last metadata.
     partitions: BTreeMap<String, u32>,
+    /// Leader addresses that failed to connect, and when: skipped for
+    /// [`limits::CLIENT_LEADER_RETRY_MS`].
+    failed: HashMap<String, Instant>,
 }
 
-/// Whether an answer means "ask the metadata again": the partition moved or its node is down.
+/// Whether an answer means "ask the metadata again": the partition moved or its node is down
+/// (the request was not carried out, so any request may be sent again).
 pub fn leader_moved(e: &ClientError) -> bool {
     matches!(
         e.code(),
         Some(fb::ErrorCode::NotLeader | fb::ErrorCode::NodeUnavailable)
     )
+}
+
+/// Whether the request may have been carried out without its answer arriving (a broken
+/// connection, or `OutcomeUnknown`): only a request that may be repeated is sent again.
+fn outcome_unknown(e: &ClientError) -> bool {
+    matches!(e, ClientError::Io(_)) || e.code() == Some(fb::ErrorCode::OutcomeUnknown)
 }
 
 impl Leaders {
@@ -41,6 +53,7 @@ impl Leaders {
             conns,
             leaders: BTreeMap::new(),
             partitions: BTreeMap::new(),
+            failed: HashMap::new(),
         }
     }
 
@@ -57,7 +70,11 @@ impl Leaders {
 
     fn conn(&mut self, addr: &str) -> Result<&mut Client, ClientError> {
         if !self.conns.contains_key(addr) {
-            let c = Client::connect(addr)?;
+            let timeout = Duration::from_millis(limits::CLIENT_LEADER_CONNECT_TIMEOUT_MS);
+            let c = Client::connect_within(addr, timeout)?;
+            c.set_read_timeout(Some(Duration::from_millis(
+                limits::CLIENT_LEADER_READ_TIMEOUT_MS,
+            )))?;
             self.conns.insert(addr.to_string(), c);
         }
         self.conns
@@ -67,7 +84,17 @@ impl Leaders {
 
     /// Reads `topic`'s partitions and their leaders; returns the partition count.
     pub fn refresh(&mut self, topic: &str) -> Result<u32, ClientError> {
-        let meta = self.bootstrap()?.metadata(&[topic])?;
+        let meta = match self.bootstrap()?.metadata(&[topic]) {
+            Ok(m) => m,
+            Err(e) => {
+                if matches!(e, ClientError::Io(_)) {
+                    // Reconnected on the next call.
+                    let b = self.bootstrap.clone();
+                    self.conns.remove(&b);
+                }
+                return Err(e);
+            }
+        };
         let Some(t) = meta.into_iter().find(|t| t.name == topic) else {
             return Err(ClientError::Protocol(format!("no metadata for {topic:?}")));
         };
@@ -110,17 +137,25 @@ impl Leaders {
     }
 
     /// `addr` if a connection to it is open or can be opened, else the bootstrap node's
-    /// (which forwards, or says the node is down).
+    /// (which forwards, or says the node is down). An address that failed is not tried again
+    /// for [`limits::CLIENT_LEADER_RETRY_MS`].
     pub fn reachable(&mut self, addr: &str) -> String {
         if self.conns.contains_key(addr) {
             return addr.to_string();
         }
-        match Client::connect(addr) {
-            Ok(c) => {
-                self.conns.insert(addr.to_string(), c);
+        let retry = Duration::from_millis(limits::CLIENT_LEADER_RETRY_MS);
+        if self.failed.get(addr).is_some_and(|t| t.elapsed() < retry) {
+            return self.bootstrap.clone();
+        }
+        match self.conn(addr) {
+            Ok(_) => {
+                self.failed.remove(addr);
                 addr.to_string()
             }
-            Err(_) => self.bootstrap.clone(),
+            Err(_) => {
+                self.failed.insert(addr.to_string(), Instant::now());
+                self.bootstrap.clone()
+            }
         }
     }
 
@@ -129,31 +164,35 @@ impl Leaders {
         self.conn(addr)
     }
 
-    /// The connection to the leader of `topic`-`p` (the bootstrap node when none is known or
-    /// the leader cannot be reached).
-    pub fn leader(&mut self, topic: &str, p: u32) -> Result<&mut Client, ClientError> {
-        let addr = self.address_of(topic, p);
-        let addr = self.reachable(&addr);
-        self.conn(&addr)
-    }
-
-    /// Runs `op` on the leader's connection; after `NotLeader`/`NodeUnavailable` (or a broken
-    /// connection) refreshes the metadata and runs it once more on the new leader.
+    /// Runs `op` on the leader's connection. After `NotLeader`/`NodeUnavailable` (not carried
+    /// out) it refreshes the metadata and runs `op` once more on the new leader; after a
+    /// broken connection or `OutcomeUnknown` it does so only for an `idempotent` request (a
+    /// read): a produce is never sent twice here.
     pub fn with_leader<T>(
         &mut self,
         topic: &str,
         p: u32,
+        idempotent: bool,
         mut op: impl FnMut(&mut Client) -> Result<T, ClientError>,
     ) -> Result<T, ClientError> {
-        let first = op(self.leader(topic, p)?);
+        let addr = self.address_of(topic, p);
+        let addr = self.reachable(&addr);
+        let first = op(self.conn(&addr)?);
         match first {
-            Err(e) if leader_moved(&e) || matches!(e, ClientError::Io(_)) => {
+            Err(e) if leader_moved(&e) || (idempotent && outcome_unknown(&e)) => {
                 if matches!(e, ClientError::Io(_)) {
-                    let addr = self.address_of(topic, p);
                     self.conns.remove(&addr);
                 }
                 self.refresh(topic)?;
-                op(self.leader(topic, p)?)
+                let addr = self.address_of(topic, p);
+                let addr = self.reachable(&addr);
+                op(self.conn(&addr)?)
+            }
+            Err(e) => {
+                if matches!(e, ClientError::Io(_)) {
+                    self.conns.remove(&addr);
+                }
+                Err(e)
             }
             r => r,
         }
@@ -166,7 +205,7 @@ impl Leaders {
         p: u32,
         records: &[RecordIn],
     ) -> Result<ProduceAck, ClientError> {
-        self.with_leader(topic, p, |c| {
+        self.with_leader(topic, p, false, |c| {
             c.produce(topic, PartitionChoice::Explicit(p), records)
         })
     }
@@ -181,13 +220,13 @@ impl Leaders {
         max_wait_ms: u32,
         filter: Option<&str>,
     ) -> Result<Fetched, ClientError> {
-        self.with_leader(topic, p, |c| {
+        self.with_leader(topic, p, true, |c| {
             c.fetch_filtered(topic, p, offset, max_bytes, max_wait_ms, filter)
         })
     }
 
     /// The offset for a timestamp (ms), or -1 = start, -2 = end, through the leader.
     pub fn list_offset(&mut self, topic: &str, p: u32, at: i64) -> Result<u64, ClientError> {
-        self.with_leader(topic, p, |c| c.list_offset(topic, p, at))
+        self.with_leader(topic, p, true, |c| c.list_offset(topic, p, at))
     }
 }

@@ -114,6 +114,24 @@ impl Client {
     /// Connects and handshakes.
     pub fn connect(addr: impl ToSocketAddrs) -> Result<Self, ClientError> {
         let stream = TcpStream::connect(addr)?;
+        Self::over(stream)
+    }
+
+    /// Connects within `timeout` (per address the name resolves to) and handshakes.
+    pub fn connect_within(addr: &str, timeout: Duration) -> Result<Self, ClientError> {
+        let mut last = None;
+        for a in addr.to_socket_addrs()? {
+            match TcpStream::connect_timeout(&a, timeout) {
+                Ok(stream) => return Self::over(stream),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(ClientError::Io(last.unwrap_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::NotFound, format!("{addr}: no address"))
+        })))
+    }
+
+    fn over(stream: TcpStream) -> Result<Self, ClientError> {
         stream.set_nodelay(true)?;
         let mut c = Self {
             reader: BufReader::with_capacity(256 * 1024, stream.try_clone()?),

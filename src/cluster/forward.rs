@@ -60,20 +60,23 @@ impl Drop for Link {
 pub struct Answer {
     rx: oneshot::Receiver<Bytes>,
     link: Rc<Link>,
+    corr: u64,
 }
 
 impl Answer {
-    /// The answer frame; `None` if the link broke first or no answer came within
-    /// [`limits::FORWARD_ANSWER_TIMEOUT_MS`] (then the link is given up: the next request
-    /// opens a new one).
-    pub async fn get(self) -> Option<Bytes> {
+    /// The answer frame; `None` if the link broke first, `give_up` resolved (the node was
+    /// seen down), or no answer came within [`limits::FORWARD_ANSWER_TIMEOUT_MS`]. In the last
+    /// two cases the link is given up (the next request opens a new one).
+    pub async fn get_or(self, give_up: impl std::future::Future<Output = ()>) -> Option<Bytes> {
         let timeout = async {
-            crate::runtime::sleep(Duration::from_millis(limits::FORWARD_ANSWER_TIMEOUT_MS)).await;
+            let limit = Duration::from_millis(limits::FORWARD_ANSWER_TIMEOUT_MS);
+            futures_lite::future::or(crate::runtime::sleep(limit), give_up).await;
             None
         };
         let got = futures_lite::future::or(self.rx, timeout).await;
         if got.is_none() {
             self.link.broken.set(true);
+            self.link.pending.borrow_mut().remove(&self.corr);
         }
         got
     }
@@ -120,25 +123,36 @@ impl ForwardLinks {
         link.pending.borrow_mut().insert(corr, tx);
         if let Err(e) = link.write(frame).await {
             link.pending.borrow_mut().remove(&corr);
-            self.links.borrow_mut().remove(&node);
+            self.forget(node, &link);
             return Err(ForwardError(format!("node {node} at {addr}: {e}")));
         }
-        Ok(Answer { rx, link })
+        Ok(Answer { rx, link, corr })
+    }
+
+    /// Drops `link` from the map if it is still the one for `node` (a newer link stays).
+    fn forget(&self, node: u32, link: &Rc<Link>) {
+        let mut links = self.links.borrow_mut();
+        if links.get(&node).is_some_and(|l| Rc::ptr_eq(l, link)) {
+            links.remove(&node);
+        }
     }
 
     /// The open link to `node`, connecting (with the handshake) if there is none or the last
-    /// one broke.
+    /// one broke. Two requests connecting at once (a fan-out and the next request) end up on
+    /// one link: the second to finish uses the first's.
     async fn link(&self, node: u32, addr: &str) -> Result<Rc<Link>, ForwardError> {
-        let existing = self.links.borrow().get(&node).cloned();
-        if let Some(l) = existing {
-            if !l.broken.get() {
-                return Ok(l);
-            }
+        let usable =
+            |links: &HashMap<u32, Rc<Link>>| links.get(&node).filter(|l| !l.broken.get()).cloned();
+        if let Some(l) = usable(&self.links.borrow()) {
+            return Ok(l);
         }
         let l =
             Rc::new(Link::connect(addr).await.map_err(|e| {
                 ForwardError(format!("node {node} at {addr} cannot be reached: {e}"))
             })?);
+        if let Some(first) = usable(&self.links.borrow()) {
+            return Ok(first);
+        }
         self.links.borrow_mut().insert(node, l.clone());
         Ok(l)
     }

@@ -13,10 +13,10 @@ pub mod wire {
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_ERROR_CODE: u16 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_ERROR_CODE: u16 = 22;
+pub const ENUM_MAX_ERROR_CODE: u16 = 23;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 23] = [
+pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 24] = [
   ErrorCode::None,
   ErrorCode::Malformed,
   ErrorCode::FrameTooLarge,
@@ -40,6 +40,7 @@ pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 23] = [
   ErrorCode::NotLeader,
   ErrorCode::ControllerUnavailable,
   ErrorCode::NodeUnavailable,
+  ErrorCode::OutcomeUnknown,
 ];
 
 /// Error codes. Stable numbers: clients switch on them.
@@ -93,9 +94,13 @@ impl ErrorCode {
   /// Cluster: the node leading the partition (or coordinating the group) is down or cannot be
   /// reached. Retry; after a failover the partition has a new leader.
   pub const NodeUnavailable: Self = Self(22);
+  /// Cluster: the request reached the owning node but no answer came back (the node went
+  /// down or the link broke): it may or may not have taken effect. Read before retrying a
+  /// produce.
+  pub const OutcomeUnknown: Self = Self(23);
 
   pub const ENUM_MIN: u16 = 0;
-  pub const ENUM_MAX: u16 = 22;
+  pub const ENUM_MAX: u16 = 23;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::None,
     Self::Malformed,
@@ -120,6 +125,7 @@ impl ErrorCode {
     Self::NotLeader,
     Self::ControllerUnavailable,
     Self::NodeUnavailable,
+    Self::OutcomeUnknown,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -147,6 +153,7 @@ impl ErrorCode {
       Self::NotLeader => Some("NotLeader"),
       Self::ControllerUnavailable => Some("ControllerUnavailable"),
       Self::NodeUnavailable => Some("NodeUnavailable"),
+      Self::OutcomeUnknown => Some("OutcomeUnknown"),
       _ => None,
     }
   }

@@ -764,15 +764,13 @@ async fn forward_to_node(
             let me = shard.clone();
             Box::pin(async move {
                 // A node seen down (stopped, cut off) will not answer: say so now rather than
-                // at the answer timeout.
-                let gone = async {
-                    node_goes_down(&me, node).await;
-                    None
-                };
-                let got = futures_lite::future::or(answer.get(), gone).await;
+                // at the answer timeout. The request was sent, so it may have taken effect.
+                let got = answer.get_or(node_goes_down(&me, node)).await;
                 got.unwrap_or_else(|| {
-                    let msg = format!("node {node} did not answer (it went down, the link broke, or it timed out)");
-                    proto::encode_error(corr, fb::ErrorCode::NodeUnavailable, &msg)
+                    let msg = format!(
+                        "node {node} did not answer (it went down, the link broke, or it timed out); the request may or may not have taken effect"
+                    );
+                    proto::encode_error(corr, fb::ErrorCode::OutcomeUnknown, &msg)
                 })
             })
         }
