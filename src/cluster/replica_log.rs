@@ -11,6 +11,12 @@
 //! shard reads those batches from the partition log (asynchronously), hands them back with
 //! [`ReplicaStorage::fill`] and calls `RawNode::on_entries_fetched`.
 //!
+//! Two rules for the driver, or raft-rs stops the replica (`fatal!` on a synchronous miss):
+//! call [`ReplicaStorage::set_applied`] with exactly the index it passes to
+//! `RawNode::advance_apply_to` (never ahead of what raft-rs considers applied), and start the
+//! `RawNode` with `Config::applied` equal to the `applied` given to [`ReplicaStorage::new`]
+//! after [`ReplicaStorage::preload`]ing every entry above it.
+//!
 //! Owns: the index and the cache. Must not touch: files or the partition log (the shard's
 //! Raft loop appends, truncates and reads the log and reports here what it did).
 

@@ -23,7 +23,7 @@ use raft::eraftpb::{ConfState, HardState};
 
 const MAGIC: &[u8; 4] = b"RQR1";
 const FILE: &str = "replica.state";
-/// Voters plus learners at most (a bound on what a file may claim).
+/// Voters and learners together at most (a bound on what a file may hold).
 const MEMBERS_MAX: usize = 64;
 
 /// What a replica keeps of its Raft state.
@@ -112,8 +112,9 @@ impl ReplicaState {
         let mut members = Vec::new();
         for _ in 0..2 {
             let n = r.count(8)?;
-            if n > MEMBERS_MAX {
-                return Err(format!("{n} members (at most {MEMBERS_MAX})"));
+            let total = n + members.iter().map(Vec::len).sum::<usize>();
+            if total > MEMBERS_MAX {
+                return Err(format!("{total} members (at most {MEMBERS_MAX})"));
             }
             members.push((0..n).map(|_| r.u64()).collect::<Result<Vec<_>, _>>()?);
         }
@@ -134,8 +135,16 @@ impl ReplicaState {
         })
     }
 
-    /// Replaces the state file in `dir` durably.
+    /// Replaces the state file in `dir` durably (blocking std I/O: a shard's Raft loop must
+    /// call it off its reactor or accept the stall; term and vote change rarely).
     pub fn save(&self, dir: &Path) -> std::io::Result<()> {
+        let members = self.conf_state.voters.len() + self.conf_state.learners.len();
+        if members > MEMBERS_MAX {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{members} members; a replica state holds at most {MEMBERS_MAX}"),
+            ));
+        }
         let tmp = dir.join(format!("{FILE}.tmp"));
         {
             let mut f = std::fs::File::create(&tmp)?;
@@ -151,6 +160,14 @@ impl ReplicaState {
     /// replica that forgot its vote could vote twice in a term).
     pub fn load(dir: &Path) -> Result<Option<Self>, String> {
         let p = path(dir);
+        // A state file is a few hundred bytes; a large one is not ours (never read whole).
+        let max_bytes = 64 + 8 * (8 + MEMBERS_MAX as u64);
+        if std::fs::metadata(&p).is_ok_and(|m| m.len() > max_bytes) {
+            return Err(format!(
+                "{}: larger than a replica state can be",
+                p.display()
+            ));
+        }
         match std::fs::read(&p) {
             Ok(bytes) => Self::decode(&bytes)
                 .map(Some)
