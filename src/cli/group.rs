@@ -18,6 +18,9 @@ use crate::client::{Client, ClientError};
 use crate::protocol::fb;
 use crate::protocol::groups::{AssignmentOut, OffsetOut};
 
+/// How long joining a group retries while its coordinator is unknown or down (a cluster).
+const JOIN_RETRY_MS: u64 = 15_000;
+
 pub fn group(server: &str, cmd: GroupCommand) -> Result<(), String> {
     let mut c = connect(server)?;
     let mut out = std::io::stdout().lock();
@@ -110,10 +113,25 @@ enum Flow {
 
 impl Member<'_> {
     fn join(&mut self, member_id: &str) -> Result<(), String> {
-        let a = self
-            .c
-            .join_group(self.group, &self.topics, member_id, self.session_ms)
-            .map_err(|e| format!("joining group {:?}: {e}", self.group))?;
+        // In a cluster the coordinator may be briefly unknown (the node is still learning the
+        // controller's voters) or down: retry for a while, as Kafka consumers do.
+        let deadline = Instant::now() + Duration::from_millis(JOIN_RETRY_MS);
+        let a = loop {
+            match self
+                .c
+                .join_group(self.group, &self.topics, member_id, self.session_ms)
+            {
+                Err(e)
+                    if matches!(
+                        e.code(),
+                        Some(fb::ErrorCode::ControllerUnavailable | fb::ErrorCode::NodeUnavailable)
+                    ) && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                r => break r.map_err(|e| format!("joining group {:?}: {e}", self.group))?,
+            }
+        };
         debug(&a);
         if a.member_id != self.member_id {
             self.hb.joined(&a.member_id);
