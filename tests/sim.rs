@@ -625,6 +625,31 @@ fn run_seeds(sim: fn(u64) -> String) {
     eprintln!("{n} seeds; last: {last}");
 }
 
+/// A node (1..=3) cut off from the others until a step.
+struct Isolation(Option<(u64, u32)>);
+
+impl Isolation {
+    /// Ends an isolation that is over (or every one once faults stop) and, while faults run,
+    /// starts one with chance 1/`one_in`, lasting 10 + up to `max_extra` steps. Returns whether
+    /// one started.
+    fn step(&mut self, rng: &mut Rng, at: (u32, bool), one_in: u64, max_extra: u64) -> bool {
+        let (step, faults) = at;
+        if self.0.is_some_and(|(_, until)| step >= until || !faults) {
+            self.0 = None;
+        }
+        if faults && self.0.is_none() && rng.below(one_in) == 0 {
+            self.0 = Some((1 + rng.below(3), step + 10 + rng.below(max_extra) as u32));
+            return true;
+        }
+        false
+    }
+
+    /// Whether a message between `from` and `to` is cut.
+    fn cuts(&self, from: u64, to: u64) -> bool {
+        self.0.is_some_and(|(n, _)| n == from || n == to)
+    }
+}
+
 /// The messages due at `step` (the rest stay in flight).
 fn take_due(net: &mut Vec<InFlight>, step: u32) -> Vec<InFlight> {
     let (due, later): (Vec<InFlight>, Vec<InFlight>) = net.drain(..).partition(|m| m.0 <= step);
@@ -680,19 +705,14 @@ fn controller_sim(seed: u64) -> String {
     let mut leaders_by_term: BTreeMap<u64, u64> = BTreeMap::new();
     let mut proposed = 0u32;
     let (mut crashes, mut drops, mut partitions) = (0, 0, 0);
-    // A node cut off from the others until a step: (node, until).
-    let mut isolated: Option<(u64, u32)> = None;
+    let mut isolated = Isolation(None);
     let steps = 1_500u32;
     for step in 0..steps {
         let faults = step < steps - 500;
-        if isolated.is_some_and(|(_, until)| step >= until || !faults) {
-            isolated = None;
-        }
-        if faults && isolated.is_none() && rng.below(100) == 0 {
-            isolated = Some((1 + rng.below(3), step + 10 + rng.below(60) as u32));
+        if isolated.step(&mut rng, (step, faults), 100, 60) {
             partitions += 1;
         }
-        let cut = |from: u64, to: u64| isolated.is_some_and(|(n, _)| n == from || n == to);
+        let cut = |from: u64, to: u64| isolated.cuts(from, to);
         // Crash or restart.
         if faults && rng.below(40) == 0 {
             // Often the leader: elections and leader changes are where safety is at stake.
@@ -989,18 +1009,14 @@ fn replica_sim(seed: u64) -> String {
     let mut commits = [0u64; 3];
     let (mut crashes, mut drops, mut partitions, mut next_value) = (0, 0, 0, 0u64);
     let mut misses = 0u64;
-    let mut isolated: Option<(u64, u32)> = None;
+    let mut isolated = Isolation(None);
     let steps = 1_200u32;
     for step in 0..steps {
         let faults = step < steps - 400;
-        if isolated.is_some_and(|(_, until)| step >= until || !faults) {
-            isolated = None;
-        }
-        if faults && isolated.is_none() && rng.below(80) == 0 {
-            isolated = Some((1 + rng.below(3), step + 10 + rng.below(80) as u32));
+        if isolated.step(&mut rng, (step, faults), 80, 80) {
             partitions += 1;
         }
-        let cut = |from: u64, to: u64| isolated.is_some_and(|(n, _)| n == from || n == to);
+        let cut = |from: u64, to: u64| isolated.cuts(from, to);
         if faults && rng.below(50) == 0 {
             let i = rng.below(3) as usize;
             if nodes.iter().all(|n| n.is_some()) {
