@@ -1,5 +1,7 @@
 //! The sockets of one core: accept, read and verify frames, dispatch to the owning shard
-//! (here or across the mesh), write responses back.
+//! (here or across the mesh) or, in a cluster, to the owning node (a `Forwarded` frame over
+//! the connection's link; see `cluster::forward`), write responses back. Fan-out requests
+//! (metadata, status, lists) ask every shard and, in a cluster, every live node.
 //!
 //! Owns: this shard's listener and connections, and the mesh receive loops. Must not touch:
 //! partitions (it asks `shard::Shard`). Frames are verified here, once, before anything else
