@@ -260,7 +260,7 @@ pub const DELETED_TOPICS_REMEMBERED: usize = 10_000;
 pub const CLUSTER_NODES_MAX: usize = 256;
 
 /// A forwarded request's answer is awaited at most this long (longer than the longest fetch
-/// long-poll); then the link is dropped and the request answered `NodeUnavailable`.
+/// long-poll); then the link is dropped and the request answered `OutcomeUnknown`.
 pub const FORWARD_ANSWER_TIMEOUT_MS: u64 = FETCH_WAIT_MS_MAX as u64 + 30_000;
 
 /// Entry data (stored batch bytes) a partition replica keeps in memory beyond its unapplied
@@ -268,7 +268,7 @@ pub const FORWARD_ANSWER_TIMEOUT_MS: u64 = FETCH_WAIT_MS_MAX as u64 + 30_000;
 pub const REPLICA_CACHE_BYTES: usize = 8 << 20;
 
 /// While a forwarded request waits for its answer, how often it checks whether the node it
-/// went to has been seen down (then it is answered `NodeUnavailable` at once).
+/// went to has been seen down (then it is answered `OutcomeUnknown` at once).
 pub const FORWARD_NODE_CHECK_MS: u64 = 200;
 
 /// Entries read back from a partition log for lagging followers, held until raft-rs reads
@@ -283,9 +283,10 @@ pub const REPLICA_WANTED_MAX: usize = 64;
 /// else it asks through its bootstrap node.
 pub const CLIENT_LEADER_CONNECT_TIMEOUT_MS: u64 = 2_000;
 
-/// A cluster client waits this long for an answer on a leader's connection (longer than the
-/// longest fetch long-poll) before it drops the connection.
-pub const CLIENT_LEADER_READ_TIMEOUT_MS: u64 = FETCH_WAIT_MS_MAX as u64 + 30_000;
+/// A cluster client waits this long for an answer on a leader's connection (longer than a
+/// forwarding node waits, so the client sees that node's `OutcomeUnknown`) before it drops
+/// the connection.
+pub const CLIENT_LEADER_READ_TIMEOUT_MS: u64 = FORWARD_ANSWER_TIMEOUT_MS + 10_000;
 
 /// After a leader's address failed to connect, a cluster client goes through its bootstrap
 /// node for this long before trying that address again.

@@ -190,7 +190,9 @@ impl Waiting {
                 self.recovered(topic, p);
                 positions.insert((topic.to_string(), p), start);
             }
-            Err(e) if unavailable_for_now(&e) => {
+            Err(e)
+                if unavailable_for_now(&e) || e.code() == Some(fb::ErrorCode::OutcomeUnknown) =>
+            {
                 self.warn(topic, p, &e);
                 self.starts.insert((topic.to_string(), p), from);
             }

@@ -186,16 +186,24 @@ impl Leaders {
                 self.refresh(topic)?;
                 let addr = self.address_of(topic, p);
                 let addr = self.reachable(&addr);
-                op(self.conn(&addr)?)
+                let again = op(self.conn(&addr)?);
+                self.drop_if_broken(&addr, again)
             }
-            Err(e) => {
-                if matches!(e, ClientError::Io(_)) {
-                    self.conns.remove(&addr);
-                }
-                Err(e)
-            }
-            r => r,
+            r => self.drop_if_broken(&addr, r),
         }
+    }
+
+    /// Drops the connection to `addr` after an error that leaves it unusable: a broken
+    /// connection, or an answer out of step (a late answer to a timed-out request).
+    fn drop_if_broken<T>(
+        &mut self,
+        addr: &str,
+        r: Result<T, ClientError>,
+    ) -> Result<T, ClientError> {
+        if matches!(r, Err(ClientError::Io(_)) | Err(ClientError::Protocol(_))) {
+            self.conns.remove(addr);
+        }
+        r
     }
 
     /// Produces `records` to partition `p` through its leader.

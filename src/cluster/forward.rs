@@ -88,9 +88,21 @@ pub struct ForwardLinks {
     links: RefCell<HashMap<u32, Rc<Link>>>,
 }
 
-/// Why a request could not be handed to its node.
+/// Why a request could not be handed to its node, and whether some of it may have been
+/// written (then the node may have received and carried it out).
 #[derive(Debug)]
-pub struct ForwardError(pub String);
+pub struct ForwardError(pub String, pub bool);
+
+impl ForwardError {
+    fn not_sent(msg: String) -> Self {
+        Self(msg, false)
+    }
+
+    /// Whether the request may have reached the node.
+    pub fn maybe_sent(&self) -> bool {
+        self.1
+    }
+}
 
 impl std::fmt::Display for ForwardError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -112,19 +124,21 @@ impl ForwardLinks {
     ) -> Result<Answer, ForwardError> {
         let link = self.link(node, addr).await?;
         if corr == HANDSHAKE_CORR || link.pending.borrow().contains_key(&corr) {
-            return Err(ForwardError(format!(
+            return Err(ForwardError::not_sent(format!(
                 "correlation id {corr} is already in flight on this connection"
             )));
         }
         if link.pending.borrow().len() >= limits::FORWARD_PENDING_MAX {
-            return Err(ForwardError("too many forwarded requests in flight".into()));
+            return Err(ForwardError::not_sent(
+                "too many forwarded requests in flight".into(),
+            ));
         }
         let (tx, rx) = oneshot::channel();
         link.pending.borrow_mut().insert(corr, tx);
-        if let Err(e) = link.write(frame).await {
+        if let Err((started, e)) = link.write(frame).await {
             link.pending.borrow_mut().remove(&corr);
             self.forget(node, &link);
-            return Err(ForwardError(format!("node {node} at {addr}: {e}")));
+            return Err(ForwardError(format!("node {node} at {addr}: {e}"), started));
         }
         Ok(Answer { rx, link, corr })
     }
@@ -146,10 +160,9 @@ impl ForwardLinks {
         if let Some(l) = usable(&self.links.borrow()) {
             return Ok(l);
         }
-        let l =
-            Rc::new(Link::connect(addr).await.map_err(|e| {
-                ForwardError(format!("node {node} at {addr} cannot be reached: {e}"))
-            })?);
+        let l = Rc::new(Link::connect(addr).await.map_err(|e| {
+            ForwardError::not_sent(format!("node {node} at {addr} cannot be reached: {e}"))
+        })?);
         if let Some(first) = usable(&self.links.borrow()) {
             return Ok(first);
         }
@@ -189,7 +202,7 @@ impl Link {
         let (tx, _rx) = oneshot::channel();
         link.pending.borrow_mut().insert(HANDSHAKE_CORR, tx);
         let hello = proto::encode_handshake(HANDSHAKE_CORR, "ringmq-node-forward");
-        link.write(&hello).await?;
+        link.write(&hello).await.map_err(|(_, e)| e)?;
         glommio::spawn_local(read_answers(
             reader,
             link.pending.clone(),
@@ -200,18 +213,19 @@ impl Link {
     }
 
     /// Writes one frame, within [`limits::PEER_WRITE_TIMEOUT_MS`] (a node that stopped
-    /// reading breaks the link instead of stalling the client's connection).
-    async fn write(&self, frame: &[u8]) -> Result<(), String> {
+    /// reading breaks the link instead of stalling the client's connection). An error says
+    /// whether writing had started (then some of the frame, or all, may have arrived).
+    async fn write(&self, frame: &[u8]) -> Result<(), (bool, String)> {
         let _turn = self
             .write_lock
             .acquire_permit(1)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| (false, e.to_string()))?;
         if self.broken.get() {
-            return Err("the link broke".into());
+            return Err((false, "the link broke".into()));
         }
         let Some(mut w) = self.writer.borrow_mut().take() else {
-            return Err("the link is busy or broken".into());
+            return Err((false, "the link is busy or broken".into()));
         };
         let write = async {
             w.write_all(frame).await?;
@@ -233,7 +247,7 @@ impl Link {
                 self.broken.set(true);
                 // The half is kept (and the fd with it) until the link is dropped.
                 *self.writer.borrow_mut() = Some(w);
-                Err(e.to_string())
+                Err((true, e.to_string()))
             }
         }
     }

@@ -776,6 +776,12 @@ async fn forward_to_node(
                 })
             })
         }
+        // Part of the frame may have reached the node: it may have carried it out.
+        Err(e) if e.maybe_sent() => Box::pin(ready(proto::encode_error(
+            corr,
+            fb::ErrorCode::OutcomeUnknown,
+            &format!("{e}; the request may or may not have taken effect"),
+        ))),
         Err(e) => unavailable(e.to_string()),
     }
 }
