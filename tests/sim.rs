@@ -650,11 +650,48 @@ impl Isolation {
     }
 }
 
-/// The messages due at `step` (the rest stay in flight).
-fn take_due(net: &mut Vec<InFlight>, step: u32) -> Vec<InFlight> {
-    let (due, later): (Vec<InFlight>, Vec<InFlight>) = net.drain(..).partition(|m| m.0 <= step);
+/// The messages due at `step`, as (to, message) in a seeded random order (the rest stay in
+/// flight).
+fn take_due(
+    net: &mut Vec<InFlight>,
+    rng: &mut Rng,
+    step: u32,
+) -> Vec<(u64, raft::eraftpb::Message)> {
+    let (mut due, later): (Vec<InFlight>, Vec<InFlight>) = net.drain(..).partition(|m| m.0 <= step);
     *net = later;
-    due
+    let mut out = Vec::with_capacity(due.len());
+    while !due.is_empty() {
+        let k = rng.below(due.len() as u64) as usize;
+        let (_, to, msg) = due.swap_remove(k);
+        out.push((to, msg));
+    }
+    out
+}
+
+/// Puts a node's outgoing messages on the network: while faults run, each is dropped with
+/// chance 1/10, delayed up to 3 steps and duplicated with chance 1/20; messages to or from
+/// an isolated node are dropped. Returns how many were dropped.
+fn send_faulty(
+    net: &mut Vec<InFlight>,
+    rng: &mut Rng,
+    out: Vec<raft::eraftpb::Message>,
+    at: (u32, bool),
+    isolated: &Isolation,
+) -> u32 {
+    let (step, faults) = at;
+    let mut drops = 0;
+    for m in out {
+        if (faults && rng.below(10) == 0) || isolated.cuts(m.from, m.to) {
+            drops += 1;
+            continue;
+        }
+        let delay = if faults { rng.below(4) as u32 } else { 0 };
+        let copies = if faults && rng.below(20) == 0 { 2 } else { 1 };
+        for _ in 0..copies {
+            net.push((step + 1 + delay, m.to, m.clone()));
+        }
+    }
+    drops
 }
 
 /// Checks that every two replicas applied the same commands at the same indexes as far as both
@@ -712,7 +749,6 @@ fn controller_sim(seed: u64) -> String {
         if isolated.step(&mut rng, (step, faults), 100, 60) {
             partitions += 1;
         }
-        let cut = |from: u64, to: u64| isolated.cuts(from, to);
         // Crash or restart.
         if faults && rng.below(40) == 0 {
             // Often the leader: elections and leader changes are where safety is at stake.
@@ -771,27 +807,15 @@ fn controller_sim(seed: u64) -> String {
             }
         }
         // Deliver what is due (in random order among those due).
-        let mut due = take_due(&mut net, step);
-        while !due.is_empty() {
-            let k = rng.below(due.len() as u64) as usize;
-            let (_, to, msg) = due.swap_remove(k);
+        for (to, msg) in take_due(&mut net, &mut rng, step) {
             if let Some(n) = nodes[(to - 1) as usize].as_mut() {
                 let _ = n.step(msg);
             }
         }
         // Each live replica handles its Ready; its messages enter the network.
         for n in nodes.iter_mut().flatten() {
-            for m in n.drive().expect("in-memory storage does not fail") {
-                if (faults && rng.below(10) == 0) || cut(m.from, m.to) {
-                    drops += 1;
-                    continue;
-                }
-                let delay = if faults { rng.below(4) as u32 } else { 0 };
-                let copies = if faults && rng.below(20) == 0 { 2 } else { 1 };
-                for _ in 0..copies {
-                    net.push((step + 1 + delay, m.to, m.clone()));
-                }
-            }
+            let out = n.drive().expect("in-memory storage does not fail");
+            drops += send_faulty(&mut net, &mut rng, out, (step, faults), &isolated);
             if n.is_leader() {
                 let prev = leaders_by_term.insert(n.term(), n.id());
                 assert!(
@@ -1016,7 +1040,6 @@ fn replica_sim(seed: u64) -> String {
         if isolated.step(&mut rng, (step, faults), 80, 80) {
             partitions += 1;
         }
-        let cut = |from: u64, to: u64| isolated.cuts(from, to);
         if faults && rng.below(50) == 0 {
             let i = rng.below(3) as usize;
             if nodes.iter().all(|n| n.is_some()) {
@@ -1052,10 +1075,7 @@ fn replica_sim(seed: u64) -> String {
                 }
             }
         }
-        let mut due = take_due(&mut net, step);
-        while !due.is_empty() {
-            let k = rng.below(due.len() as u64) as usize;
-            let (_, to, msg) = due.swap_remove(k);
+        for (to, msg) in take_due(&mut net, &mut rng, step) {
             if let Some(n) = nodes[(to - 1) as usize].as_mut() {
                 let _ = n.raw.step(msg);
             }
@@ -1064,17 +1084,8 @@ fn replica_sim(seed: u64) -> String {
             let Some(n) = nodes[i].as_mut() else {
                 continue;
             };
-            for m in replica_drive(n, &mut durable[i]) {
-                if (faults && rng.below(10) == 0) || cut(m.from, m.to) {
-                    drops += 1;
-                    continue;
-                }
-                let delay = if faults { rng.below(4) as u32 } else { 0 };
-                let copies = if faults && rng.below(20) == 0 { 2 } else { 1 };
-                for _ in 0..copies {
-                    net.push((step + 1 + delay, m.to, m.clone()));
-                }
-            }
+            let out = replica_drive(n, &mut durable[i]);
+            drops += send_faulty(&mut net, &mut rng, out, (step, faults), &isolated);
             assert!(
                 durable[i].hard_state.commit >= commits[i],
                 "seed {seed} step {step}: replica {} commit went back",
