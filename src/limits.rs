@@ -291,3 +291,41 @@ pub const CLIENT_LEADER_READ_TIMEOUT_MS: u64 = FORWARD_ANSWER_TIMEOUT_MS + 10_00
 /// After a leader's address failed to connect, a cluster client goes through its bootstrap
 /// node for this long before trying that address again.
 pub const CLIENT_LEADER_RETRY_MS: u64 = 1_000;
+
+/// The replication loop's tick: Raft election and heartbeat timeouts of partition replicas
+/// are counted in these.
+pub const REPLICA_TICK_MS: u64 = 100;
+
+/// A replicated produce waits this long for its batch to be committed; then the producer is
+/// told the outcome is unknown (it may still be committed).
+pub const REPLICA_COMMIT_WAIT_MS: u64 = 10_000;
+
+/// Bytes read from a partition log per step when replica entries are read back.
+pub const REPLICA_READ_BYTES: usize = 1 << 20;
+
+/// Entry bytes per Raft append message at most (at least one entry is always sent).
+pub const REPLICA_MSG_BYTES_MAX: u64 = 1 << 20;
+
+/// Append messages in flight to one follower at most.
+pub const REPLICA_INFLIGHT_MSGS: usize = 256;
+
+/// Bytes proposed to one replica and not yet committed at most: beyond, produces are refused
+/// (the producer retries) until followers catch up.
+pub const REPLICA_UNCOMMITTED_BYTES: u64 = 64 << 20;
+
+/// Raft messages waiting in one shard's replication inbox at most; beyond, new ones are
+/// dropped (Raft retransmits).
+pub const REPLICA_INBOX_MESSAGES: usize = 65_536;
+
+/// Bytes of Raft messages for one node packed into one peer frame at most.
+pub const REPLICA_FRAME_BYTES: usize = 4 << 20;
+
+/// Partition replicas one shard holds at most.
+pub const REPLICAS_PER_SHARD_MAX: usize = 4_096;
+
+/// Default `--election-timeout-ms`: a replicated partition elects a new leader after this
+/// long without hearing one.
+pub const ELECTION_TIMEOUT_MS_DEFAULT: u64 = 1_000;
+
+/// Replicas per partition at most (`topic create --replicas`): a Raft group of 1 to 5.
+pub const REPLICATION_FACTOR_MAX: u32 = 5;

@@ -184,6 +184,10 @@ pub struct ServeArgs {
     /// Cluster: a node silent this long is down.
     #[arg(long, default_value_t = limits::NODE_FAILURE_TIMEOUT_MS_DEFAULT)]
     pub node_failure_timeout_ms: u64,
+    /// Cluster: a replicated partition whose leader is silent this long elects a new one
+    /// (Raft election timeout; pre-vote and check-quorum are on).
+    #[arg(long, default_value_t = limits::ELECTION_TIMEOUT_MS_DEFAULT)]
+    pub election_timeout_ms: u64,
 }
 
 #[derive(Subcommand, Debug)]

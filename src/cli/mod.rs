@@ -180,5 +180,6 @@ fn cluster_config(a: &ServeArgs) -> Result<Option<ClusterConfig>, String> {
         seeds: parse_seeds(seeds)?,
         advertise,
         node_failure_timeout_ms: a.node_failure_timeout_ms,
+        election_timeout_ms: a.election_timeout_ms,
     }))
 }

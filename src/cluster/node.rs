@@ -40,6 +40,10 @@ const K_RAFT: u8 = 2;
 const K_PROPOSE: u8 = 3;
 const K_RESULT: u8 = 4;
 const K_META: u8 = 5;
+/// Partition replica messages (see `replication`).
+const K_REPLICA: u8 = super::replication::K_REPLICA;
+/// Partition leaderships a node saw: count, then (topic, partition, incarnation, term, leader).
+const K_LEADER: u8 = 7;
 
 const RESULT_OK: u8 = 0;
 const RESULT_REFUSED: u8 = 1;
@@ -70,8 +74,11 @@ impl std::fmt::Display for ProposeFailure {
 type Outcome = Result<u64, ProposeFailure>;
 
 /// What a derived table depends on: metadata version, controller leader, live nodes, voters
-/// known.
-type TableKey = (u64, Option<u32>, Vec<u32>, usize);
+/// known, partition leaderships seen.
+type TableKey = (u64, Option<u32>, Vec<u32>, usize, u64);
+
+/// Partition leaderships: (topic, partition) → (incarnation, term, leader node).
+type LeaderMap = BTreeMap<(String, u32), (u64, u64, u32)>;
 
 enum ReplyTo {
     Local(oneshot::Sender<Outcome>),
@@ -132,6 +139,11 @@ pub struct ClusterNode {
     applied_changed: Notify,
     stop: Rc<Cell<bool>>,
     started: Instant,
+    /// Replication messages that arrived, for the shards owning their partitions.
+    replica_in: RefCell<Vec<super::replication::Addressed>>,
+    /// The newest leadership seen of each replicated partition, and a counter of changes.
+    leaders: RefCell<LeaderMap>,
+    leaders_version: Cell<u64>,
 }
 
 impl ClusterNode {
@@ -183,6 +195,9 @@ impl ClusterNode {
             applied_changed: Notify::new(),
             stop: Rc::new(Cell::new(false)),
             started: Instant::now(),
+            replica_in: RefCell::new(Vec::new()),
+            leaders: RefCell::new(BTreeMap::new()),
+            leaders_version: Cell::new(0),
             cfg,
         });
         node.seed_ids
@@ -259,6 +274,7 @@ impl ClusterNode {
                 futures_lite::future::or(wait, crate::runtime::sleep(next_tick - now)).await;
             }
             self.handle_inbox();
+            self.dispatch_replica_messages(&shard);
             let now = Instant::now();
             if now >= next_tick {
                 next_tick = (next_tick + tick).max(now);
@@ -367,6 +383,23 @@ impl ClusterNode {
                     self.leader.set(Some(leader));
                 }
             }
+            K_REPLICA => {
+                let msgs = super::replication::decode_frame(&mut r, from, self.me())?;
+                let mut q = self.replica_in.borrow_mut();
+                if q.len() + msgs.len() > limits::REPLICA_INBOX_MESSAGES {
+                    self.dropped_frames.set(self.dropped_frames.get() + 1);
+                } else {
+                    q.extend(msgs);
+                }
+            }
+            K_LEADER => {
+                let n = r.count(24)?;
+                let mut seen = Vec::with_capacity(n);
+                for _ in 0..n {
+                    seen.push((r.str()?, r.u32()?, r.u64()?, r.u64()?, r.u32()?));
+                }
+                self.learn_leaders(seen);
+            }
             k => return Err(format!("unknown peer frame kind {k} from node {from}")),
         }
         Ok(())
@@ -424,6 +457,78 @@ impl ClusterNode {
         self.membership.borrow_mut().add_peer(h.from);
         self.hellos.borrow_mut().insert(h.from, h);
         self.applied_changed.notify_all();
+    }
+
+    /// Hands arrived replication messages to the shards owning their partitions.
+    fn dispatch_replica_messages(&self, shard: &Rc<Shard>) {
+        let msgs = std::mem::take(&mut *self.replica_in.borrow_mut());
+        if msgs.is_empty() {
+            return;
+        }
+        let mut per_shard: BTreeMap<usize, Vec<super::replication::Addressed>> = BTreeMap::new();
+        {
+            let table = shard.table();
+            for m in msgs {
+                if let Some(s) = table.get(&m.0).and_then(|t| t.shard_of(m.1, shard.count())) {
+                    per_shard.entry(s).or_default().push(m);
+                }
+            }
+        }
+        for (to, msgs) in per_shard {
+            shard.deliver_replica_messages(to, msgs);
+        }
+    }
+
+    // ---- partition leaderships ---------------------------------------------------------------
+
+    /// Leaderships this node's shards saw: learned, and told to every other node.
+    pub fn note_leaders(&self, seen: Vec<super::replication::LeaderReport>) {
+        if seen.is_empty() {
+            return;
+        }
+        let mut p = self.header();
+        p.extend_from_slice(&(seen.len() as u32).to_le_bytes());
+        for (topic, partition, incarnation, term, leader) in &seen {
+            put_str(&mut p, topic);
+            p.extend_from_slice(&partition.to_le_bytes());
+            p.extend_from_slice(&incarnation.to_le_bytes());
+            p.extend_from_slice(&term.to_le_bytes());
+            p.extend_from_slice(&leader.to_le_bytes());
+        }
+        let others: Vec<u32> = self
+            .meta
+            .borrow()
+            .nodes
+            .keys()
+            .copied()
+            .filter(|&n| n != self.me())
+            .collect();
+        for n in others {
+            self.send_to_node(n, K_LEADER, p.clone());
+        }
+        self.learn_leaders(seen);
+    }
+
+    /// Keeps, per partition, the leadership of the highest term (of the newest incarnation).
+    fn learn_leaders(&self, seen: Vec<super::replication::LeaderReport>) {
+        let mut leaders = self.leaders.borrow_mut();
+        let mut changed = false;
+        for (topic, partition, incarnation, term, leader) in seen {
+            if leaders.len() >= limits::REPLICAS_PER_SHARD_MAX * self.shard_count.max(1)
+                && !leaders.contains_key(&(topic.clone(), partition))
+            {
+                continue;
+            }
+            let e = leaders.entry((topic, partition)).or_insert((0, 0, 0));
+            if (incarnation, term) > (e.0, e.1) || ((incarnation, term) == (e.0, e.1) && e.2 == 0)
+            {
+                changed |= e.2 != leader || e.0 != incarnation;
+                *e = (incarnation, term, leader);
+            }
+        }
+        if changed {
+            self.leaders_version.set(self.leaders_version.get() + 1);
+        }
     }
 
     // ---- frames out ------------------------------------------------------------------------
@@ -830,6 +935,7 @@ impl ClusterNode {
             self.leader.get(),
             self.live_nodes(),
             self.voters.borrow().len(),
+            self.leaders_version.get(),
         );
         if self.last_key.borrow().as_ref() == Some(&key) {
             return;
@@ -881,6 +987,7 @@ impl ClusterNode {
         let me = self.me();
         let voters = self.voters.borrow();
         let membership = self.membership.borrow();
+        let leaders = self.leaders.borrow();
         let topics = meta
             .topics
             .iter()
@@ -890,7 +997,7 @@ impl ClusterNode {
                     shards: metadata::place_on_node(name, &t.replicas, me, self.shard_count),
                     retention_bytes: t.retention_bytes,
                     retention_ms: t.retention_ms,
-                    replicas: t.replicas.clone(),
+                    replicas: leader_first(name, t.incarnation, &t.replicas, &leaders),
                     incarnation: t.incarnation,
                 };
                 (name.clone(), tm)
@@ -928,4 +1035,24 @@ impl ClusterNode {
             }),
         }
     }
+}
+
+/// A topic's replicas with each partition's current leader (as last reported) first; the
+/// controller's order (the preferred leader first) where none is known.
+fn leader_first(name: &str, incarnation: u64, replicas: &[Vec<u32>], leaders: &LeaderMap) -> Vec<Vec<u32>> {
+    replicas
+        .iter()
+        .enumerate()
+        .map(|(p, r)| {
+            let mut r = r.clone();
+            let known = leaders
+                .get(&(name.to_string(), p as u32))
+                .filter(|l| l.0 == incarnation)
+                .map(|l| l.2);
+            if let Some(i) = known.and_then(|l| r.iter().position(|&n| n == l)) {
+                r[..=i].rotate_right(1);
+            }
+            r
+        })
+        .collect()
 }

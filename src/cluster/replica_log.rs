@@ -44,6 +44,8 @@ pub struct ReplicaIndex {
     /// Index and term of the last entry compacted away (0, 0 for a log never compacted).
     compacted_index: u64,
     compacted_term: u64,
+    /// Offset after the last compacted entry: where the first entry starts.
+    compacted_end: u64,
     /// Entry `compacted_index + 1 + i` is `entries[i]`.
     entries: VecDeque<EntryMeta>,
 }
@@ -55,8 +57,23 @@ impl ReplicaIndex {
         Self {
             compacted_index: first_index.saturating_sub(1),
             compacted_term: prev_term,
+            compacted_end: 0,
             entries: VecDeque::new(),
         }
+    }
+
+    /// The same empty index, its first entry starting at `offset` (a log cut by retention).
+    pub fn with_first_offset(mut self, offset: u64) -> Self {
+        self.compacted_end = offset;
+        self
+    }
+
+    /// The offset after entry `idx` (`first_index() - 1` is the compaction point).
+    pub fn end_offset(&self, idx: u64) -> Option<u64> {
+        if idx == self.compacted_index {
+            return Some(self.compacted_end);
+        }
+        self.get(idx).map(|e| e.base_offset + u64::from(e.records))
     }
 
     pub fn first_index(&self) -> u64 {
@@ -138,6 +155,7 @@ impl ReplicaIndex {
                 Some(e) => {
                     self.compacted_index += 1;
                     self.compacted_term = e.term;
+                    self.compacted_end = e.base_offset + u64::from(e.records);
                 }
                 None => break,
             }
@@ -315,6 +333,16 @@ impl ReplicaStorage {
                 st.fetched.insert(e.index, e);
             }
         }
+    }
+
+    /// Where entry `idx` was stored, if the index has it.
+    pub fn entry_meta(&self, idx: u64) -> Option<EntryMeta> {
+        self.inner.borrow().index.get(idx).copied()
+    }
+
+    /// The offset after entry `idx - 1`: where entry `idx` must start.
+    pub fn end_offset_before(&self, idx: u64) -> Option<u64> {
+        self.inner.borrow().index.end_offset(idx.checked_sub(1)?)
     }
 
     /// The index (terms and offsets).

@@ -29,7 +29,8 @@ pub async fn rebuild_index<S: Storage>(
             state.first_offset
         ));
     }
-    let mut index = ReplicaIndex::starting_at(state.first_index, state.prev_term);
+    let mut index = ReplicaIndex::starting_at(state.first_index, state.prev_term)
+        .with_first_offset(state.first_offset);
     let mut at = state.first_offset;
     loop {
         let r = log

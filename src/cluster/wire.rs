@@ -68,6 +68,11 @@ impl<'a> Reader<'a> {
         String::from_utf8(b.to_vec()).map_err(|_| "cluster message string is not UTF-8".into())
     }
 
+    /// The next `n` bytes.
+    pub fn bytes(&mut self, n: usize) -> Result<&'a [u8], String> {
+        self.take(n)
+    }
+
     /// Everything not read yet.
     pub fn rest(&mut self) -> &'a [u8] {
         std::mem::take(&mut self.0)

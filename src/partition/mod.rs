@@ -174,8 +174,9 @@ impl<S: Storage> Partition<S> {
         self.append(batch)
     }
 
-    /// [`Self::produce`] without waiting for room in the write buffer (the caller reserved).
-    fn append(&self, batch: &VerifiedBatch) -> Result<Appended, PartitionError> {
+    /// The stored-batch metadata of a verified batch: records without a timestamp get the
+    /// partition clock's time.
+    fn batch_meta(&self, batch: &VerifiedBatch) -> BatchMeta {
         let facts = batch.facts();
         let (first, max) = if facts.max_timestamp_ms > 0 {
             (facts.first_timestamp_ms, facts.max_timestamp_ms)
@@ -183,12 +184,24 @@ impl<S: Storage> Partition<S> {
             let now = self.clock.now_ms();
             (now, now)
         };
-        let meta = BatchMeta {
+        BatchMeta {
             format: FormatTag::RingmqFlatbuffers,
             record_count: facts.record_count,
             first_timestamp_ms: first,
             max_timestamp_ms: max,
-        };
+        }
+    }
+
+    /// A replicated partition: the Raft entry data of a verified batch (a stored batch with
+    /// base offset and term 0; each replica stamps its own when it stores it).
+    pub fn entry_data(&self, batch: &VerifiedBatch) -> Vec<u8> {
+        batch::encode_with_term(&self.batch_meta(batch), 0, 0, batch.bytes())
+    }
+
+    /// [`Self::produce`] without waiting for room in the write buffer (the caller reserved).
+    fn append(&self, batch: &VerifiedBatch) -> Result<Appended, PartitionError> {
+        let facts = batch.facts();
+        let meta = self.batch_meta(batch);
         let info = self.log.append_buffered(meta, batch.bytes())?;
         Ok(Appended {
             info,
@@ -293,6 +306,11 @@ impl<S: Storage> Partition<S> {
         }
         let mut added = 0;
         for stored in &r.batches {
+            if let Some(h) = control_batch(stored) {
+                // No message at these offsets: settled as if acknowledged.
+                s.skip_control(h.base_offset, h.next_offset());
+                continue;
+            }
             let Some((h, rb)) = stored_batch(stored) else {
                 continue;
             };
@@ -470,6 +488,13 @@ fn deliver_at_ms(rec: &fb::Record<'_>) -> u64 {
                 .ok()
         })
         .unwrap_or(0)
+}
+
+/// The header of a replication control batch (no messages at its offsets), `None` for others.
+fn control_batch(stored: &[u8]) -> Option<batch::BatchHeader> {
+    batch::decode_header(stored)
+        .ok()
+        .filter(|h| h.format == FormatTag::Control)
 }
 
 /// The header and `RecordBatch` of a stored batch read from a partition's own log; `None` for

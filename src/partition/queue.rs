@@ -163,6 +163,21 @@ impl QueueState {
         self.floor = self.floor.max(offset.min(self.first_unsettled()));
     }
 
+    /// Offsets `base..next` hold no message (a replication control record): read and settled.
+    pub fn skip_control(&mut self, base: u64, next: u64) {
+        if next <= self.cursor {
+            return;
+        }
+        let from = base.max(self.cursor);
+        self.cursor = next;
+        if from <= self.floor && self.floor < next {
+            self.floor = next;
+        } else if from > self.floor {
+            self.acked.extend(from..next);
+        }
+        self.advance_floor();
+    }
+
     fn first_unsettled(&self) -> u64 {
         let mut m = self.cursor;
         if let Some((&o, _)) = self.pending.iter().next() {

@@ -738,6 +738,11 @@ pub fn decode_fetched_records(bytes: &[u8], from_offset: u64) -> Result<Vec<Reco
     let mut at = 0usize;
     while at < bytes.len() {
         let h = stored::decode_verified(&bytes[at..]).map_err(|e| e.to_string())?;
+        if h.format == stored::FormatTag::Control {
+            // A replication control record: an offset with no message.
+            at += h.stored_len();
+            continue;
+        }
         let payload = &bytes[at + stored::HEADER_BYTES..at + h.stored_len()];
         let batch = flatbuffers::root::<fb::RecordBatch>(payload).map_err(|e| e.to_string())?;
         for (i, r) in batch.records().iter().enumerate() {

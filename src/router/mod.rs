@@ -73,6 +73,14 @@ pub enum Internal {
         partition: u32,
         batch: VerifiedBatch,
     },
+    /// Raft messages from other nodes for partition replicas the receiver owns.
+    ReplicaMessages {
+        msgs: Vec<crate::cluster::replication::Addressed>,
+    },
+    /// Partition leaderships a shard saw (to shard 0, which tells the other nodes).
+    LeaderReports {
+        reports: Vec<crate::cluster::replication::LeaderReport>,
+    },
 }
 
 /// What travels back on the reply lane.

@@ -163,9 +163,13 @@ pub fn route(
         partitions: t.partitions(),
         partition,
     };
-    if !table.is_here(t, partition) {
+    // In a cluster a partition is served by its leader (the first replica in the table, which
+    // names the leader last reported); followers of a replicated partition forward too.
+    if table.node_id().is_some() {
         let leader = t.leader_node(partition).ok_or_else(unknown)?;
-        return Ok((partition, Dest::remote(leader)));
+        if Some(leader) != table.node_id() {
+            return Ok((partition, Dest::remote(leader)));
+        }
     }
     t.shard_of(partition, shards)
         .map(|s| (partition, Dest::local(s)))

@@ -251,6 +251,7 @@ async fn run_shard(
         println!("ringmq: listening on {listen}");
     }
     glommio::spawn_local(shard.clone().run_ticker()).detach();
+    shard.start_replication();
     server::accept_loop(shard.clone(), listener).await;
     Ok(())
 }

@@ -47,6 +47,8 @@ pub struct ClusterConfig {
     pub advertise: String,
     /// A node silent this long is down.
     pub node_failure_timeout_ms: u64,
+    /// A replicated partition's followers elect a new leader after this long without one.
+    pub election_timeout_ms: u64,
 }
 
 impl ClusterConfig {
@@ -73,6 +75,12 @@ impl ClusterConfig {
             return Err(format!(
                 "--node-failure-timeout-ms must be at least {} (two heartbeats)",
                 2 * limits::NODE_HEARTBEAT_MS
+            ));
+        }
+        if self.election_timeout_ms < 3 * limits::REPLICA_TICK_MS {
+            return Err(format!(
+                "--election-timeout-ms must be at least {} (three replication ticks)",
+                3 * limits::REPLICA_TICK_MS
             ));
         }
         Ok(())

@@ -54,6 +54,18 @@ impl WireCode for StorageError {
     }
 }
 
+impl WireCode for crate::cluster::replica::ReplicaError {
+    fn wire_code(&self) -> fb::ErrorCode {
+        use crate::cluster::replica::ReplicaError as E;
+        match self {
+            // Not stored: the producer asks for the leader again and retries.
+            E::NotLeader { .. } | E::Superseded => fb::ErrorCode::NotLeader,
+            E::Timeout => fb::ErrorCode::OutcomeUnknown,
+            E::Stopped(_) => fb::ErrorCode::PartitionUnavailable,
+        }
+    }
+}
+
 impl WireCode for PartitionError {
     fn wire_code(&self) -> fb::ErrorCode {
         match self {

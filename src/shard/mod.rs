@@ -19,6 +19,8 @@ use bytes::Bytes;
 
 use crate::protocol::VerifiedFrame;
 
+use crate::cluster::replica::{Replica, ReplicaTiming};
+use crate::cluster::replication::{Addressed, LeaderReport, Replication};
 use crate::limits;
 use crate::metadata::{self, MetaChange, Metadata, TopicMeta};
 use crate::partition::Partition;
@@ -143,7 +145,8 @@ impl std::fmt::Display for AdminError {
             Self::Storage(e) => write!(f, "{e}"),
             Self::Replicas(n, true) => write!(
                 f,
-                "--replicas {n}: partition replication is not built yet; topics have 1 replica until it lands"
+                "--replicas {n}: at most {} replicas per partition",
+                limits::REPLICATION_FACTOR_MAX
             ),
             Self::Replicas(n, false) => write!(
                 f,
@@ -186,6 +189,8 @@ pub struct Shard {
     started: Instant,
     /// Shard 0 of a cluster node: the node's cluster runtime (controller, peers).
     cluster: RefCell<Option<Rc<crate::cluster::node::ClusterNode>>>,
+    /// A cluster node: this shard's partition replicas and their Raft loop.
+    replication: Option<Rc<Replication>>,
 }
 
 fn ready(frame: Bytes) -> Pending {
@@ -200,6 +205,10 @@ impl Shard {
     /// A shard reading wall-clock time from `clock` (tests and simulation pass a manual one).
     pub fn with_clock(cfg: Rc<ServeConfig>, router: Router, clock: Rc<dyn Clock>) -> Self {
         let memory = crate::runtime::budget::Budget::new(cfg.memory_per_shard_bytes());
+        let replication = cfg.cluster.as_ref().map(|c| {
+            let timing = ReplicaTiming::from_election_timeout_ms(c.election_timeout_ms);
+            Rc::new(Replication::new(c.node_id, timing))
+        });
         Self {
             cfg,
             router,
@@ -222,6 +231,7 @@ impl Shard {
             state: RefCell::new(None),
             started: Instant::now(),
             cluster: RefCell::new(None),
+            replication,
         }
     }
 
@@ -232,6 +242,61 @@ impl Shard {
 
     fn cluster_node(&self) -> Option<Rc<crate::cluster::node::ClusterNode>> {
         self.cluster.borrow().clone()
+    }
+
+    /// A cluster node: this shard's partition replicas.
+    pub fn replication(&self) -> Option<Rc<Replication>> {
+        self.replication.clone()
+    }
+
+    /// Starts this shard's replication loop (a cluster node).
+    pub fn start_replication(self: &Rc<Self>) {
+        let Some(r) = self.replication() else {
+            return;
+        };
+        let (a, b, c) = (self.clone(), self.clone(), self.clone());
+        let stop: Rc<dyn Fn() -> bool> = Rc::new(move || a.is_shutting_down());
+        let peer_addr: Rc<dyn Fn(u32) -> Option<String>> =
+            Rc::new(move |id| b.table().node(id).map(|n| n.peer_addr.clone()));
+        let on_reports: Rc<dyn Fn(Vec<LeaderReport>)> =
+            Rc::new(move |reports| c.report_leaders(reports));
+        glommio::spawn_local(r.run(stop, peer_addr, on_reports)).detach();
+    }
+
+    /// Hands partition leaderships this shard saw to the node runtime on shard 0.
+    fn report_leaders(self: &Rc<Self>, reports: Vec<LeaderReport>) {
+        if reports.is_empty() {
+            return;
+        }
+        if let Some(node) = self.cluster_node() {
+            node.note_leaders(reports);
+            return;
+        }
+        let me = self.clone();
+        glommio::spawn_local(async move {
+            let call = Internal::LeaderReports { reports };
+            if let Err(e) = me.call_internal(Dest::local(0), call).await {
+                eprintln!("ringmq: shard {}: reporting leaderships: {e}", me.id());
+            }
+        })
+        .detach();
+    }
+
+    /// Replication messages from a peer for partitions on shard `to`.
+    pub fn deliver_replica_messages(self: &Rc<Self>, to: usize, msgs: Vec<Addressed>) {
+        if to == self.id() {
+            if let Some(r) = self.replication() {
+                r.deliver(msgs);
+            }
+            return;
+        }
+        let me = self.clone();
+        glommio::spawn_local(async move {
+            let call = Internal::ReplicaMessages { msgs };
+            // Lost only if the shard is gone (shutting down); Raft sends again.
+            let _ = me.call_internal(Dest::local(to), call).await;
+        })
+        .detach();
     }
 
     /// A copy of this shard's topic table.
@@ -315,6 +380,47 @@ impl Shard {
         }
     }
 
+    /// A cluster partition with more than one replica: the replicas' node ids. `None` for a
+    /// partition with one replica (no Raft) or on a single node.
+    fn replica_peers(&self, t: &TopicMeta, p: u32) -> Option<Vec<u32>> {
+        self.replication.as_ref()?;
+        t.replicas.get(p as usize).filter(|r| r.len() > 1).cloned()
+    }
+
+    /// Starts the Raft replica of a replicated partition whose log was just opened.
+    async fn open_replica(
+        &self,
+        part: Rc<LocalPartition>,
+        dir: &std::path::Path,
+        t: &TopicMeta,
+        peers: Vec<u32>,
+    ) -> Result<Rc<LocalPartition>, String> {
+        let Some(rep) = self.replication() else {
+            return Err("not a cluster node".into());
+        };
+        if rep.len() >= limits::REPLICAS_PER_SHARD_MAX {
+            return Err(format!(
+                "this shard holds {} partition replicas, its limit",
+                limits::REPLICAS_PER_SHARD_MAX
+            ));
+        }
+        let me = self.cfg.cluster.as_ref().map_or(0, |c| c.node_id);
+        let mut voters: Vec<u64> = peers.iter().map(|&n| u64::from(n)).collect();
+        voters.sort_unstable();
+        let sync = self.cfg.durability == storage::Durability::Always;
+        let replica = Replica::open(
+            part.clone(),
+            dir,
+            u64::from(me),
+            voters,
+            rep.timing,
+            sync,
+        )
+        .await?;
+        rep.add(Rc::new(replica), t.incarnation, peers);
+        Ok(part)
+    }
+
     /// Applies a versioned change from the controller, unless this copy already has it.
     pub async fn apply_meta_update(&self, version: u64, change: &MetaChange) -> Result<(), String> {
         if version <= self.meta.borrow().version {
@@ -384,6 +490,9 @@ impl Shard {
     /// Closes this shard's partitions of a removed topic and disposes of the directories of
     /// the partitions the old table placed on this shard (open or not).
     fn dispose_owned(&self, old: &TopicMeta, deleted: bool) {
+        if let Some(r) = &self.replication {
+            r.remove_topic(&old.name);
+        }
         self.partitions
             .borrow_mut()
             .retain(|(t, _), _| *t != old.name);
@@ -440,20 +549,24 @@ impl Shard {
                 .borrow_mut()
                 .insert(key.clone(), Slot::Opening);
             let began = Instant::now();
-            let opened = Partition::open(
-                DmaStorage,
-                &dir,
-                self.log_config(t),
-                &t.name,
-                p,
-                self.clock.clone(),
-            )
-            .await;
+            let peers = self.replica_peers(t, p);
+            let mut cfg = self.log_config(t);
+            if peers.is_some() {
+                cfg.commit_policy = storage::CommitPolicy::External;
+            }
+            let opened = Partition::open(DmaStorage, &dir, cfg, &t.name, p, self.clock.clone())
+                .await
+                .map_err(|e| e.to_string());
+            let opened = match (opened, peers) {
+                (Ok(part), Some(peers)) => self.open_replica(Rc::new(part), &dir, t, peers).await,
+                (Ok(part), None) => Ok(Rc::new(part)),
+                (Err(e), _) => Err(e),
+            };
             let slot = match opened {
                 Ok(part) => {
                     log_recovery(&t.name, p, &part, began.elapsed());
                     part.restore_subscriptions(self.take_restored_queues(&t.name, p));
-                    Slot::Ready(Rc::new(part))
+                    Slot::Ready(part)
                 }
                 Err(e) => {
                     let msg = format!("partition {}-{p} unavailable: {e}", t.name);
@@ -631,6 +744,9 @@ impl Shard {
             Ok(part) => part,
             Err(e) => return ready(e),
         };
+        if let Some(r) = self.replica(p.topic(), partition) {
+            return self.produce_replicated(corr, partition, &part, r, &batch);
+        }
         match part.produce(&batch).await {
             Err(e) => ready(wire_error::frame(corr, &e)),
             Ok(appended) => Box::pin(async move {
@@ -645,6 +761,40 @@ impl Shard {
                 }
             }),
         }
+    }
+
+    /// The replica of a replicated partition on this shard.
+    fn replica(&self, topic: &str, partition: u32) -> Option<Rc<Replica<DmaStorage>>> {
+        self.replication.as_ref()?.get(topic, partition)
+    }
+
+    fn replication_wake(&self) {
+        if let Some(r) = &self.replication {
+            r.wake();
+        }
+    }
+
+    /// A replicated partition: proposes the batch now (in the connection's order) and answers
+    /// once it is committed on a majority.
+    fn produce_replicated(
+        &self,
+        corr: u64,
+        partition: u32,
+        part: &LocalPartition,
+        r: Rc<Replica<DmaStorage>>,
+        batch: &crate::protocol::VerifiedBatch,
+    ) -> Pending {
+        let (index, term) = match r.propose(part.entry_data(batch)) {
+            Ok(x) => x,
+            Err(e) => return ready(wire_error::frame(corr, &e)),
+        };
+        self.replication_wake();
+        Box::pin(async move {
+            match r.wait_committed(index, term).await {
+                Ok(c) => proto::encode_produce_response(corr, partition, c.base_offset, c.records),
+                Err(e) => wire_error::frame(corr, &e),
+            }
+        })
     }
 
     async fn fetch(&self, corr: u64, partition: u32, frame: VerifiedFrame) -> Bytes {
@@ -707,6 +857,13 @@ impl Shard {
             }
             let mut partitions = Vec::new();
             for p in 0..t.partitions() {
+                let follower = self
+                    .replica(&t.name, p)
+                    .is_some_and(|r| !r.is_leader());
+                if follower {
+                    // The leader answers for it (the cluster placement fills it in).
+                    continue;
+                }
                 if let Some(Slot::Ready(part)) = parts.get(&(t.name.clone(), p)) {
                     let log = part.log();
                     partitions.push(proto::PartitionMetaOut {
@@ -809,8 +966,11 @@ impl Shard {
         if t.partitions == 0 || t.partitions > limits::PARTITIONS_PER_TOPIC_MAX {
             return Err(AdminError::InvalidPartitions(t.partitions));
         }
-        if t.replicas > 1 {
-            return Err(AdminError::Replicas(t.replicas, self.cfg.cluster.is_some()));
+        if t.replicas > 1 && self.cfg.cluster.is_none() {
+            return Err(AdminError::Replicas(t.replicas, false));
+        }
+        if t.replicas > limits::REPLICATION_FACTOR_MAX {
+            return Err(AdminError::Replicas(t.replicas, true));
         }
         if let Some(node) = self.cluster_node() {
             return self.create_in_cluster(&node, t).await;
@@ -880,10 +1040,32 @@ impl Shard {
                 let part = self
                     .open_partition(&topic, partition)
                     .map_err(|e| e.to_string())?;
+                if let Some(r) = self.replica(&topic, partition) {
+                    let (index, term) = r.propose(part.entry_data(&batch)).map_err(|e| e.to_string())?;
+                    self.replication_wake();
+                    return r
+                        .wait_committed(index, term)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string());
+                }
                 let appended = part.produce(&batch).await.map_err(|e| e.to_string())?;
                 part.acknowledged(&appended)
                     .await
                     .map_err(|e| e.to_string())
+            }
+            Internal::ReplicaMessages { msgs } => {
+                if let Some(r) = self.replication() {
+                    r.deliver(msgs);
+                }
+                Ok(())
+            }
+            Internal::LeaderReports { reports } => {
+                match self.cluster_node() {
+                    Some(node) => node.note_leaders(reports),
+                    None => return Err("leaderships reported to a shard without the node runtime".into()),
+                }
+                Ok(())
             }
         }
     }
@@ -918,7 +1100,7 @@ impl Shard {
         let cmd = crate::cluster::meta::MetaCommand::CreateTopic {
             name: t.name.clone(),
             partitions: t.partitions,
-            replicas: 1,
+            replicas: t.replicas.max(1),
             retention_bytes: t.retention_bytes,
             retention_ms: t.retention_ms,
             nodes: node.live_nodes(),

@@ -34,6 +34,10 @@ pub enum FormatTag {
     RingmqFlatbuffers = 1,
     /// Kafka RecordBatch v2 bytes (reserved for a later Kafka listener).
     KafkaRecordBatchV2 = 2,
+    /// A replication control record (a Raft entry with no batch: a new leader's first entry,
+    /// a membership change). It holds one offset and no payload; readers skip it, as Kafka
+    /// consumers skip control batches.
+    Control = 3,
     /// Opaque bytes (tests, benches).
     Opaque = 255,
 }
@@ -43,6 +47,7 @@ impl FormatTag {
         match v {
             1 => Some(Self::RingmqFlatbuffers),
             2 => Some(Self::KafkaRecordBatchV2),
+            3 => Some(Self::Control),
             255 => Some(Self::Opaque),
             _ => None,
         }

@@ -1,0 +1,546 @@
+//! One replicated partition on the shard that owns it (issue 14): a Raft group member (tikv
+//! `raft`, `RawNode`) whose log *is* the partition log. Every Raft entry is one stored batch;
+//! an entry's data is the stored batch as the leader encoded it (header and payload), and each
+//! replica stores it at the offset that follows the previous entry, with the entry's term in
+//! the header. Offsets are therefore a function of the Raft log prefix, and Raft's log
+//! matching makes every replica put the same batch at the same offsets. An entry without
+//! data (a new leader's first entry) is stored as one control record ([`FormatTag::Control`]).
+//!
+//! The Ready loop ([`Replica::drive`]) keeps the order raft-rs requires: append the entries
+//! (cutting a conflicting uncommitted suffix first), fdatasync under `--fsync always`, save a
+//! new term or vote to `replica.state`, and only then hand out the messages that depend on
+//! them; committed entries move the log's commit index (the high watermark readers see and
+//! acknowledgements wait for).
+//!
+//! Owns: the `RawNode`, its [`ReplicaStorage`] and the `replica.state` file. Must not touch:
+//! sockets (the shard's replication loop sends what `drive` returns), other partitions.
+
+use std::cell::{Cell, RefCell};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use raft::eraftpb::{Entry, Message};
+use raft::{Config, RawNode, StateRole};
+
+use super::replica_log::{EntryMeta, ReplicaIndex, ReplicaStorage};
+use super::replica_recovery::{rebuild_index, start_hard_state};
+use super::replica_state::ReplicaState;
+use crate::limits;
+use crate::runtime::Notify;
+use crate::partition::Partition;
+use crate::storage::{batch, BatchMeta, FormatTag, Log, Storage};
+
+/// Raft timing of partition replicas, in ticks of the replication loop.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplicaTiming {
+    pub tick_ms: u64,
+    pub election_ticks: usize,
+    pub heartbeat_ticks: usize,
+}
+
+impl ReplicaTiming {
+    /// Election after `election_timeout_ms` without a leader (at least 3 ticks).
+    pub fn from_election_timeout_ms(election_timeout_ms: u64) -> Self {
+        let tick_ms = limits::REPLICA_TICK_MS;
+        let election_ticks = (election_timeout_ms / tick_ms).max(3) as usize;
+        Self {
+            tick_ms,
+            election_ticks,
+            heartbeat_ticks: (election_ticks / 5).max(1),
+        }
+    }
+}
+
+/// Why a produce was not taken, or its outcome is not known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplicaError {
+    /// This replica does not lead; the node it believes leads (0: none known).
+    NotLeader { leader: u64 },
+    /// Taken, but a new leader replaced it before it was committed: not stored; retry.
+    Superseded,
+    /// Taken, and not committed in time: it may still be (retrying may store it twice).
+    Timeout,
+    /// The replica stopped (a storage error, or a peer contradicting its log).
+    Stopped(String),
+}
+
+impl std::fmt::Display for ReplicaError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NotLeader { leader: 0 } => {
+                write!(f, "this node does not lead the partition; no leader is known yet")
+            }
+            Self::NotLeader { leader } => {
+                write!(f, "this node does not lead the partition; node {leader} does")
+            }
+            Self::Superseded => write!(
+                f,
+                "a new leader took over before the batch was committed; it was not stored"
+            ),
+            Self::Timeout => write!(
+                f,
+                "the batch was not committed within {} ms; it may or may not be stored",
+                limits::REPLICA_COMMIT_WAIT_MS
+            ),
+            Self::Stopped(why) => write!(f, "the partition replica stopped: {why}"),
+        }
+    }
+}
+
+/// A committed batch: where it went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Committed {
+    pub base_offset: u64,
+    pub records: u32,
+}
+
+/// Who leads, as this replica last saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LeaderView {
+    pub leader: u64,
+    pub term: u64,
+}
+
+pub struct Replica<S: Storage> {
+    pub topic: String,
+    pub partition: u32,
+    id: u64,
+    raw: RefCell<RawNode<ReplicaStorage>>,
+    store: ReplicaStorage,
+    part: Rc<Partition<S>>,
+    dir: PathBuf,
+    /// The state last written to `replica.state`.
+    saved: RefCell<ReplicaState>,
+    /// fdatasync entries before answering (`--fsync always`).
+    sync_entries: bool,
+    driving: Cell<bool>,
+    applied: Cell<u64>,
+    applied_changed: Notify,
+    leader: Cell<LeaderView>,
+    failed: RefCell<Option<String>>,
+}
+
+fn logger() -> slog::Logger {
+    slog::Logger::root(slog::Discard, slog::o!())
+}
+
+/// The batch to store for a Raft entry: its metadata and payload. Empty data is a control
+/// record; other data must be a whole stored batch with a valid CRC (a peer's bytes).
+fn entry_batch(e: &Entry) -> Result<(BatchMeta, &[u8]), String> {
+    if e.data.is_empty() {
+        let meta = BatchMeta {
+            format: FormatTag::Control,
+            record_count: 1,
+            first_timestamp_ms: 0,
+            max_timestamp_ms: 0,
+        };
+        return Ok((meta, &[]));
+    }
+    let h = batch::decode_verified(&e.data)
+        .map_err(|err| format!("raft entry {} is not a stored batch: {err}", e.index))?;
+    let meta = BatchMeta {
+        format: h.format,
+        record_count: h.record_count,
+        first_timestamp_ms: h.first_timestamp_ms,
+        max_timestamp_ms: h.max_timestamp_ms,
+    };
+    let payload = &batch::payload(&e.data)[..h.payload_len as usize];
+    Ok((meta, payload))
+}
+
+/// The Raft entry for a stored batch read back from the log.
+fn batch_entry(index: u64, term: u64, stored: Bytes) -> Result<Entry, String> {
+    let h = batch::decode_verified(&stored).map_err(|e| format!("{e}"))?;
+    let data = if h.format == FormatTag::Control {
+        Bytes::new()
+    } else {
+        stored.slice(..h.stored_len())
+    };
+    Ok(Entry {
+        index,
+        term,
+        data,
+        ..Default::default()
+    })
+}
+
+/// The entries `lo..hi` of `index`, read from `log`.
+async fn read_entries<S: Storage>(
+    log: &Log<S>,
+    index: &ReplicaIndex,
+    lo: u64,
+    hi: u64,
+) -> Result<Vec<Entry>, String> {
+    let mut out = Vec::new();
+    let mut i = lo;
+    while i < hi {
+        let Some(m) = index.get(i) else {
+            break;
+        };
+        let r = log
+            .read_durable(m.base_offset, limits::REPLICA_READ_BYTES)
+            .await
+            .map_err(|e| format!("reading raft entry {i}: {e}"))?;
+        if r.batches.is_empty() {
+            return Err(format!("raft entry {i} is not in the log"));
+        }
+        for b in r.batches {
+            let Some(m) = index.get(i).filter(|_| i < hi) else {
+                break;
+            };
+            let e = batch_entry(i, m.term, b)?;
+            out.push(e);
+            i += 1;
+        }
+    }
+    Ok(out)
+}
+
+impl<S: Storage> Replica<S> {
+    /// Opens the replica of partition `part` (its log opened with an external commit policy)
+    /// in `dir`: a new group of `voters` if the directory has no state file, else the saved
+    /// state and the entries the log holds. `me` is this node's id.
+    pub async fn open(
+        part: Rc<Partition<S>>,
+        dir: &Path,
+        me: u64,
+        voters: Vec<u64>,
+        timing: ReplicaTiming,
+        sync_entries: bool,
+    ) -> Result<Self, String> {
+        let log = part.log();
+        let state = match ReplicaState::load(dir)? {
+            Some(s) => s,
+            None => {
+                if log.log_end() > log.start_offset() {
+                    return Err(format!(
+                        "{}: the log holds offsets {}..{} but there is no replica state",
+                        dir.display(),
+                        log.start_offset(),
+                        log.log_end()
+                    ));
+                }
+                let s = ReplicaState::new(voters);
+                s.save(dir)
+                    .map_err(|e| format!("{}: saving the replica state: {e}", dir.display()))?;
+                s
+            }
+        };
+        let index = rebuild_index(log, &state).await?;
+        let hs = start_hard_state(&state, &index);
+        let applied = hs.commit.max(index.first_index() - 1);
+        if let Some(m) = index.get(applied) {
+            log.advance_commit(m.base_offset + u64::from(m.records))
+                .map_err(|e| e.to_string())?;
+        }
+        let unapplied = read_entries(log, &index, applied + 1, index.last_index() + 1).await?;
+        let store = ReplicaStorage::new(index, hs, state.conf_state.clone(), applied);
+        store.preload(unapplied);
+        let cfg = Config {
+            id: me,
+            election_tick: timing.election_ticks,
+            heartbeat_tick: timing.heartbeat_ticks,
+            pre_vote: true,
+            check_quorum: true,
+            max_size_per_msg: limits::REPLICA_MSG_BYTES_MAX,
+            max_inflight_msgs: limits::REPLICA_INFLIGHT_MSGS,
+            max_uncommitted_size: limits::REPLICA_UNCOMMITTED_BYTES,
+            applied,
+            ..Default::default()
+        };
+        let raw = RawNode::new(&cfg, store.clone(), &logger())
+            .map_err(|e| format!("{}: starting raft: {e}", dir.display()))?;
+        Ok(Self {
+            topic: part.topic().to_string(),
+            partition: part.id(),
+            id: me,
+            raw: RefCell::new(raw),
+            store,
+            part,
+            dir: dir.to_path_buf(),
+            saved: RefCell::new(state),
+            sync_entries,
+            driving: Cell::new(false),
+            applied: Cell::new(applied),
+            applied_changed: Notify::new(),
+            leader: Cell::new(LeaderView::default()),
+            failed: RefCell::new(None),
+        })
+    }
+
+    /// A group never used yet (term 0): its preferred leader campaigns at once instead of
+    /// waiting an election timeout.
+    pub fn campaign_if_new_preferred(&self, preferred: bool) {
+        let mut raw = self.raw.borrow_mut();
+        if preferred && raw.raft.term == 0 {
+            let _ = raw.campaign();
+        }
+    }
+
+    pub fn failure(&self) -> Option<String> {
+        self.failed.borrow().clone()
+    }
+
+    fn fail(&self, why: String) {
+        eprintln!(
+            "ringmq: partition {}-{} replica stopped: {why}",
+            self.topic, self.partition
+        );
+        *self.failed.borrow_mut() = Some(why);
+        self.applied_changed.notify_all();
+    }
+
+    /// Who leads, as this replica last saw it.
+    pub fn leader(&self) -> LeaderView {
+        self.leader.get()
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raw.borrow().raft.state == StateRole::Leader
+    }
+
+    pub fn tick(&self) {
+        if self.failed.borrow().is_none() {
+            self.raw.borrow_mut().tick();
+        }
+    }
+
+    /// Hands a peer's message to Raft. raft-rs panics on a message that contradicts this
+    /// replica's log (only a corrupted peer or another cluster sends one): the panic is caught
+    /// and this replica stops instead of the broker.
+    pub fn step(&self, m: Message) {
+        if self.failed.borrow().is_some() {
+            return;
+        }
+        let from = m.from;
+        let stepped = {
+            let mut raw = self.raw.borrow_mut();
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| raw.step(m)))
+        };
+        match stepped {
+            Ok(_) => {}
+            Err(_) => self.fail(format!(
+                "a message from node {from} contradicts this replica's log"
+            )),
+        }
+    }
+
+    /// Whether [`Self::drive`] has work.
+    pub fn has_ready(&self) -> bool {
+        self.failed.borrow().is_none() && !self.driving.get() && self.raw.borrow().has_ready()
+    }
+
+    /// Proposes a stored batch (encoded with base offset and term 0; each replica stamps
+    /// them). Returns the Raft index and term it was given.
+    pub fn propose(&self, entry_data: Vec<u8>) -> Result<(u64, u64), ReplicaError> {
+        if let Some(why) = self.failure() {
+            return Err(ReplicaError::Stopped(why));
+        }
+        let mut raw = self.raw.borrow_mut();
+        if raw.raft.state != StateRole::Leader {
+            return Err(ReplicaError::NotLeader {
+                leader: raw.raft.leader_id,
+            });
+        }
+        let before = raw.raft.raft_log.last_index();
+        if raw.propose(Vec::new(), entry_data).is_err() {
+            return Err(ReplicaError::NotLeader {
+                leader: raw.raft.leader_id,
+            });
+        }
+        let index = raw.raft.raft_log.last_index();
+        if index != before + 1 {
+            return Err(ReplicaError::NotLeader {
+                leader: raw.raft.leader_id,
+            });
+        }
+        Ok((index, raw.raft.term))
+    }
+
+    /// Resolves when the entry proposed at (`index`, `term`) is committed and applied, with
+    /// where it was stored.
+    pub async fn wait_committed(&self, index: u64, term: u64) -> Result<Committed, ReplicaError> {
+        let deadline = Instant::now() + Duration::from_millis(limits::REPLICA_COMMIT_WAIT_MS);
+        loop {
+            let changed = self.applied_changed.wait();
+            if let Some(why) = self.failure() {
+                return Err(ReplicaError::Stopped(why));
+            }
+            if self.applied.get() >= index {
+                return match self.store.entry_meta(index) {
+                    Some(m) if m.term == term => Ok(Committed {
+                        base_offset: m.base_offset,
+                        records: m.records,
+                    }),
+                    _ => Err(ReplicaError::Superseded),
+                };
+            }
+            if self.store.entry_meta(index).is_some_and(|m| m.term != term) {
+                return Err(ReplicaError::Superseded);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(ReplicaError::Timeout);
+            }
+            futures_lite::future::or(changed, crate::runtime::sleep(deadline - now)).await;
+        }
+    }
+
+    /// Runs the Ready loop until Raft has nothing more, handing messages to `send` as soon as
+    /// they may go (a leader's appends at once, answers after the entries they acknowledge are
+    /// durable). Uses raft-rs's asynchronous persistence (`advance_append_async`, then
+    /// `on_persist_ready`), so messages stepped in while a write is in flight are fine. On a
+    /// storage error the replica stops.
+    pub async fn drive(&self, send: &dyn Fn(Vec<Message>)) {
+        if self.driving.replace(true) {
+            return;
+        }
+        if let Err(e) = self.drive_inner(send).await {
+            self.fail(e);
+        }
+        self.driving.set(false);
+    }
+
+    async fn drive_inner(&self, send: &dyn Fn(Vec<Message>)) -> Result<(), String> {
+        loop {
+            let mut rd = {
+                let mut raw = self.raw.borrow_mut();
+                if self.failed.borrow().is_some() || !raw.has_ready() {
+                    return Ok(());
+                }
+                raw.ready()
+            };
+            let number = rd.number();
+            if rd.ss().is_some() {
+                let raw = self.raw.borrow();
+                self.leader.set(LeaderView {
+                    leader: raw.raft.leader_id,
+                    term: raw.raft.term,
+                });
+            }
+            if !rd.snapshot().is_empty() {
+                return Err("a snapshot arrived; partition catch-up by snapshot is not built".into());
+            }
+            send(rd.take_messages());
+            // Committed entries in a Ready are already durable here (raft-rs hands out no
+            // more than min(committed, persisted)).
+            let committed = rd.take_committed_entries();
+            let entries = rd.take_entries();
+            let hs = rd.hs().cloned();
+            let after_persist = rd.take_persisted_messages();
+            self.raw.borrow_mut().advance_append_async(rd);
+            self.apply(&committed)?;
+            self.persist(&entries).await?;
+            if let Some(hs) = hs {
+                self.save_hard_state(&hs)?;
+            }
+            send(after_persist);
+            self.raw.borrow_mut().on_persist_ready(number);
+            self.fetch_wanted().await?;
+        }
+    }
+
+    /// Appends entries to the log at the offsets that follow the previous entry, cutting a
+    /// conflicting (uncommitted) suffix first.
+    async fn persist(&self, entries: &[Entry]) -> Result<(), String> {
+        let Some(first) = entries.first() else {
+            return Ok(());
+        };
+        let log = self.part.log();
+        if let Some(cut) = self.store.conflict_offset(first.index) {
+            log.truncate_suffix(cut)
+                .await
+                .map_err(|e| format!("cutting the log at offset {cut}: {e}"))?;
+        }
+        let expected = self.store.end_offset_before(first.index);
+        if expected != Some(log.log_end()) {
+            return Err(format!(
+                "raft entry {} would start at offset {:?} but the log ends at {}",
+                first.index,
+                expected,
+                log.log_end()
+            ));
+        }
+        let mut metas = Vec::with_capacity(entries.len());
+        for e in entries {
+            let term = u32::try_from(e.term).map_err(|_| format!("term {} too large", e.term))?;
+            let (meta, payload) = entry_batch(e)?;
+            log.reserve().await.map_err(|e| e.to_string())?;
+            log.set_leader_term(term);
+            let info = log
+                .append_buffered(meta, payload)
+                .map_err(|e| e.to_string())?;
+            metas.push(EntryMeta {
+                term: e.term,
+                base_offset: info.base_offset,
+                records: meta.record_count,
+            });
+        }
+        if self.sync_entries {
+            log.sync().await.map_err(|e| e.to_string())?;
+        }
+        self.store.append(entries, &metas)
+    }
+
+    /// Saves a new term, vote or commit index (blocking file I/O: a term or vote changes
+    /// rarely; the commit index alone is never saved here, only along with them).
+    fn save_hard_state(&self, hs: &raft::eraftpb::HardState) -> Result<(), String> {
+        self.store.set_hard_state(hs);
+        let mut next = self.saved.borrow().clone();
+        next.hard_state = hs.clone();
+        if self.saved.borrow().must_sync_before_send(&next) {
+            next.save(&self.dir)
+                .map_err(|e| format!("saving {}: {e}", self.dir.display()))?;
+            *self.saved.borrow_mut() = next;
+        }
+        Ok(())
+    }
+
+    /// Moves the log's commit index past the committed entries.
+    fn apply(&self, committed: &[Entry]) -> Result<(), String> {
+        let Some(last) = committed.last() else {
+            return Ok(());
+        };
+        let m = self
+            .store
+            .entry_meta(last.index)
+            .ok_or_else(|| format!("committed raft entry {} is not in the index", last.index))?;
+        let end = m.base_offset + u64::from(m.records);
+        if end > self.part.log().end_offset() {
+            self.part.log().advance_commit(end).map_err(|e| e.to_string())?;
+        }
+        self.store.set_applied(last.index);
+        self.raw.borrow_mut().advance_apply_to(last.index);
+        self.applied.set(last.index);
+        self.applied_changed.notify_all();
+        Ok(())
+    }
+
+    /// Reads back from the log the entries raft-rs wanted but the cache no longer had.
+    async fn fetch_wanted(&self) -> Result<(), String> {
+        for (lo, hi, ctx) in self.store.take_wanted() {
+            let index = self.store.index();
+            let entries = read_entries(self.part.log(), &index, lo, hi).await?;
+            self.store.fill(entries);
+            self.raw.borrow_mut().on_entries_fetched(ctx);
+        }
+        Ok(())
+    }
+
+    /// This replica's node id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// (last index, applied index, commit index) for status.
+    pub fn progress(&self) -> (u64, u64, u64) {
+        let raw = self.raw.borrow();
+        (
+            raw.raft.raft_log.last_index(),
+            self.applied.get(),
+            raw.raft.raft_log.committed,
+        )
+    }
+}
