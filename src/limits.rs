@@ -292,6 +292,11 @@ pub const CLIENT_LEADER_READ_TIMEOUT_MS: u64 = FORWARD_ANSWER_TIMEOUT_MS + 10_00
 /// node for this long before trying that address again.
 pub const CLIENT_LEADER_RETRY_MS: u64 = 1_000;
 
+/// A client asks the metadata again and retries a request whose partition has no reachable
+/// leader (`NotLeader`, `NodeUnavailable`) for this long: longer than a node failure timeout
+/// plus an election.
+pub const CLIENT_LEADER_WAIT_MS: u64 = 15_000;
+
 /// The replication loop's tick: Raft election and heartbeat timeouts of partition replicas
 /// are counted in these.
 pub const REPLICA_TICK_MS: u64 = 100;

@@ -165,9 +165,10 @@ impl Leaders {
     }
 
     /// Runs `op` on the leader's connection. After `NotLeader`/`NodeUnavailable` (not carried
-    /// out) it refreshes the metadata and runs `op` once more on the new leader; after a
-    /// broken connection or `OutcomeUnknown` it does so only for an `idempotent` request (a
-    /// read): a produce is never sent twice here.
+    /// out) it refreshes the metadata and runs `op` again on the leader named then, with a
+    /// growing pause, for up to [`limits::CLIENT_LEADER_WAIT_MS`] (a failover: the dead node's
+    /// partitions elect new leaders); after a broken connection or `OutcomeUnknown` it does so
+    /// only for an `idempotent` request (a read): a produce is never sent twice here.
     pub fn with_leader<T>(
         &mut self,
         topic: &str,
@@ -175,21 +176,38 @@ impl Leaders {
         idempotent: bool,
         mut op: impl FnMut(&mut Client) -> Result<T, ClientError>,
     ) -> Result<T, ClientError> {
-        let addr = self.address_of(topic, p);
-        let addr = self.reachable(&addr);
-        let first = op(self.conn(&addr)?);
-        match first {
-            Err(e) if leader_moved(&e) || (idempotent && outcome_unknown(&e)) => {
-                if matches!(e, ClientError::Io(_)) {
-                    self.conns.remove(&addr);
+        let began = Instant::now();
+        let wait = Duration::from_millis(limits::CLIENT_LEADER_WAIT_MS);
+        let mut pause_ms = 50;
+        let mut refreshed = false;
+        loop {
+            let addr = self.address_of(topic, p);
+            let addr = self.reachable(&addr);
+            let r = op(self.conn(&addr)?);
+            match r {
+                Err(e) if leader_moved(&e) || (idempotent && outcome_unknown(&e)) => {
+                    if matches!(e, ClientError::Io(_)) {
+                        self.conns.remove(&addr);
+                    }
+                    if refreshed && began.elapsed() >= wait {
+                        return self.drop_if_broken(&addr, Err(e));
+                    }
+                    if refreshed {
+                        std::thread::sleep(Duration::from_millis(pause_ms));
+                        pause_ms = (pause_ms * 2).min(500);
+                        // The failed mark is for picking a reachable node; a failover needs
+                        // the leader's address tried again.
+                        self.failed.clear();
+                    }
+                    refreshed = true;
+                    if let Err(re) = self.refresh(topic) {
+                        if began.elapsed() >= wait {
+                            return Err(re);
+                        }
+                    }
                 }
-                self.refresh(topic)?;
-                let addr = self.address_of(topic, p);
-                let addr = self.reachable(&addr);
-                let again = op(self.conn(&addr)?);
-                self.drop_if_broken(&addr, again)
+                r => return self.drop_if_broken(&addr, r),
             }
-            r => self.drop_if_broken(&addr, r),
         }
     }
 

@@ -520,8 +520,7 @@ impl ClusterNode {
                 continue;
             }
             let e = leaders.entry((topic, partition)).or_insert((0, 0, 0));
-            if (incarnation, term) > (e.0, e.1) || ((incarnation, term) == (e.0, e.1) && e.2 == 0)
-            {
+            if (incarnation, term) > (e.0, e.1) || ((incarnation, term) == (e.0, e.1) && e.2 == 0) {
                 changed |= e.2 != leader || e.0 != incarnation;
                 *e = (incarnation, term, leader);
             }
@@ -1039,7 +1038,12 @@ impl ClusterNode {
 
 /// A topic's replicas with each partition's current leader (as last reported) first; the
 /// controller's order (the preferred leader first) where none is known.
-fn leader_first(name: &str, incarnation: u64, replicas: &[Vec<u32>], leaders: &LeaderMap) -> Vec<Vec<u32>> {
+fn leader_first(
+    name: &str,
+    incarnation: u64,
+    replicas: &[Vec<u32>],
+    leaders: &LeaderMap,
+) -> Vec<Vec<u32>> {
     replicas
         .iter()
         .enumerate()

@@ -28,8 +28,8 @@ use super::replica_log::{EntryMeta, ReplicaIndex, ReplicaStorage};
 use super::replica_recovery::{rebuild_index, start_hard_state};
 use super::replica_state::ReplicaState;
 use crate::limits;
-use crate::runtime::Notify;
 use crate::partition::Partition;
+use crate::runtime::Notify;
 use crate::storage::{batch, BatchMeta, FormatTag, Log, Storage};
 
 /// Raft timing of partition replicas, in ticks of the replication loop.
@@ -70,10 +70,16 @@ impl std::fmt::Display for ReplicaError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::NotLeader { leader: 0 } => {
-                write!(f, "this node does not lead the partition; no leader is known yet")
+                write!(
+                    f,
+                    "this node does not lead the partition; no leader is known yet"
+                )
             }
             Self::NotLeader { leader } => {
-                write!(f, "this node does not lead the partition; node {leader} does")
+                write!(
+                    f,
+                    "this node does not lead the partition; node {leader} does"
+                )
             }
             Self::Superseded => write!(
                 f,
@@ -421,7 +427,9 @@ impl<S: Storage> Replica<S> {
                 });
             }
             if !rd.snapshot().is_empty() {
-                return Err("a snapshot arrived; partition catch-up by snapshot is not built".into());
+                return Err(
+                    "a snapshot arrived; partition catch-up by snapshot is not built".into(),
+                );
             }
             send(rd.take_messages());
             // Committed entries in a Ready are already durable here (raft-rs hands out no
@@ -509,7 +517,10 @@ impl<S: Storage> Replica<S> {
             .ok_or_else(|| format!("committed raft entry {} is not in the index", last.index))?;
         let end = m.base_offset + u64::from(m.records);
         if end > self.part.log().end_offset() {
-            self.part.log().advance_commit(end).map_err(|e| e.to_string())?;
+            self.part
+                .log()
+                .advance_commit(end)
+                .map_err(|e| e.to_string())?;
         }
         self.store.set_applied(last.index);
         self.raw.borrow_mut().advance_apply_to(last.index);

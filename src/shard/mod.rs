@@ -408,15 +408,8 @@ impl Shard {
         let mut voters: Vec<u64> = peers.iter().map(|&n| u64::from(n)).collect();
         voters.sort_unstable();
         let sync = self.cfg.durability == storage::Durability::Always;
-        let replica = Replica::open(
-            part.clone(),
-            dir,
-            u64::from(me),
-            voters,
-            rep.timing,
-            sync,
-        )
-        .await?;
+        let replica =
+            Replica::open(part.clone(), dir, u64::from(me), voters, rep.timing, sync).await?;
         rep.add(Rc::new(replica), t.incarnation, peers);
         Ok(part)
     }
@@ -857,9 +850,7 @@ impl Shard {
             }
             let mut partitions = Vec::new();
             for p in 0..t.partitions() {
-                let follower = self
-                    .replica(&t.name, p)
-                    .is_some_and(|r| !r.is_leader());
+                let follower = self.replica(&t.name, p).is_some_and(|r| !r.is_leader());
                 if follower {
                     // The leader answers for it (the cluster placement fills it in).
                     continue;
@@ -1041,7 +1032,9 @@ impl Shard {
                     .open_partition(&topic, partition)
                     .map_err(|e| e.to_string())?;
                 if let Some(r) = self.replica(&topic, partition) {
-                    let (index, term) = r.propose(part.entry_data(&batch)).map_err(|e| e.to_string())?;
+                    let (index, term) = r
+                        .propose(part.entry_data(&batch))
+                        .map_err(|e| e.to_string())?;
                     self.replication_wake();
                     return r
                         .wait_committed(index, term)
@@ -1063,7 +1056,11 @@ impl Shard {
             Internal::LeaderReports { reports } => {
                 match self.cluster_node() {
                     Some(node) => node.note_leaders(reports),
-                    None => return Err("leaderships reported to a shard without the node runtime".into()),
+                    None => {
+                        return Err(
+                            "leaderships reported to a shard without the node runtime".into()
+                        )
+                    }
                 }
                 Ok(())
             }
