@@ -23,6 +23,8 @@ pub struct Leaders {
     leaders: BTreeMap<(String, u32), String>,
     /// Partitions per topic, from the last metadata.
     partitions: BTreeMap<String, u32>,
+    /// Partitions with more than one replica (a new leader takes over when one dies).
+    replicated: std::collections::BTreeSet<(String, u32)>,
     /// Leader addresses that failed to connect, and when: skipped for
     /// [`limits::CLIENT_LEADER_RETRY_MS`].
     failed: HashMap<String, Instant>,
@@ -53,6 +55,7 @@ impl Leaders {
             conns,
             leaders: BTreeMap::new(),
             partitions: BTreeMap::new(),
+            replicated: std::collections::BTreeSet::new(),
             failed: HashMap::new(),
         }
     }
@@ -100,7 +103,11 @@ impl Leaders {
         };
         let n = t.partitions.len() as u32;
         self.leaders.retain(|(name, _), _| name != topic);
+        self.replicated.retain(|(name, _)| name != topic);
         for p in t.partitions {
+            if p.replicas.len() > 1 {
+                self.replicated.insert((topic.to_string(), p.partition));
+            }
             if !p.leader_address.is_empty() {
                 self.leaders
                     .insert((topic.to_string(), p.partition), p.leader_address);
@@ -165,10 +172,11 @@ impl Leaders {
     }
 
     /// Runs `op` on the leader's connection. After `NotLeader`/`NodeUnavailable` (not carried
-    /// out) it refreshes the metadata and runs `op` again on the leader named then, with a
-    /// growing pause, for up to [`limits::CLIENT_LEADER_WAIT_MS`] (a failover: the dead node's
-    /// partitions elect new leaders); after a broken connection or `OutcomeUnknown` it does so
-    /// only for an `idempotent` request (a read): a produce is never sent twice here.
+    /// out) it refreshes the metadata and runs `op` again on the leader named then: once for a
+    /// partition with one replica (its node is down until it returns), and for a replicated
+    /// one with a growing pause for up to [`limits::CLIENT_LEADER_WAIT_MS`] (a failover: a
+    /// follower takes over). After a broken connection or `OutcomeUnknown` it does so only
+    /// for an `idempotent` request (a read): a produce is never sent twice here.
     pub fn with_leader<T>(
         &mut self,
         topic: &str,
@@ -189,7 +197,8 @@ impl Leaders {
                     if matches!(e, ClientError::Io(_)) {
                         self.conns.remove(&addr);
                     }
-                    if refreshed && began.elapsed() >= wait {
+                    let failover = self.replicated.contains(&(topic.to_string(), p));
+                    if refreshed && (!failover || began.elapsed() >= wait) {
                         return self.drop_if_broken(&addr, Err(e));
                     }
                     if refreshed {
