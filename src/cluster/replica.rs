@@ -38,6 +38,10 @@ pub struct ReplicaTiming {
     pub tick_ms: u64,
     pub election_ticks: usize,
     pub heartbeat_ticks: usize,
+    /// raft-rs draws each election timeout from `election_ticks..2 * election_ticks` with its
+    /// own unseeded generator; `false` fixes it (the simulation breaks ties with seeded tick
+    /// jitter instead, so a seed replays).
+    pub randomized_election: bool,
 }
 
 impl ReplicaTiming {
@@ -49,6 +53,7 @@ impl ReplicaTiming {
             tick_ms,
             election_ticks,
             heartbeat_ticks: (election_ticks / 5).max(1),
+            randomized_election: true,
         }
     }
 }
@@ -244,9 +249,16 @@ impl<S: Storage> Replica<S> {
         let unapplied = read_entries(log, &index, applied + 1, index.last_index() + 1).await?;
         let store = ReplicaStorage::new(index, hs, state.conf_state.clone(), applied);
         store.preload(unapplied);
+        let (min_election_tick, max_election_tick) = if timing.randomized_election {
+            (0, 0)
+        } else {
+            (timing.election_ticks, timing.election_ticks + 1)
+        };
         let cfg = Config {
             id: me,
             election_tick: timing.election_ticks,
+            min_election_tick,
+            max_election_tick,
             heartbeat_tick: timing.heartbeat_ticks,
             pre_vote: true,
             check_quorum: true,
@@ -365,26 +377,34 @@ impl<S: Storage> Replica<S> {
         Ok((index, raw.raft.term))
     }
 
+    /// The outcome of the entry proposed at (`index`, `term`) if it is known: committed (and
+    /// applied) with where it was stored, or replaced by another leader's entry.
+    pub fn outcome(&self, index: u64, term: u64) -> Option<Result<Committed, ReplicaError>> {
+        if let Some(why) = self.failure() {
+            return Some(Err(ReplicaError::Stopped(why)));
+        }
+        let meta = self.store.entry_meta(index);
+        if self.applied.get() >= index {
+            return Some(match meta {
+                Some(m) if m.term == term => Ok(Committed {
+                    base_offset: m.base_offset,
+                    records: m.records,
+                }),
+                _ => Err(ReplicaError::Superseded),
+            });
+        }
+        meta.filter(|m| m.term != term)
+            .map(|_| Err(ReplicaError::Superseded))
+    }
+
     /// Resolves when the entry proposed at (`index`, `term`) is committed and applied, with
     /// where it was stored.
     pub async fn wait_committed(&self, index: u64, term: u64) -> Result<Committed, ReplicaError> {
         let deadline = Instant::now() + Duration::from_millis(limits::REPLICA_COMMIT_WAIT_MS);
         loop {
             let changed = self.applied_changed.wait();
-            if let Some(why) = self.failure() {
-                return Err(ReplicaError::Stopped(why));
-            }
-            if self.applied.get() >= index {
-                return match self.store.entry_meta(index) {
-                    Some(m) if m.term == term => Ok(Committed {
-                        base_offset: m.base_offset,
-                        records: m.records,
-                    }),
-                    _ => Err(ReplicaError::Superseded),
-                };
-            }
-            if self.store.entry_meta(index).is_some_and(|m| m.term != term) {
-                return Err(ReplicaError::Superseded);
+            if let Some(outcome) = self.outcome(index, term) {
+                return outcome;
             }
             let now = Instant::now();
             if now >= deadline {
