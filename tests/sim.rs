@@ -1185,12 +1185,14 @@ fn replica_simulation() {
 
 use ringmq::cluster::replica::{Replica, ReplicaTiming};
 
+type OpenReplica = (Rc<Partition<MemStorage>>, Rc<Replica<MemStorage>>);
+
 /// One node of the replicated-partition simulation: its storage survives a crash; the
 /// partition and replica are reopened from it.
 struct SimNode {
     storage: MemStorage,
     state_dir: std::path::PathBuf,
-    open: Option<(Rc<Partition<MemStorage>>, Rc<Replica<MemStorage>>)>,
+    open: Option<OpenReplica>,
 }
 
 fn sim_timing() -> ReplicaTiming {
@@ -1202,7 +1204,7 @@ fn sim_timing() -> ReplicaTiming {
     }
 }
 
-async fn open_node(n: &SimNode, id: u64) -> (Rc<Partition<MemStorage>>, Rc<Replica<MemStorage>>) {
+async fn open_node(n: &SimNode, id: u64) -> OpenReplica {
     let clock = Rc::new(ManualClock::new(1_000_000));
     let part = Partition::open(n.storage.clone(), Path::new("/r/t-0"), cfg(), "t", 0, clock)
         .await
@@ -1290,10 +1292,9 @@ async fn partition_replication_sim(seed: u64) -> String {
             pending.retain(|p| p.0 != i);
             crashes += 1;
         }
-        for i in 0..3 {
-            if nodes[i].open.is_none() && (!faults || rng.below(10) == 0) {
-                let opened = open_node(&nodes[i], i as u64 + 1).await;
-                nodes[i].open = Some(opened);
+        for (i, n) in nodes.iter_mut().enumerate() {
+            if n.open.is_none() && (!faults || rng.below(10) == 0) {
+                n.open = Some(open_node(n, i as u64 + 1).await);
             }
         }
         for n in nodes.iter().filter_map(|n| n.open.as_ref()) {
@@ -1320,8 +1321,8 @@ async fn partition_replication_sim(seed: u64) -> String {
                 n.1.step(msg);
             }
         }
-        for i in 0..3 {
-            let Some((_, r)) = nodes[i].open.clone() else {
+        for n in &nodes {
+            let Some((_, r)) = n.open.clone() else {
                 continue;
             };
             let out = std::cell::RefCell::new(Vec::new());
