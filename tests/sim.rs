@@ -1204,9 +1204,16 @@ fn sim_timing() -> ReplicaTiming {
     }
 }
 
-async fn open_node(n: &SimNode, id: u64) -> OpenReplica {
+async fn open_node(n: &SimNode, id: u64, retention: bool) -> OpenReplica {
     let clock = Rc::new(ManualClock::new(1_000_000));
-    let part = Partition::open(n.storage.clone(), Path::new("/r/t-0"), cfg(), "t", 0, clock)
+    // With retention (every other seed), about three 16 KiB segments stay: a follower away
+    // long enough finds the entries it lacks deleted on the leader and skips to where the
+    // leader's log starts.
+    let cfg = LogConfig {
+        retention_bytes: retention.then_some(40 * 1024),
+        ..cfg()
+    };
+    let part = Partition::open(n.storage.clone(), Path::new("/r/t-0"), cfg, "t", 0, clock)
         .await
         .expect("open partition");
     let part = Rc::new(part);
@@ -1253,8 +1260,34 @@ async fn committed_ids(p: &Partition<MemStorage>) -> Vec<(u64, u64)> {
 /// A proposal whose outcome is not known yet: (node index, raft index, term, first id, count).
 type Proposal = (usize, u64, u64, u64, u64);
 
+/// Everything any replica ever showed readers: offset → id, and id → offset. A record never
+/// changes offset, and no offset ever shows two records.
+#[derive(Default)]
+struct Shown {
+    at: BTreeMap<u64, u64>,
+    of: BTreeMap<u64, u64>,
+}
+
+impl Shown {
+    fn add(&mut self, view: &[(u64, u64)], seed: u64, step: u32) {
+        for &(o, id) in view {
+            let x = *self.at.entry(o).or_insert(id);
+            assert_eq!(
+                x, id,
+                "seed {seed} step {step}: offset {o} showed {x}, now {id}"
+            );
+            let y = *self.of.entry(id).or_insert(o);
+            assert_eq!(
+                y, o,
+                "seed {seed} step {step}: id {id} at offsets {y} and {o}"
+            );
+        }
+    }
+}
+
 async fn partition_replication_sim(seed: u64) -> String {
     let mut rng = Rng::new(seed);
+    let retention = seed % 2 == 0;
     let root = std::env::temp_dir().join(format!("ringmq-rsim-{}-{seed}", std::process::id()));
     let mut nodes: Vec<SimNode> = (0..3)
         .map(|i| {
@@ -1268,15 +1301,14 @@ async fn partition_replication_sim(seed: u64) -> String {
         })
         .collect();
     for (i, n) in nodes.iter_mut().enumerate() {
-        n.open = Some(open_node(n, i as u64 + 1).await);
+        n.open = Some(open_node(n, i as u64 + 1, retention).await);
     }
     let mut net: Vec<InFlight> = Vec::new();
     let mut pending: Vec<Proposal> = Vec::new();
-    // Acknowledged (offset, id), and the longest committed view seen: no replica may ever
-    // show readers something else at an offset, or less than was acknowledged.
     let mut acked: Vec<(u64, u64)> = Vec::new();
-    let mut history: Vec<(u64, u64)> = Vec::new();
+    let mut shown = Shown::default();
     let (mut crashes, mut drops, mut partitions, mut next_id) = (0, 0, 0, 0u64);
+    let (mut deleted_segments, mut skips) = (0, 0);
     let mut isolated = Isolation(None);
     let steps = 900u32;
     for step in 0..steps {
@@ -1287,22 +1319,27 @@ async fn partition_replication_sim(seed: u64) -> String {
         // Power loss on one node (never two at once), and restarts.
         if faults && rng.below(60) == 0 && nodes.iter().all(|n| n.open.is_some()) {
             let i = rng.below(3) as usize;
-            nodes[i].open = None;
+            skips += nodes[i].open.take().map_or(0, |n| n.1.skips());
             nodes[i].storage.crash(rng.next_u64());
             pending.retain(|p| p.0 != i);
             crashes += 1;
         }
         for (i, n) in nodes.iter_mut().enumerate() {
-            if n.open.is_none() && (!faults || rng.below(10) == 0) {
-                n.open = Some(open_node(n, i as u64 + 1).await);
+            // A node stays down longer now and then, so retention overtakes it.
+            let back = if rng.below(4) == 0 { 40 } else { 10 };
+            if n.open.is_none() && (!faults || rng.below(back) == 0) {
+                n.open = Some(open_node(n, i as u64 + 1, retention).await);
             }
         }
         for n in nodes.iter().filter_map(|n| n.open.as_ref()) {
             if rng.below(10) != 0 {
                 n.1.tick();
             }
+            if step % 25 == 0 {
+                deleted_segments += n.1.enforce_retention(0).await.expect("retention");
+            }
         }
-        // A producer sends a batch of 1-3 records to whoever leads.
+        // A producer sends a batch of 1-3 records (about 1 KiB) to whoever leads.
         if step < steps - 100 && rng.below(3) == 0 {
             if let Some(i) =
                 (0..3).find(|&i| nodes[i].open.as_ref().is_some_and(|n| n.1.is_leader()))
@@ -1341,7 +1378,6 @@ async fn partition_replication_sim(seed: u64) -> String {
             );
         }
         // Outcomes: acknowledged at the offsets the leader reports.
-        let mut newly = Vec::new();
         pending.retain(|&(i, index, term, first, count)| {
             let Some((_, r)) = nodes[i].open.as_ref() else {
                 return false;
@@ -1350,70 +1386,66 @@ async fn partition_replication_sim(seed: u64) -> String {
                 None => true,
                 Some(Ok(c)) => {
                     assert_eq!(u64::from(c.records), count, "seed {seed}");
-                    newly.extend((0..count).map(|k| (c.base_offset + k, first + k)));
+                    acked.extend((0..count).map(|k| (c.base_offset + k, first + k)));
                     false
                 }
                 Some(Err(_)) => false,
             }
         });
-        acked.extend(newly);
-        // Every replica's committed view agrees with the longest one seen, which only grows
-        // (read every few steps: reading whole logs each step would dominate the run).
-        if step % 8 != 0 {
-            continue;
-        }
-        for n in nodes.iter().filter_map(|n| n.open.as_ref()) {
-            let view = committed_ids(&n.0).await;
-            let common = view.len().min(history.len());
-            assert_eq!(
-                view[..common],
-                history[..common],
-                "seed {seed} step {step}: committed views differ"
-            );
-            if view.len() > history.len() {
-                history = view;
+        // What replicas show readers never contradicts itself (read every few steps:
+        // reading whole logs each step would dominate the run).
+        if step % 8 == 0 {
+            for n in nodes.iter().filter_map(|n| n.open.as_ref()) {
+                shown.add(&committed_ids(&n.0).await, seed, step);
             }
-        }
-        // Nothing else ever shows at an acknowledged offset (an acknowledged batch may be
-        // invisible for a moment: after its leader's crash the others learn the commit index
-        // on the next append).
-        let at: BTreeMap<u64, u64> = history.iter().copied().collect();
-        for (o, id) in &acked {
-            if let Some(x) = at.get(o) {
-                assert_eq!(
-                    x, id,
-                    "seed {seed} step {step}: offset {o} holds {x}, acknowledged {id}"
-                );
+            // An acknowledged offset never shows another record.
+            for (o, id) in &acked {
+                if let Some(x) = shown.at.get(o) {
+                    assert_eq!(
+                        x, id,
+                        "seed {seed} step {step}: offset {o} acknowledged {id}"
+                    );
+                }
             }
         }
     }
-    let mut ids = BTreeSet::new();
-    for (_, id) in &history {
-        assert!(ids.insert(*id), "seed {seed}: id {id} stored twice");
-    }
+    // After the faults: every replica converged on one log, which holds every acknowledged
+    // record retention has not deleted, at its acknowledged offset.
     let mut finals = Vec::new();
     for n in nodes.iter().filter_map(|n| n.open.as_ref()) {
-        finals.push(committed_ids(&n.0).await);
+        let view = committed_ids(&n.0).await;
+        shown.add(&view, seed, steps);
+        finals.push((n.0.log().start_offset(), n.0.log().end_offset(), view));
+        skips += n.1.skips();
     }
+    let start = finals.iter().map(|f| f.0).max().unwrap_or(0);
+    let ends: Vec<u64> = finals.iter().map(|f| f.1).collect();
     assert!(
-        finals.iter().all(|f| *f == history),
-        "seed {seed}: replicas did not converge: {:?} vs {}",
-        finals.iter().map(Vec::len).collect::<Vec<_>>(),
-        history.len()
+        ends.iter().all(|&e| e == ends[0]),
+        "seed {seed}: ends differ: {ends:?}"
     );
-    let at: BTreeMap<u64, u64> = history.iter().copied().collect();
-    for (o, id) in &acked {
+    let tails: Vec<Vec<(u64, u64)>> = finals
+        .iter()
+        .map(|f| f.2.iter().copied().filter(|x| x.0 >= start).collect())
+        .collect();
+    assert!(
+        tails.iter().all(|t| *t == tails[0]),
+        "seed {seed}: replicas did not converge"
+    );
+    let last: BTreeMap<u64, u64> = tails[0].iter().copied().collect();
+    for (o, id) in acked.iter().filter(|a| a.0 >= start) {
         assert_eq!(
-            at.get(o),
+            last.get(o),
             Some(id),
             "seed {seed}: acknowledged id {id} at offset {o} lost"
         );
     }
     let _ = std::fs::remove_dir_all(&root);
     format!(
-        "{} records acked of {next_id} proposed, {} committed, {crashes} crashes, {partitions} partitions, {drops} drops",
+        "{} records acked of {next_id} proposed, {} shown, final log {start}..{}, {deleted_segments} segments deleted by retention, {skips} skips to the leader's start, {crashes} crashes, {partitions} partitions, {drops} drops",
         acked.len(),
-        history.len()
+        shown.at.len(),
+        ends[0]
     )
 }
 

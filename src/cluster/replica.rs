@@ -131,6 +131,8 @@ pub struct Replica<S: Storage> {
     applied_changed: Notify,
     leader: Cell<LeaderView>,
     failed: RefCell<Option<String>>,
+    /// Times this replica skipped to its leader's log start (a snapshot).
+    skips: Cell<u64>,
 }
 
 fn logger() -> slog::Logger {
@@ -239,6 +241,12 @@ impl<S: Storage> Replica<S> {
                 s
             }
         };
+        if log.log_end() < state.first_offset {
+            // A crash while the log was restarting after a snapshot: finish it.
+            log.reset_to(state.first_offset)
+                .await
+                .map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
         let index = rebuild_index(log, &state).await?;
         let hs = start_hard_state(&state, &index);
         let applied = hs.commit.max(index.first_index() - 1);
@@ -285,6 +293,7 @@ impl<S: Storage> Replica<S> {
             applied_changed: Notify::new(),
             leader: Cell::new(LeaderView::default()),
             failed: RefCell::new(None),
+            skips: Cell::new(0),
         })
     }
 
@@ -446,12 +455,8 @@ impl<S: Storage> Replica<S> {
                     term: raw.raft.term,
                 });
             }
-            if !rd.snapshot().is_empty() {
-                return Err(
-                    "a snapshot arrived; partition catch-up by snapshot is not built".into(),
-                );
-            }
-            send(rd.take_messages());
+            let snapshot = (!rd.snapshot().is_empty()).then(|| rd.snapshot().clone());
+            self.send_noting_snapshots(send, rd.take_messages());
             // Committed entries in a Ready are already durable here (raft-rs hands out no
             // more than min(committed, persisted)).
             let committed = rd.take_committed_entries();
@@ -459,15 +464,77 @@ impl<S: Storage> Replica<S> {
             let hs = rd.hs().cloned();
             let after_persist = rd.take_persisted_messages();
             self.raw.borrow_mut().advance_append_async(rd);
+            if let Some(snap) = &snapshot {
+                self.apply_snapshot(snap).await?;
+            }
             self.apply(&committed)?;
             self.persist(&entries).await?;
             if let Some(hs) = hs {
                 self.save_hard_state(&hs)?;
             }
-            send(after_persist);
+            self.send_noting_snapshots(send, after_persist);
             self.raw.borrow_mut().on_persist_ready(number);
+            if let Some(snap) = &snapshot {
+                let index = snap.get_metadata().index;
+                if self.applied.get() < index {
+                    self.store.set_applied(index);
+                    self.raw.borrow_mut().advance_apply_to(index);
+                    self.applied.set(index);
+                    self.applied_changed.notify_all();
+                }
+            }
             self.fetch_wanted().await?;
         }
+    }
+
+    /// Sends `msgs`; a snapshot (where this log starts: a few bytes, in the message itself) is
+    /// reported sent at once, so Raft probes the follower again instead of waiting for it
+    /// (a lost one is noticed by the probe and sent again).
+    fn send_noting_snapshots(&self, send: &dyn Fn(Vec<Message>), msgs: Vec<Message>) {
+        let snapshots: Vec<u64> = msgs
+            .iter()
+            .filter(|m| m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot)
+            .map(|m| m.to)
+            .collect();
+        send(msgs);
+        let mut raw = self.raw.borrow_mut();
+        for to in snapshots {
+            raw.report_snapshot(to, raft::SnapshotStatus::Finish);
+        }
+    }
+
+    /// The leader's retention deleted entries this replica lacks: its log restarts empty where
+    /// the leader's starts (the snapshot carries that offset; nothing below it exists any more
+    /// on the leader). The state file records the new start first.
+    async fn apply_snapshot(&self, snap: &raft::eraftpb::Snapshot) -> Result<(), String> {
+        let m = snap.get_metadata();
+        let first_offset = <[u8; 8]>::try_from(&snap.data[..])
+            .map(u64::from_le_bytes)
+            .map_err(|_| format!("a snapshot of {} bytes (8 expected)", snap.data.len()))?;
+        let mut next = self.saved.borrow().clone();
+        next.first_index = m.index + 1;
+        next.first_offset = first_offset;
+        next.prev_term = m.term;
+        next.conf_state = m.get_conf_state().clone();
+        next.hard_state.commit = next.hard_state.commit.max(m.index);
+        next.save(&self.dir)
+            .map_err(|e| format!("saving {}: {e}", self.dir.display()))?;
+        *self.saved.borrow_mut() = next;
+        self.part
+            .log()
+            .reset_to(first_offset)
+            .await
+            .map_err(|e| format!("restarting the log at offset {first_offset}: {e}"))?;
+        self.store
+            .reset(m.index, m.term, first_offset, m.get_conf_state());
+        self.skips.set(self.skips.get() + 1);
+        eprintln!(
+            "ringmq: partition {}-{}: caught up by skipping to offset {first_offset} (raft index {}), where the leader's log starts",
+            self.topic,
+            self.partition,
+            m.index + 1
+        );
+        Ok(())
     }
 
     /// Appends entries to the log at the offsets that follow the previous entry, cutting a
@@ -558,6 +625,47 @@ impl<S: Storage> Replica<S> {
             self.raw.borrow_mut().on_entries_fetched(ctx);
         }
         Ok(())
+    }
+
+    /// Deletes the sealed segments retention allows, only below what is applied. The state
+    /// file records the new start (index, offset, previous term) before any segment goes, so a
+    /// crash in between recovers (the scan starts at the state's start). Returns how many
+    /// segments were deleted.
+    pub async fn enforce_retention(&self, now_ms: i64) -> Result<usize, String> {
+        let log = self.part.log();
+        let applied_end = self
+            .store
+            .end_offset_before(self.applied.get() + 1)
+            .unwrap_or(0);
+        let start = log.retention_start(now_ms, applied_end);
+        if start <= log.start_offset() {
+            return Ok(0);
+        }
+        let Some(first_index) = self.store.index_of_offset(start) else {
+            return Ok(0);
+        };
+        if self.store.entry_meta(first_index).map(|m| m.base_offset) != Some(start) {
+            return Err(format!(
+                "retention would start the log at offset {start}, inside raft entry {first_index}"
+            ));
+        }
+        let prev_term = self.store.term_of(first_index - 1).unwrap_or(0);
+        let mut next = self.saved.borrow().clone();
+        next.first_index = first_index;
+        next.first_offset = start;
+        next.prev_term = prev_term;
+        next.save(&self.dir)
+            .map_err(|e| format!("saving {}: {e}", self.dir.display()))?;
+        *self.saved.borrow_mut() = next;
+        let deleted = log.delete_before(start).await.map_err(|e| e.to_string())?;
+        self.store.compact_to(first_index - 1);
+        Ok(deleted)
+    }
+
+    /// Times this replica skipped to its leader's log start (entries it lacked were deleted
+    /// by the leader's retention).
+    pub fn skips(&self) -> u64 {
+        self.skips.get()
     }
 
     /// This replica's node id.

@@ -335,6 +335,45 @@ impl ReplicaStorage {
         }
     }
 
+    /// Forgets entries up to `idx` (retention deleted their batches) and their cached data.
+    pub fn compact_to(&self, idx: u64) {
+        let mut st = self.inner.borrow_mut();
+        st.index.compact_to(idx);
+        let drop: Vec<u64> = st.cache.range(..=idx).map(|(i, _)| *i).collect();
+        for i in drop {
+            if let Some(e) = st.cache.remove(&i) {
+                st.cache_bytes -= e.data.len();
+            }
+        }
+        st.fetched.retain(|i, _| *i > idx);
+    }
+
+    /// The entry holding `offset`.
+    pub fn index_of_offset(&self, offset: u64) -> Option<u64> {
+        self.inner.borrow().index.index_of_offset(offset)
+    }
+
+    /// The term of entry `idx` (or of the compaction point).
+    pub fn term_of(&self, idx: u64) -> Option<u64> {
+        self.inner.borrow().index.term(idx)
+    }
+
+    /// Replaces everything with an empty log whose first entry will be `index + 1`, starting
+    /// at `first_offset`, the entry before it having `term` (a snapshot was applied).
+    pub fn reset(&self, index: u64, term: u64, first_offset: u64, conf_state: &ConfState) {
+        let mut st = self.inner.borrow_mut();
+        st.index = ReplicaIndex::starting_at(index + 1, term).with_first_offset(first_offset);
+        st.cache.clear();
+        st.cache_bytes = 0;
+        st.fetched.clear();
+        st.wanted.clear();
+        st.conf_state = conf_state.clone();
+        st.applied = st.applied.max(index);
+        if st.hard_state.commit < index {
+            st.hard_state.commit = index;
+        }
+    }
+
     /// Where entry `idx` was stored, if the index has it.
     pub fn entry_meta(&self, idx: u64) -> Option<EntryMeta> {
         self.inner.borrow().index.get(idx).copied()
@@ -438,9 +477,18 @@ impl raft::Storage for ReplicaStorage {
         Ok(self.inner.borrow().index.last_index())
     }
 
+    /// A follower needs entries retention deleted: the "snapshot" is where this log starts
+    /// (index and term of the entry before its first, the offset of its first, the voters),
+    /// with no data; the follower empties its log and continues from there.
     fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        // Catch-up by whole segments (a partition "snapshot") is a later step.
-        Err(store_err(StorageError::SnapshotTemporarilyUnavailable))
+        let st = self.inner.borrow();
+        let mut snap = Snapshot::default();
+        let m = snap.mut_metadata();
+        m.index = st.index.compacted_index;
+        m.term = st.index.compacted_term;
+        m.set_conf_state(st.conf_state.clone());
+        snap.data = bytes::Bytes::copy_from_slice(&st.index.compacted_end.to_le_bytes());
+        Ok(snap)
     }
 }
 

@@ -55,12 +55,16 @@ pub async fn rebuild_index<S: Storage>(
     }
 }
 
-/// The HardState to start Raft with: the saved one, its commit index no higher than the
-/// last entry the log holds (the commit is saved lazily and may have been written before the
+/// The HardState to start Raft with: the saved one, its commit index no lower than the last
+/// entry retention deleted and no higher than the last entry the log holds (the commit is saved lazily and may have been written before the
 /// entries it covers were durable; the leader sends it again).
 pub fn start_hard_state(state: &ReplicaState, index: &ReplicaIndex) -> raft::eraftpb::HardState {
     let mut hs = state.hard_state.clone();
-    hs.commit = hs.commit.min(index.last_index());
+    // Entries retention deleted were applied, hence committed.
+    hs.commit = hs
+        .commit
+        .min(index.last_index())
+        .max(index.first_index() - 1);
     hs
 }
 

@@ -1239,7 +1239,15 @@ impl Shard {
                 last_retention = now;
                 for part in self.open_partitions() {
                     let log = part.log();
-                    if let Err(e) = log.enforce_retention(self.now_ms()).await {
+                    let result = match self.replica(part.topic(), part.id()) {
+                        // A replicated log: its replica keeps the Raft index in step.
+                        Some(r) => r.enforce_retention(self.now_ms()).await,
+                        None => log
+                            .enforce_retention(self.now_ms())
+                            .await
+                            .map_err(|e| e.to_string()),
+                    };
+                    if let Err(e) = result {
                         eprintln!("ringmq: retention {}: {e}", log.dir().display());
                     }
                 }

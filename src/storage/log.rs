@@ -731,6 +731,54 @@ impl<S: Storage> Log<S> {
         res
     }
 
+    /// Drops every batch and starts the log empty at `offset`: a replica whose leader's
+    /// retention deleted the entries it lacks skips to where the leader's log starts (Kafka's
+    /// follower does the same when it falls behind the leader's log start). Waiters on dropped
+    /// batches get [`StorageError::Truncated`].
+    ///
+    /// Crash: segments go oldest first, then the new one is created; a crash in between leaves
+    /// a shorter or empty log, which the caller finishes by calling this again (the replica
+    /// state, saved first, says where the log must start).
+    pub async fn reset_to(&self, offset: u64) -> Result<(), StorageError> {
+        self.become_flusher().await?;
+        self.st.borrow_mut().truncating = true;
+        let res = self.reset_inner(offset).await;
+        {
+            let mut st = self.st.borrow_mut();
+            st.truncating = false;
+            st.flushing = false;
+            if let Err(e) = &res {
+                st.failed = Some(e.to_string());
+            }
+        }
+        self.flushed.notify_all();
+        self.data.notify_all();
+        res
+    }
+
+    async fn reset_inner(&self, offset: u64) -> Result<(), StorageError> {
+        let bases: Vec<u64> = self.st.borrow().segments.keys().copied().collect();
+        for &base in &bases {
+            self.remove_segment_files(base).await?;
+        }
+        let seg = create_segment(&self.storage, &self.dir, offset).await?;
+        let mut st = self.st.borrow_mut();
+        st.segments.clear();
+        st.segments.insert(offset, seg);
+        st.log_start = offset;
+        st.pending.clear();
+        st.pending_bytes = 0;
+        st.cache.clear();
+        st.cache_bytes = 0;
+        st.next_offset = offset;
+        st.written_end = offset;
+        st.durable_end = offset;
+        st.committed_end = offset;
+        st.unsynced_writes = false;
+        record_cut(&mut st, offset);
+        Ok(())
+    }
+
     /// Waits until no flush runs and takes the flusher role (no write interleaves).
     async fn become_flusher(&self) -> Result<(), StorageError> {
         loop {
@@ -1136,6 +1184,37 @@ impl<S: Storage> Log<S> {
             .sync_dir(&self.dir)
             .await
             .map_err(|e| StorageError::io(&self.dir, "sync dir", e))
+    }
+
+    /// Where the log would start if retention deleted, at `now_ms`, every segment it may and
+    /// none holding an offset at or above `limit` (a replicated log keeps what is not
+    /// applied): a segment base, or the current start.
+    pub fn retention_start(&self, now_ms: i64, limit: u64) -> u64 {
+        let st = self.st.borrow();
+        let segs: Vec<(u64, u64, i64)> = st
+            .segments
+            .values()
+            .map(|s| (s.base_offset, s.write_pos, s.max_timestamp_ms))
+            .collect();
+        let mut total: u64 = segs.iter().map(|s| s.1).sum();
+        let mut start = st.log_start;
+        for w in segs.windows(2) {
+            let ((_, bytes, max_ts), (next_base, _, _)) = (w[0], w[1]);
+            let by_bytes = self
+                .cfg
+                .retention_bytes
+                .is_some_and(|max| total - bytes >= max);
+            let by_age = self
+                .cfg
+                .retention_ms
+                .is_some_and(|ms| max_ts < now_ms.saturating_sub(ms as i64));
+            if !(by_bytes || by_age) || next_base > limit {
+                break;
+            }
+            total -= bytes;
+            start = next_base;
+        }
+        start
     }
 
     /// Deletes whole sealed segments beyond the retention bytes or older than retention ms
