@@ -1287,7 +1287,7 @@ impl Shown {
 
 async fn partition_replication_sim(seed: u64) -> String {
     let mut rng = Rng::new(seed);
-    let retention = seed % 2 == 0;
+    let retention = seed.is_multiple_of(2);
     let root = std::env::temp_dir().join(format!("ringmq-rsim-{}-{seed}", std::process::id()));
     let mut nodes: Vec<SimNode> = (0..3)
         .map(|i| {
