@@ -393,6 +393,24 @@ mod tests {
     }
 
     #[test]
+    fn control_records_are_settled_without_delivery() {
+        let mut q = QueueState::new(cfg(false, 100), 0);
+        // Offset 0 is a control record (a new leader's entry), then messages 1 and 2.
+        q.skip_control(0, 1);
+        assert_eq!((q.floor(), q.read_window().0), (1, 1));
+        q.add_read(1, None, 0);
+        q.add_read(2, None, 0);
+        // Another control record at 3 while 1 and 2 are unsettled: the floor waits for them.
+        q.skip_control(3, 4);
+        assert_eq!((q.floor(), q.read_window().0), (1, 4));
+        let d = q.dispatch(7, 10, 0);
+        assert_eq!(d.deliver, vec![(1, 1), (2, 1)], "only messages are delivered");
+        q.apply_ack(&[1, 2]);
+        assert_eq!(q.floor(), 4, "the control offset does not hold the floor back");
+        assert_eq!(q.backlog(4), 0);
+    }
+
+    #[test]
     fn lease_ack_floor() {
         let mut q = QueueState::new(cfg(false, 100), 0);
         for o in 0..5 {
