@@ -463,12 +463,19 @@ impl<S: Storage> Replica<S> {
             let entries = rd.take_entries();
             let hs = rd.hs().cloned();
             let after_persist = rd.take_persisted_messages();
+            // raft-rs reads what it hands over from the storage once it is advanced: the
+            // index and cache take the snapshot and entries first, the files follow.
+            let first_offset = match &snapshot {
+                Some(snap) => Some(self.stage_snapshot(snap)?),
+                None => None,
+            };
+            let staged = self.stage(&entries)?;
             self.raw.borrow_mut().advance_append_async(rd);
-            if let Some(snap) = &snapshot {
-                self.apply_snapshot(snap).await?;
+            if let (Some(snap), Some(offset)) = (&snapshot, first_offset) {
+                self.write_snapshot(snap, offset).await?;
             }
             self.apply(&committed)?;
-            self.persist(&entries).await?;
+            self.write_entries(&entries, staged).await?;
             if let Some(hs) = hs {
                 self.save_hard_state(&hs)?;
             }
@@ -503,14 +510,26 @@ impl<S: Storage> Replica<S> {
         }
     }
 
-    /// The leader's retention deleted entries this replica lacks: its log restarts empty where
-    /// the leader's starts (the snapshot carries that offset; nothing below it exists any more
-    /// on the leader). The state file records the new start first.
-    async fn apply_snapshot(&self, snap: &raft::eraftpb::Snapshot) -> Result<(), String> {
+    /// The leader's retention deleted entries this replica lacks: the snapshot says where the
+    /// leader's log starts (nothing below exists on the leader any more). The index restarts
+    /// there now; [`Self::write_snapshot`] does the same to the files. Returns that offset.
+    fn stage_snapshot(&self, snap: &raft::eraftpb::Snapshot) -> Result<u64, String> {
         let m = snap.get_metadata();
         let first_offset = <[u8; 8]>::try_from(&snap.data[..])
             .map(u64::from_le_bytes)
             .map_err(|_| format!("a snapshot of {} bytes (8 expected)", snap.data.len()))?;
+        self.store
+            .reset(m.index, m.term, first_offset, m.get_conf_state());
+        Ok(first_offset)
+    }
+
+    /// Records the snapshot's start in the state file, then restarts the log empty there.
+    async fn write_snapshot(
+        &self,
+        snap: &raft::eraftpb::Snapshot,
+        first_offset: u64,
+    ) -> Result<(), String> {
+        let m = snap.get_metadata();
         let mut next = self.saved.borrow().clone();
         next.first_index = m.index + 1;
         next.first_offset = first_offset;
@@ -525,8 +544,6 @@ impl<S: Storage> Replica<S> {
             .reset_to(first_offset)
             .await
             .map_err(|e| format!("restarting the log at offset {first_offset}: {e}"))?;
-        self.store
-            .reset(m.index, m.term, first_offset, m.get_conf_state());
         self.skips.set(self.skips.get() + 1);
         eprintln!(
             "ringmq: partition {}-{}: caught up by skipping to offset {first_offset} (raft index {}), where the leader's log starts",
@@ -537,46 +554,71 @@ impl<S: Storage> Replica<S> {
         Ok(())
     }
 
-    /// Appends entries to the log at the offsets that follow the previous entry, cutting a
-    /// conflicting (uncommitted) suffix first.
-    async fn persist(&self, entries: &[Entry]) -> Result<(), String> {
+    /// Puts entries in the index and cache at the offsets that follow the previous entry
+    /// (cutting a conflicting suffix from the index). Returns where the log must be cut
+    /// first, if anywhere.
+    fn stage(&self, entries: &[Entry]) -> Result<Option<u64>, String> {
+        let Some(first) = entries.first() else {
+            return Ok(None);
+        };
+        let cut = self.store.conflict_offset(first.index);
+        let mut base = self.store.end_offset_before(first.index).ok_or_else(|| {
+            format!(
+                "raft entry {} does not follow the entries this replica has",
+                first.index
+            )
+        })?;
+        let mut metas = Vec::with_capacity(entries.len());
+        for e in entries {
+            let (meta, _) = entry_batch(e)?;
+            metas.push(EntryMeta {
+                term: e.term,
+                base_offset: base,
+                records: meta.record_count,
+            });
+            base += u64::from(meta.record_count);
+        }
+        self.store.append(entries, &metas)?;
+        Ok(cut)
+    }
+
+    /// Writes staged entries to the log (cutting a conflicting suffix first) and fdatasyncs
+    /// under `--fsync always`; each must land at the offset it was staged at.
+    async fn write_entries(&self, entries: &[Entry], cut: Option<u64>) -> Result<(), String> {
         let Some(first) = entries.first() else {
             return Ok(());
         };
         let log = self.part.log();
-        if let Some(cut) = self.store.conflict_offset(first.index) {
+        if let Some(cut) = cut {
             log.truncate_suffix(cut)
                 .await
                 .map_err(|e| format!("cutting the log at offset {cut}: {e}"))?;
         }
-        let expected = self.store.end_offset_before(first.index);
-        if expected != Some(log.log_end()) {
-            return Err(format!(
-                "raft entry {} would start at offset {:?} but the log ends at {}",
-                first.index,
-                expected,
-                log.log_end()
-            ));
-        }
-        let mut metas = Vec::with_capacity(entries.len());
         for e in entries {
             let term = u32::try_from(e.term).map_err(|_| format!("term {} too large", e.term))?;
             let (meta, payload) = entry_batch(e)?;
+            let want = self
+                .store
+                .entry_meta(e.index)
+                .map(|m| m.base_offset)
+                .ok_or_else(|| format!("raft entry {} was not staged", e.index))?;
             log.reserve().await.map_err(|e| e.to_string())?;
             log.set_leader_term(term);
-            let info = log
-                .append_buffered(meta, payload)
+            if log.log_end() != want {
+                return Err(format!(
+                    "raft entry {} (first of this write: {}) belongs at offset {want} but the log ends at {}",
+                    e.index,
+                    first.index,
+                    log.log_end()
+                ));
+            }
+            log.append_buffered(meta, payload)
                 .map_err(|e| e.to_string())?;
-            metas.push(EntryMeta {
-                term: e.term,
-                base_offset: info.base_offset,
-                records: meta.record_count,
-            });
         }
         if self.sync_entries {
             log.sync().await.map_err(|e| e.to_string())?;
         }
-        self.store.append(entries, &metas)
+        Ok(())
     }
 
     /// Saves a new term, vote or commit index (blocking file I/O: a term or vote changes

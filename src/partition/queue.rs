@@ -404,9 +404,17 @@ mod tests {
         q.skip_control(3, 4);
         assert_eq!((q.floor(), q.read_window().0), (1, 4));
         let d = q.dispatch(7, 10, 0);
-        assert_eq!(d.deliver, vec![(1, 1), (2, 1)], "only messages are delivered");
+        assert_eq!(
+            d.deliver,
+            vec![(1, 1), (2, 1)],
+            "only messages are delivered"
+        );
         q.apply_ack(&[1, 2]);
-        assert_eq!(q.floor(), 4, "the control offset does not hold the floor back");
+        assert_eq!(
+            q.floor(),
+            4,
+            "the control offset does not hold the floor back"
+        );
         assert_eq!(q.backlog(4), 0);
     }
 
