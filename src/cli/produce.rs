@@ -7,7 +7,7 @@ use std::io::BufRead;
 
 use super::args::ProduceArgs;
 use super::common::{connect, connect_leaders};
-use crate::client::leaders::Leaders;
+use crate::client::leaders::{leader_moved, Leaders};
 use crate::client::{produce_ack, Client};
 use crate::protocol::{self as proto, fb, PartitionChoice, RecordIn};
 use std::collections::BTreeMap;
@@ -28,7 +28,14 @@ struct Sender<'a> {
     /// The connection each partition's batches use, fixed at its first batch: batches of one
     /// partition never race each other over two connections.
     pinned: BTreeMap<u32, String>,
+    /// Batches sent on each connection and not answered yet, in order.
+    sent: BTreeMap<String, std::collections::VecDeque<Batch>>,
+    /// Batches refused with NotLeader / NodeUnavailable (not stored), to send again in order.
+    refused: Vec<Batch>,
 }
+
+/// A batch as sent: where it was meant to go and its records.
+type Batch = (PartitionChoice<'static>, Vec<RecordIn>);
 
 impl Sender<'_> {
     /// Where a batch goes: its partition choice and the connection's address.
@@ -73,14 +80,20 @@ impl Sender<'_> {
         let (choice, addr) = self.route(choice);
         if self.in_flight.get(&addr).copied().unwrap_or(0) >= self.window {
             self.recv_one(&addr)?;
+            self.resend_refused()?;
         }
+        let (choice, addr) = self.route(choice);
         let batch = proto::encode_record_batch(records);
         let topic = self.topic;
         let c = self.leaders.at(&addr).map_err(|e| e.to_string())?;
         c.send(|corr| proto::encode_produce(corr, topic, choice, &batch))
             .map_err(|e| format!("producing to {topic:?}: {e}"))?;
         c.flush().map_err(|e| e.to_string())?;
-        *self.in_flight.entry(addr).or_default() += 1;
+        *self.in_flight.entry(addr.clone()).or_default() += 1;
+        self.sent
+            .entry(addr)
+            .or_default()
+            .push_back((choice, records.to_vec()));
         Ok(())
     }
 
@@ -90,10 +103,50 @@ impl Sender<'_> {
         let r = c
             .recv()
             .map_err(|e| format!("producing to {topic:?}: {e}"))?;
-        let ack = produce_ack(&r).map_err(|e| format!("producing to {topic:?}: {e}"))?;
-        self.acked += u64::from(ack.record_count);
         if let Some(n) = self.in_flight.get_mut(addr) {
             *n = n.saturating_sub(1);
+        }
+        let batch = self.sent.get_mut(addr).and_then(|q| q.pop_front());
+        match produce_ack(&r) {
+            Ok(ack) => self.acked += u64::from(ack.record_count),
+            // Not stored: sent again once this connection's other batches are answered.
+            Err(e) if leader_moved(&e) && batch.is_some() => {
+                self.refused.extend(batch);
+            }
+            Err(e) => return Err(format!("producing to {topic:?}: {e}")),
+        }
+        Ok(())
+    }
+
+    /// Sends refused batches again, in their order, one at a time, each to the leader the
+    /// metadata names then: after every batch still in flight is answered (a partition's
+    /// later batches on the same connection were refused too, and queue behind). A replicated
+    /// partition is retried while a new leader is elected (up to
+    /// [`crate::limits::CLIENT_LEADER_WAIT_MS`]); one whose only node is down fails at once.
+    fn resend_refused(&mut self) -> Result<(), String> {
+        if self.refused.is_empty() {
+            return Ok(());
+        }
+        let addrs: Vec<String> = self.in_flight.keys().cloned().collect();
+        for addr in addrs {
+            while self.in_flight.get(&addr).copied().unwrap_or(0) > 0 {
+                self.recv_one(&addr)?;
+            }
+        }
+        let topic = self.topic;
+        for (choice, records) in std::mem::take(&mut self.refused) {
+            if let PartitionChoice::Explicit(p) = choice {
+                self.pinned.remove(&p);
+            }
+            let batch = proto::encode_record_batch(&records);
+            let ack = self
+                .leaders
+                .with_partition_leader(topic, choice, |c| {
+                    c.call(|corr| proto::encode_produce(corr, topic, choice, &batch))
+                        .and_then(|r| produce_ack(&r))
+                })
+                .map_err(|e| format!("producing to {topic:?}: {e}"))?;
+            self.acked += u64::from(ack.record_count);
         }
         Ok(())
     }
@@ -105,6 +158,7 @@ impl Sender<'_> {
                 self.recv_one(&addr)?;
             }
         }
+        self.resend_refused()?;
         Ok(self.acked)
     }
 }
@@ -162,6 +216,8 @@ pub fn produce(server: &str, a: ProduceArgs) -> Result<(), String> {
         acked: 0,
         round_robin: std::process::id(),
         pinned: BTreeMap::new(),
+        sent: BTreeMap::new(),
+        refused: Vec::new(),
     };
     let batch_max = a.batch.clamp(1, 100_000);
     let mut read = 0u64;

@@ -220,6 +220,24 @@ impl Leaders {
         }
     }
 
+    /// [`Self::with_leader`] for a produce's partition choice: an explicit partition goes to
+    /// its leader (retried as there); any other choice to the bootstrap node, once.
+    pub fn with_partition_leader<T>(
+        &mut self,
+        topic: &str,
+        choice: PartitionChoice<'_>,
+        mut op: impl FnMut(&mut Client) -> Result<T, ClientError>,
+    ) -> Result<T, ClientError> {
+        match choice {
+            PartitionChoice::Explicit(p) => self.with_leader(topic, p, false, op),
+            _ => {
+                let addr = self.bootstrap.clone();
+                let r = op(self.conn(&addr)?);
+                self.drop_if_broken(&addr, r)
+            }
+        }
+    }
+
     /// Drops the connection to `addr` after an error that leaves it unusable: a broken
     /// connection, or an answer out of step (a late answer to a timed-out request).
     fn drop_if_broken<T>(
