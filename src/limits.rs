@@ -334,3 +334,15 @@ pub const ELECTION_TIMEOUT_MS_DEFAULT: u64 = 1_000;
 
 /// Replicas per partition at most (`topic create --replicas`): a Raft group of 1 to 5.
 pub const REPLICATION_FACTOR_MAX: u32 = 5;
+
+/// Batches per idempotent producer a replicated partition remembers: a batch sent again among
+/// these is answered with where its first copy went. Kafka keeps 5 and caps a producer's
+/// requests in flight at 5; ringmq clients pipeline up to this many (`produce --window`).
+pub const PRODUCER_BATCHES_REMEMBERED: usize = 64;
+
+/// Idempotent producers one replicated partition remembers at most; beyond, the one unused
+/// longest is forgotten (its next batch is taken as the start of a new sequence).
+pub const PRODUCERS_PER_PARTITION_MAX: usize = 1_000;
+
+/// Raft entries read back at start to rebuild a replica's producer table (the newest ones).
+pub const PRODUCER_REBUILD_ENTRIES: u64 = 100_000;

@@ -833,3 +833,82 @@ fn a_replicated_partition_loses_no_acknowledged_message_when_leaders_are_killed(
         acked.len()
     );
 }
+
+#[test]
+fn killing_the_leader_while_the_cli_produces_stores_every_message_once_in_order() {
+    let _one = serialize();
+    let mut cluster = Cluster::start("cl-idem", 3);
+    let all = format!(
+        "{},{},{}",
+        cluster.addr(1),
+        cluster.addr(2),
+        cluster.addr(3)
+    );
+    let (code, _, err) = common::cli(
+        &all,
+        &[
+            "topic",
+            "create",
+            "r",
+            "--partitions",
+            "1",
+            "--replicas",
+            "3",
+        ],
+        "",
+    );
+    assert_eq!(code, 0, "{err}");
+    let leader = wait_for("a leader of r-0", || leader_of(&cluster.addr(1), "r", 0));
+    let other = (1..=3).find(|&n| n != leader).expect("a follower");
+
+    // A retried batch is answered with its first copy's offsets; a gap is refused.
+    let mut c = cluster.client(other);
+    let send = |c: &mut Client, seq: i64, v: &str| {
+        let batch = ringmq::protocol::encode_record_batch_as(&[rec(v)], Some((77, seq)));
+        c.call(|corr| {
+            ringmq::protocol::encode_produce(corr, "r", PartitionChoice::Explicit(0), &batch)
+        })
+        .and_then(|r| ringmq::client::produce_ack(&r))
+    };
+    let first = send(&mut c, 0, "dup").expect("first copy");
+    let again = send(&mut c, 0, "dup").expect("the same batch again");
+    assert_eq!(again.base_offset, first.base_offset, "stored once");
+    let gap = send(&mut c, 2, "gap").expect_err("sequence 1 was skipped");
+    assert_eq!(
+        gap.code(),
+        Some(ringmq::protocol::fb::ErrorCode::OutOfOrderSequence),
+        "{gap}"
+    );
+
+    // The CLI produces 60,000 lines through a follower; the leader dies meanwhile.
+    let lines: String = (0..60_000).map(|i| format!("{i}\n")).collect();
+    let via = cluster.addr(other);
+    let producer = std::thread::spawn(move || {
+        common::cli(
+            &via,
+            &["produce", "r", "--partition", "0", "--batch", "10"],
+            &lines,
+        )
+    });
+    std::thread::sleep(Duration::from_millis(400));
+    cluster.kill9(leader);
+    let (code, _, err) = producer.join().expect("producer thread");
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("produced 60000 messages"), "{err}");
+    let survivors: Vec<String> = (1..=3)
+        .filter(|&n| n != leader)
+        .map(|n| cluster.addr(n))
+        .collect();
+    let (code, out, err) = common::cli(
+        &survivors.join(","),
+        &["consume", "r", "--from", "earliest", "--idle-ms", "2000"],
+        "",
+    );
+    assert_eq!(code, 0, "{err}");
+    let got: Vec<u64> = out.lines().filter_map(|l| l.parse().ok()).collect();
+    assert_eq!(
+        got,
+        (0..60_000).collect::<Vec<u64>>(),
+        "every line once, in order"
+    );
+}

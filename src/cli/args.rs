@@ -275,7 +275,8 @@ pub struct ProduceArgs {
     /// Messages per produce request at most.
     #[arg(long, default_value_t = 1000)]
     pub batch: usize,
-    /// Requests in flight at once.
+    /// Requests in flight at once (per connection; at most 64, the batches a replicated
+    /// partition remembers per producer to store a resent one once).
     #[arg(long, default_value_t = 16)]
     pub window: usize,
 }

@@ -8,7 +8,7 @@ use std::io::BufRead;
 use super::args::ProduceArgs;
 use super::common::{connect, connect_leaders};
 use crate::client::leaders::{leader_moved, Leaders};
-use crate::client::{produce_ack, Client};
+use crate::client::{produce_ack, Client, ClientError};
 use crate::protocol::{self as proto, fb, PartitionChoice, RecordIn};
 use std::collections::BTreeMap;
 
@@ -34,8 +34,13 @@ struct Sender<'a> {
     refused: Vec<Batch>,
 }
 
-/// A batch as sent: where it was meant to go and its records.
-type Batch = (PartitionChoice<'static>, Vec<RecordIn>);
+/// A batch as sent: where it was meant to go, its encoded bytes, and whether it carries a
+/// producer sequence (then sending it again is safe: the leader stores it once).
+struct Batch {
+    choice: PartitionChoice<'static>,
+    bytes: Vec<u8>,
+    repeatable: bool,
+}
 
 impl Sender<'_> {
     /// Where a batch goes: its partition choice and the connection's address.
@@ -83,38 +88,67 @@ impl Sender<'_> {
             self.resend_refused()?;
         }
         let (choice, addr) = self.route(choice);
-        let batch = proto::encode_record_batch(records);
         let topic = self.topic;
+        let producer = match choice {
+            PartitionChoice::Explicit(p) => self.leaders.take_sequence(topic, p),
+            _ => None,
+        };
+        let batch = Batch {
+            choice,
+            bytes: proto::encode_record_batch_as(records, producer),
+            repeatable: producer.is_some(),
+        };
         let c = self.leaders.at(&addr).map_err(|e| e.to_string())?;
-        c.send(|corr| proto::encode_produce(corr, topic, choice, &batch))
-            .map_err(|e| format!("producing to {topic:?}: {e}"))?;
-        c.flush().map_err(|e| e.to_string())?;
+        let sent = c
+            .send(|corr| proto::encode_produce(corr, topic, choice, &batch.bytes))
+            .and_then(|_| c.flush());
         *self.in_flight.entry(addr.clone()).or_default() += 1;
-        self.sent
-            .entry(addr)
-            .or_default()
-            .push_back((choice, records.to_vec()));
+        self.sent.entry(addr.clone()).or_default().push_back(batch);
+        if let Err(e) = sent {
+            return self.connection_broke(&addr, e);
+        }
         Ok(())
     }
 
     fn recv_one(&mut self, addr: &str) -> Result<(), String> {
         let topic = self.topic;
         let c = self.leaders.at(addr).map_err(|e| e.to_string())?;
-        let r = c
-            .recv()
-            .map_err(|e| format!("producing to {topic:?}: {e}"))?;
+        let r = match c.recv() {
+            Ok(r) => r,
+            Err(e) => return self.connection_broke(addr, e),
+        };
         if let Some(n) = self.in_flight.get_mut(addr) {
             *n = n.saturating_sub(1);
         }
         let batch = self.sent.get_mut(addr).and_then(|q| q.pop_front());
-        match produce_ack(&r) {
-            Ok(ack) => self.acked += u64::from(ack.record_count),
-            // Not stored: sent again once this connection's other batches are answered.
-            Err(e) if leader_moved(&e) && batch.is_some() => {
-                self.refused.extend(batch);
+        match (produce_ack(&r), batch) {
+            (Ok(ack), _) => self.acked += u64::from(ack.record_count),
+            // Not stored (or stored once whatever happens): sent again once this
+            // connection's other batches are answered.
+            (Err(e), Some(b))
+                if leader_moved(&e)
+                    || (b.repeatable && e.code() == Some(proto::fb::ErrorCode::OutcomeUnknown)) =>
+            {
+                self.refused.push(b);
             }
-            Err(e) => return Err(format!("producing to {topic:?}: {e}")),
+            (Err(e), _) => return Err(format!("producing to {topic:?}: {e}")),
         }
+        Ok(())
+    }
+
+    /// The connection to `addr` broke with batches in flight: their outcome is unknown. If
+    /// every one carries a producer sequence they are sent again (stored once); otherwise
+    /// producing stops here (sending them again could store some twice).
+    fn connection_broke(&mut self, addr: &str, e: ClientError) -> Result<(), String> {
+        let topic = self.topic;
+        let lost = self.sent.remove(addr).unwrap_or_default();
+        self.in_flight.remove(addr);
+        self.leaders.forget(addr);
+        self.pinned.retain(|_, a| a != addr);
+        if lost.iter().any(|b| !b.repeatable) {
+            return Err(format!("producing to {topic:?}: {e}"));
+        }
+        self.refused.extend(lost);
         Ok(())
     }
 
@@ -134,15 +168,15 @@ impl Sender<'_> {
             }
         }
         let topic = self.topic;
-        for (choice, records) in std::mem::take(&mut self.refused) {
-            if let PartitionChoice::Explicit(p) = choice {
+        for b in std::mem::take(&mut self.refused) {
+            if let PartitionChoice::Explicit(p) = b.choice {
                 self.pinned.remove(&p);
             }
-            let batch = proto::encode_record_batch(&records);
+            let choice = b.choice;
             let ack = self
                 .leaders
-                .with_partition_leader(topic, choice, |c| {
-                    c.call(|corr| proto::encode_produce(corr, topic, choice, &batch))
+                .with_partition_leader(topic, choice, b.repeatable, |c| {
+                    c.call(|corr| proto::encode_produce(corr, topic, choice, &b.bytes))
                         .and_then(|r| produce_ack(&r))
                 })
                 .map_err(|e| format!("producing to {topic:?}: {e}"))?;
@@ -211,7 +245,9 @@ pub fn produce(server: &str, a: ProduceArgs) -> Result<(), String> {
     let mut s = Sender {
         leaders,
         topic: &topic,
-        window: a.window.max(1),
+        window: a
+            .window
+            .clamp(1, crate::limits::PRODUCER_BATCHES_REMEMBERED),
         in_flight: BTreeMap::new(),
         acked: 0,
         round_robin: std::process::id(),

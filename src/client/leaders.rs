@@ -25,6 +25,10 @@ pub struct Leaders {
     partitions: BTreeMap<String, u32>,
     /// Partitions with more than one replica (a new leader takes over when one dies).
     replicated: std::collections::BTreeSet<(String, u32)>,
+    /// This client's idempotent producer id (random, non-zero; replaced after a produce
+    /// whose outcome stayed unknown) and the next batch sequence number per partition.
+    producer_id: u64,
+    sequences: BTreeMap<(String, u32), i64>,
     /// Leader addresses that failed to connect, and when: skipped for
     /// [`limits::CLIENT_LEADER_RETRY_MS`].
     failed: HashMap<String, Instant>,
@@ -45,6 +49,20 @@ fn outcome_unknown(e: &ClientError) -> bool {
     matches!(e, ClientError::Io(_)) || e.code() == Some(fb::ErrorCode::OutcomeUnknown)
 }
 
+/// A random non-zero 63-bit producer id (the std hasher's per-process random keys mixed with
+/// the time: unique in practice, as Kafka's broker-assigned ids are by construction).
+pub fn new_producer_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    (h.finish() >> 1).max(1)
+}
+
 impl Leaders {
     /// Starts from an open connection to any node at `addr`.
     pub fn new(addr: &str, first: Client) -> Self {
@@ -56,6 +74,8 @@ impl Leaders {
             leaders: BTreeMap::new(),
             partitions: BTreeMap::new(),
             replicated: std::collections::BTreeSet::new(),
+            producer_id: new_producer_id(),
+            sequences: BTreeMap::new(),
             failed: HashMap::new(),
         }
     }
@@ -166,6 +186,11 @@ impl Leaders {
         }
     }
 
+    /// Forgets the connection to `addr` (it broke; the next use reconnects).
+    pub fn forget(&mut self, addr: &str) {
+        self.conns.remove(addr);
+    }
+
     /// The open connection to `addr` (opening it if needed).
     pub fn at(&mut self, addr: &str) -> Result<&mut Client, ClientError> {
         self.conn(addr)
@@ -226,10 +251,11 @@ impl Leaders {
         &mut self,
         topic: &str,
         choice: PartitionChoice<'_>,
+        repeatable: bool,
         mut op: impl FnMut(&mut Client) -> Result<T, ClientError>,
     ) -> Result<T, ClientError> {
         match choice {
-            PartitionChoice::Explicit(p) => self.with_leader(topic, p, false, op),
+            PartitionChoice::Explicit(p) => self.with_leader(topic, p, repeatable, op),
             _ => {
                 let addr = self.bootstrap.clone();
                 let r = op(self.conn(&addr)?);
@@ -251,16 +277,54 @@ impl Leaders {
         r
     }
 
-    /// Produces `records` to partition `p` through its leader.
+    /// Produces `records` to partition `p` through its leader. To a replicated partition the
+    /// batch carries this client's producer id and the partition's next sequence number, so
+    /// it is sent again after a broken connection or an unknown outcome (the leader stores it
+    /// once); to a partition with one replica it is never sent twice.
     pub fn produce(
         &mut self,
         topic: &str,
         p: u32,
         records: &[RecordIn],
     ) -> Result<ProduceAck, ClientError> {
-        self.with_leader(topic, p, false, |c| {
-            c.produce(topic, PartitionChoice::Explicit(p), records)
-        })
+        self.partitions(topic)?;
+        let Some(producer) = self.take_sequence(topic, p) else {
+            return self.with_leader(topic, p, false, |c| {
+                c.produce(topic, PartitionChoice::Explicit(p), records)
+            });
+        };
+        let batch = crate::protocol::encode_record_batch_as(records, Some(producer));
+        let r = self.with_leader(topic, p, true, |c| {
+            c.call(|corr| {
+                crate::protocol::encode_produce(corr, topic, PartitionChoice::Explicit(p), &batch)
+            })
+            .and_then(|r| super::produce_ack(&r))
+        });
+        self.settle_sequence(&r);
+        r
+    }
+
+    /// The (producer id, sequence) for the next batch to `topic`-`p`, taken, if the partition
+    /// is replicated (idempotence is checked there); `None` otherwise. Batches must be sent
+    /// in the order their sequences were taken.
+    pub fn take_sequence(&mut self, topic: &str, p: u32) -> Option<(u64, i64)> {
+        let key = (topic.to_string(), p);
+        if !self.replicated.contains(&key) {
+            return None;
+        }
+        let s = self.sequences.entry(key).or_insert(0);
+        let seq = *s;
+        *s += 1;
+        Some((self.producer_id, seq))
+    }
+
+    /// After a batch that took a sequence finally failed: the producer starts over with a new
+    /// id, so no later batch is mistaken for it (whether or not it landed) and no gap is left.
+    pub fn settle_sequence<T>(&mut self, r: &Result<T, ClientError>) {
+        if r.is_err() {
+            self.producer_id = new_producer_id();
+            self.sequences.clear();
+        }
     }
 
     /// Fetches from partition `p` through its leader.

@@ -16,6 +16,7 @@ pub mod forward;
 pub mod membership;
 pub mod meta;
 pub mod node;
+pub mod producers;
 pub mod raft_store;
 pub mod replica;
 pub mod replica_log;

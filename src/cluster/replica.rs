@@ -24,6 +24,7 @@ use bytes::Bytes;
 use raft::eraftpb::{Entry, Message};
 use raft::{Config, RawNode, StateRole};
 
+use super::producers::{Check, Placed, Producers};
 use super::replica_log::{EntryMeta, ReplicaIndex, ReplicaStorage};
 use super::replica_recovery::{rebuild_index, start_hard_state};
 use super::replica_state::ReplicaState;
@@ -69,6 +70,18 @@ pub enum ReplicaError {
     Timeout,
     /// The replica stopped (a storage error, or a peer contradicting its log).
     Stopped(String),
+    /// An idempotent producer skipped a sequence number.
+    OutOfOrder {
+        producer: u64,
+        expected: i64,
+        got: i64,
+    },
+    /// An idempotent producer's batch sent before, too long ago to say where it went.
+    TooOld {
+        producer: u64,
+        sequence: i64,
+        oldest: i64,
+    },
 }
 
 impl std::fmt::Display for ReplicaError {
@@ -96,6 +109,23 @@ impl std::fmt::Display for ReplicaError {
                 limits::REPLICA_COMMIT_WAIT_MS
             ),
             Self::Stopped(why) => write!(f, "the partition replica stopped: {why}"),
+            Self::OutOfOrder {
+                producer,
+                expected,
+                got,
+            } => write!(
+                f,
+                "producer {producer:#x}: batch sequence {got}, but {expected} was due (an earlier batch was not stored)"
+            ),
+            Self::TooOld {
+                producer,
+                sequence,
+                oldest,
+            } => write!(
+                f,
+                "producer {producer:#x}: batch sequence {sequence} was stored before; only the last {} (from {oldest}) are remembered, so where is unknown",
+                limits::PRODUCER_BATCHES_REMEMBERED
+            ),
         }
     }
 }
@@ -133,6 +163,17 @@ pub struct Replica<S: Storage> {
     failed: RefCell<Option<String>>,
     /// Times this replica skipped to its leader's log start (a snapshot).
     skips: Cell<u64>,
+    /// Idempotent producers' recent batches in this log.
+    producers: RefCell<Producers>,
+}
+
+/// A produce taken by [`Replica::propose_batch`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proposed {
+    /// Proposed now at (index, term).
+    New(u64, u64),
+    /// Sent before: the first copy is at (index, term).
+    Duplicate(u64, u64),
 }
 
 fn logger() -> slog::Logger {
@@ -211,6 +252,51 @@ async fn read_entries<S: Storage>(
     Ok(out)
 }
 
+/// An idempotent producer's (id, sequence) in a Raft entry's batch.
+fn entry_producer(e: &Entry) -> Option<(u64, i64)> {
+    if e.data.is_empty() {
+        return None;
+    }
+    let h = batch::decode_header(&e.data).ok()?;
+    if h.format != FormatTag::RingmqFlatbuffers {
+        return None;
+    }
+    let payload = batch::payload(&e.data).get(..h.payload_len as usize)?;
+    // SAFETY: a RingmqFlatbuffers batch in a Raft entry was built by a leader from a
+    // `VerifiedBatch`, and `entry_batch` checked its CRC before it is staged or stored.
+    let rb = unsafe { crate::protocol::stored_record_batch(payload) };
+    crate::protocol::producer_of(&rb)
+}
+
+/// The producer table from the last [`limits::PRODUCER_REBUILD_ENTRIES`] entries of the log
+/// (a batch is sent again within seconds; older ones are not looked for).
+async fn rebuild_producers<S: Storage>(
+    log: &Log<S>,
+    index: &ReplicaIndex,
+) -> Result<Producers, String> {
+    let mut table = Producers::default();
+    let last = index.last_index();
+    let mut lo = index
+        .first_index()
+        .max((last + 1).saturating_sub(limits::PRODUCER_REBUILD_ENTRIES));
+    while lo <= last {
+        let hi = (lo + 1024).min(last + 1);
+        for e in read_entries(log, index, lo, hi).await? {
+            if let (Some((id, sequence)), Some(m)) = (entry_producer(&e), index.get(e.index)) {
+                let placed = Placed {
+                    sequence,
+                    index: e.index,
+                    term: e.term,
+                    base_offset: Some(m.base_offset),
+                };
+                table.note(id, placed);
+            }
+        }
+        lo = hi;
+    }
+    Ok(table)
+}
+
 impl<S: Storage> Replica<S> {
     /// Opens the replica of partition `part` (its log opened with an external commit policy)
     /// in `dir`: a new group of `voters` if the directory has no state file, else the saved
@@ -255,6 +341,7 @@ impl<S: Storage> Replica<S> {
                 .map_err(|e| e.to_string())?;
         }
         let unapplied = read_entries(log, &index, applied + 1, index.last_index() + 1).await?;
+        let producers = rebuild_producers(log, &index).await?;
         let store = ReplicaStorage::new(index, hs, state.conf_state.clone(), applied);
         store.preload(unapplied);
         let (min_election_tick, max_election_tick) = if timing.randomized_election {
@@ -294,6 +381,7 @@ impl<S: Storage> Replica<S> {
             leader: Cell::new(LeaderView::default()),
             failed: RefCell::new(None),
             skips: Cell::new(0),
+            producers: RefCell::new(producers),
         })
     }
 
@@ -404,6 +492,52 @@ impl<S: Storage> Replica<S> {
         }
         meta.filter(|m| m.term != term)
             .map(|_| Err(ReplicaError::Superseded))
+    }
+
+    /// Proposes a produce: an idempotent producer's batch sent before is not proposed again
+    /// (the caller waits for the first copy), a gap in its sequence is refused.
+    pub fn propose_batch(
+        &self,
+        entry_data: Vec<u8>,
+        producer: Option<(u64, i64)>,
+    ) -> Result<Proposed, ReplicaError> {
+        let Some((id, sequence)) = producer else {
+            let (index, term) = self.propose(entry_data)?;
+            return Ok(Proposed::New(index, term));
+        };
+        if !self.is_leader() {
+            // A follower's table may lack what its leader proposed: let the leader decide.
+            return Err(ReplicaError::NotLeader {
+                leader: self.raw.borrow().raft.leader_id,
+            });
+        }
+        match self.producers.borrow().check(id, sequence) {
+            Check::New => {}
+            Check::Duplicate(p) => return Ok(Proposed::Duplicate(p.index, p.term)),
+            Check::OutOfOrder { expected } => {
+                return Err(ReplicaError::OutOfOrder {
+                    producer: id,
+                    expected,
+                    got: sequence,
+                })
+            }
+            Check::TooOld { oldest } => {
+                return Err(ReplicaError::TooOld {
+                    producer: id,
+                    sequence,
+                    oldest,
+                })
+            }
+        }
+        let (index, term) = self.propose(entry_data)?;
+        let placed = Placed {
+            sequence,
+            index,
+            term,
+            base_offset: None,
+        };
+        self.producers.borrow_mut().note(id, placed);
+        Ok(Proposed::New(index, term))
     }
 
     /// Resolves when the entry proposed at (`index`, `term`) is committed and applied, with
@@ -579,6 +713,19 @@ impl<S: Storage> Replica<S> {
             base += u64::from(meta.record_count);
         }
         self.store.append(entries, &metas)?;
+        let mut producers = self.producers.borrow_mut();
+        producers.cut_from(first.index);
+        for (e, m) in entries.iter().zip(&metas) {
+            if let Some((id, sequence)) = entry_producer(e) {
+                let placed = Placed {
+                    sequence,
+                    index: e.index,
+                    term: e.term,
+                    base_offset: Some(m.base_offset),
+                };
+                producers.note(id, placed);
+            }
+        }
         Ok(cut)
     }
 

@@ -254,6 +254,13 @@ pub struct BatchFacts {
     /// Min and max of non-zero record timestamps; 0 when every record left it to the broker.
     pub first_timestamp_ms: i64,
     pub max_timestamp_ms: i64,
+    /// An idempotent producer's (id, sequence number for the partition).
+    pub producer: Option<(u64, i64)>,
+}
+
+/// An idempotent producer's (id, sequence) from a batch; `None` for others.
+pub fn producer_of(b: &fb::RecordBatch<'_>) -> Option<(u64, i64)> {
+    (b.producer_id() != 0 && b.sequence() >= 0).then(|| (b.producer_id(), b.sequence()))
 }
 
 /// Verifies nested `RecordBatch` bytes: a valid flatbuffer with at least one record.
@@ -283,6 +290,7 @@ fn batch_facts(b: fb::RecordBatch<'_>) -> Result<BatchFacts, FrameError> {
         record_count: count,
         first_timestamp_ms: first,
         max_timestamp_ms: max,
+        producer: producer_of(&b),
     })
 }
 
@@ -536,6 +544,12 @@ pub struct RecordIn {
 
 /// Encodes records as a `RecordBatch` flatbuffer (the bytes that go in `Produce.batch`).
 pub fn encode_record_batch(records: &[RecordIn]) -> Vec<u8> {
+    encode_record_batch_as(records, None)
+}
+
+/// [`encode_record_batch`] for an idempotent producer: its id and this batch's sequence
+/// number for the partition.
+pub fn encode_record_batch_as(records: &[RecordIn], producer: Option<(u64, i64)>) -> Vec<u8> {
     let size: usize = records.iter().map(|r| r.value.len() + 64).sum();
     let mut b = FlatBufferBuilder::with_capacity(size + 64);
     let mut offs = Vec::with_capacity(records.len());
@@ -573,7 +587,15 @@ pub fn encode_record_batch(records: &[RecordIn]) -> Vec<u8> {
         ));
     }
     let v = b.create_vector(&offs);
-    let batch = fb::RecordBatch::create(&mut b, &fb::RecordBatchArgs { records: Some(v) });
+    let (producer_id, sequence) = producer.unwrap_or((0, -1));
+    let batch = fb::RecordBatch::create(
+        &mut b,
+        &fb::RecordBatchArgs {
+            records: Some(v),
+            producer_id,
+            sequence,
+        },
+    );
     b.finish(batch, None);
     b.finished_data().to_vec()
 }

@@ -13,10 +13,10 @@ pub mod wire {
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_ERROR_CODE: u16 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_ERROR_CODE: u16 = 23;
+pub const ENUM_MAX_ERROR_CODE: u16 = 24;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 24] = [
+pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 25] = [
   ErrorCode::None,
   ErrorCode::Malformed,
   ErrorCode::FrameTooLarge,
@@ -41,6 +41,7 @@ pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 24] = [
   ErrorCode::ControllerUnavailable,
   ErrorCode::NodeUnavailable,
   ErrorCode::OutcomeUnknown,
+  ErrorCode::OutOfOrderSequence,
 ];
 
 /// Error codes. Stable numbers: clients switch on them.
@@ -98,9 +99,12 @@ impl ErrorCode {
   /// down or the link broke): it may or may not have taken effect. Read before retrying a
   /// produce.
   pub const OutcomeUnknown: Self = Self(23);
+  /// An idempotent producer's batch skipped a sequence number (an earlier one was not
+  /// stored): the producer must not go on as if it had been.
+  pub const OutOfOrderSequence: Self = Self(24);
 
   pub const ENUM_MIN: u16 = 0;
-  pub const ENUM_MAX: u16 = 23;
+  pub const ENUM_MAX: u16 = 24;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::None,
     Self::Malformed,
@@ -126,6 +130,7 @@ impl ErrorCode {
     Self::ControllerUnavailable,
     Self::NodeUnavailable,
     Self::OutcomeUnknown,
+    Self::OutOfOrderSequence,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -154,6 +159,7 @@ impl ErrorCode {
       Self::ControllerUnavailable => Some("ControllerUnavailable"),
       Self::NodeUnavailable => Some("NodeUnavailable"),
       Self::OutcomeUnknown => Some("OutcomeUnknown"),
+      Self::OutOfOrderSequence => Some("OutOfOrderSequence"),
       _ => None,
     }
   }
@@ -747,6 +753,8 @@ impl<'a> ::flatbuffers::Follow<'a> for RecordBatch<'a> {
 
 impl<'a> RecordBatch<'a> {
   pub const VT_RECORDS: ::flatbuffers::VOffsetT = 4;
+  pub const VT_PRODUCER_ID: ::flatbuffers::VOffsetT = 6;
+  pub const VT_SEQUENCE: ::flatbuffers::VOffsetT = 8;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -758,6 +766,8 @@ impl<'a> RecordBatch<'a> {
     args: &'args RecordBatchArgs<'args>
   ) -> ::flatbuffers::WIPOffset<RecordBatch<'bldr>> {
     let mut builder = RecordBatchBuilder::new(_fbb);
+    builder.add_sequence(args.sequence);
+    builder.add_producer_id(args.producer_id);
     if let Some(x) = args.records { builder.add_records(x); }
     builder.finish()
   }
@@ -770,6 +780,24 @@ impl<'a> RecordBatch<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Record>>>>(RecordBatch::VT_RECORDS, None).unwrap()}
   }
+  /// Idempotent producers: an id the producer chose at random (0 = not idempotent). With a
+  /// sequence, a batch sent again after a failover or a lost answer is stored once.
+  #[inline]
+  pub fn producer_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(RecordBatch::VT_PRODUCER_ID, Some(0)).unwrap()}
+  }
+  /// This producer's batch number for this partition: 0, 1, 2, ... in sending order
+  /// (-1 = none). Checked on partitions with more than one replica.
+  #[inline]
+  pub fn sequence(&self) -> i64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<i64>(RecordBatch::VT_SEQUENCE, Some(-1)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for RecordBatch<'_> {
@@ -779,18 +807,24 @@ impl ::flatbuffers::Verifiable for RecordBatch<'_> {
   ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
     v.visit_table(pos)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<Record>>>>("records", Self::VT_RECORDS, true)?
+     .visit_field::<u64>("producer_id", Self::VT_PRODUCER_ID, false)?
+     .visit_field::<i64>("sequence", Self::VT_SEQUENCE, false)?
      .finish();
     Ok(())
   }
 }
 pub struct RecordBatchArgs<'a> {
     pub records: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Record<'a>>>>>,
+    pub producer_id: u64,
+    pub sequence: i64,
 }
 impl<'a> Default for RecordBatchArgs<'a> {
   #[inline]
   fn default() -> Self {
     RecordBatchArgs {
       records: None, // required field
+      producer_id: 0,
+      sequence: -1,
     }
   }
 }
@@ -803,6 +837,14 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> RecordBatchBuilder<'a, 'b, A>
   #[inline]
   pub fn add_records(&mut self, records: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<Record<'b >>>>) {
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(RecordBatch::VT_RECORDS, records);
+  }
+  #[inline]
+  pub fn add_producer_id(&mut self, producer_id: u64) {
+    self.fbb_.push_slot::<u64>(RecordBatch::VT_PRODUCER_ID, producer_id, 0);
+  }
+  #[inline]
+  pub fn add_sequence(&mut self, sequence: i64) {
+    self.fbb_.push_slot::<i64>(RecordBatch::VT_SEQUENCE, sequence, -1);
   }
   #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> RecordBatchBuilder<'a, 'b, A> {
@@ -824,6 +866,8 @@ impl ::core::fmt::Debug for RecordBatch<'_> {
   fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
     let mut ds = f.debug_struct("RecordBatch");
       ds.field("records", &self.records());
+      ds.field("producer_id", &self.producer_id());
+      ds.field("sequence", &self.sequence());
       ds.finish()
   }
 }

@@ -62,6 +62,8 @@ impl WireCode for crate::cluster::replica::ReplicaError {
             E::NotLeader { .. } | E::Superseded => fb::ErrorCode::NotLeader,
             E::Timeout => fb::ErrorCode::OutcomeUnknown,
             E::Stopped(_) => fb::ErrorCode::PartitionUnavailable,
+            E::OutOfOrder { .. } => fb::ErrorCode::OutOfOrderSequence,
+            E::TooOld { .. } => fb::ErrorCode::InvalidRequest,
         }
     }
 }

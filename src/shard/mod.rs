@@ -19,7 +19,7 @@ use bytes::Bytes;
 
 use crate::protocol::VerifiedFrame;
 
-use crate::cluster::replica::{Replica, ReplicaTiming};
+use crate::cluster::replica::{Proposed, Replica, ReplicaTiming};
 use crate::cluster::replication::{Addressed, LeaderReport, Replication};
 use crate::limits;
 use crate::metadata::{self, MetaChange, Metadata, TopicMeta};
@@ -777,8 +777,11 @@ impl Shard {
         r: Rc<Replica<DmaStorage>>,
         batch: &crate::protocol::VerifiedBatch,
     ) -> Pending {
-        let (index, term) = match r.propose(part.entry_data(batch)) {
-            Ok(x) => x,
+        let producer = batch.facts().producer;
+        let (index, term) = match r.propose_batch(part.entry_data(batch), producer) {
+            Ok(Proposed::New(index, term)) => (index, term),
+            // Sent before (a retry): answered with where the first copy went.
+            Ok(Proposed::Duplicate(index, term)) => (index, term),
             Err(e) => return ready(wire_error::frame(corr, &e)),
         };
         self.replication_wake();
