@@ -228,7 +228,7 @@ impl Leaders {
                     }
                     if refreshed {
                         std::thread::sleep(Duration::from_millis(pause_ms));
-                        pause_ms = (pause_ms * 2).min(500);
+                        pause_ms = (pause_ms * 2).min(200);
                         // The failed mark is for picking a reachable node; a failover needs
                         // the leader's address tried again.
                         self.failed.clear();
