@@ -1358,12 +1358,32 @@ async fn partition_replication_sim(seed: u64) -> String {
                 n.1.step(msg);
             }
         }
-        for n in &nodes {
-            let Some((_, r)) = n.open.clone() else {
+        for (i, n) in nodes.iter().enumerate() {
+            let Some((part, r)) = n.open.clone() else {
                 continue;
             };
             let out = std::cell::RefCell::new(Vec::new());
-            r.drive(&|m| out.borrow_mut().extend(m)).await;
+            // Now and then a produce arrives while this replica's write is in flight (the
+            // second hand-over of messages comes after the write, before raft-rs hears of it):
+            // the broker's Ready loop must cope, as it does under pipelined load.
+            let mid =
+                (step < steps - 100 && rng.below(4) == 0).then(|| (next_id, 1 + rng.below(3)));
+            let calls = std::cell::Cell::new(0);
+            let proposed = std::cell::Cell::new(None);
+            r.drive(&|m| {
+                out.borrow_mut().extend(m);
+                calls.set(calls.get() + 1);
+                if let (2, Some((first, count)), true) = (calls.get(), mid, r.is_leader()) {
+                    if let Ok(at) = r.propose(part.entry_data(&id_batch(first, count))) {
+                        proposed.set(Some(at));
+                    }
+                }
+            })
+            .await;
+            if let (Some((first, count)), Some((index, term))) = (mid, proposed.get()) {
+                next_id = first + count;
+                pending.push((i, index, term, first, count));
+            }
             assert!(
                 r.failure().is_none(),
                 "seed {seed} step {step}: {:?}",
