@@ -777,6 +777,22 @@ fn a_replicated_partition_loses_no_acknowledged_message_when_leaders_are_killed(
         150,
         "no fault yet: every produce is acknowledged"
     );
+    // The leader counts its replication traffic to each follower (`ringmq stats`).
+    let stats = cluster.client(first).stats().expect("stats");
+    assert_eq!(stats.iter().map(|s| s.replicas).sum::<u32>(), 1);
+    assert_eq!(stats.iter().map(|s| s.replicas_leading).sum::<u32>(), 1);
+    for follower in (1..=3).filter(|&n| n != first) {
+        let sent: u64 = stats
+            .iter()
+            .flat_map(|s| &s.replica_peers)
+            .filter(|p| p.node == follower)
+            .map(|p| p.messages)
+            .sum();
+        assert!(
+            sent >= 150,
+            "{sent} replication messages to node {follower}"
+        );
+    }
 
     // Kill the leader: a follower takes over and producing goes on through it.
     cluster.kill9(first);

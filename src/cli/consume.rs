@@ -252,13 +252,13 @@ pub fn stats(server: &str) -> Result<(), String> {
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "SHARD FORWARDS MULTICAST_COPIES REPLIES META FANOUT_APPENDS NODE_FORWARDS NODE_MULTICAST_COPIES NODE_FORWARDED_IN"
+        "SHARD FORWARDS MULTICAST_COPIES REPLIES META FANOUT_APPENDS NODE_FORWARDS NODE_MULTICAST_COPIES NODE_FORWARDED_IN REPLICAS LEADING REPLICATION_OUT"
     )
     .map_err(|e| e.to_string())?;
     for s in stats {
         writeln!(
             out,
-            "{} {} {} {} {} {} {} {} {}",
+            "{} {} {} {} {} {} {} {} {} {} {} {}",
             s.shard,
             s.forwards,
             s.multicast_copies,
@@ -267,11 +267,26 @@ pub fn stats(server: &str) -> Result<(), String> {
             s.fanout_appends,
             s.node_forwards,
             s.node_multicast_copies,
-            s.node_forwarded_in
+            s.node_forwarded_in,
+            s.replicas,
+            s.replicas_leading,
+            replication_out(&s.replica_peers)
         )
         .map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+/// Replication traffic per node as `node:frames/bytes/messages,...` (`-` for none).
+fn replication_out(peers: &[crate::protocol::multicast::ReplicaPeerOut]) -> String {
+    if peers.is_empty() {
+        return "-".into();
+    }
+    peers
+        .iter()
+        .map(|p| format!("{}:{}/{}/{}", p.node, p.frames, p.bytes, p.messages))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 pub fn status(server: &str) -> Result<(), String> {

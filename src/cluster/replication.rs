@@ -148,6 +148,29 @@ impl Replication {
         (self.counters.borrow().clone(), self.dropped.get())
     }
 
+    /// This shard's replication counters added to its stats.
+    pub fn add_stats(
+        &self,
+        mut s: crate::protocol::multicast::ShardStatsOut,
+    ) -> crate::protocol::multicast::ShardStatsOut {
+        let groups = self.groups.borrow();
+        s.replicas = groups.len() as u32;
+        s.replicas_leading = groups.values().filter(|g| g.replica.is_leader()).count() as u32;
+        s.replica_peers = self
+            .counters
+            .borrow()
+            .iter()
+            .map(|(&node, c)| crate::protocol::multicast::ReplicaPeerOut {
+                node,
+                frames: c.frames,
+                bytes: c.bytes,
+                messages: c.messages,
+            })
+            .collect();
+        s.replica_messages_dropped = self.dropped.get();
+        s
+    }
+
     /// Leaderships to hand to the node runtime.
     fn take_reports(&self) -> Vec<LeaderReport> {
         std::mem::take(&mut self.reports.borrow_mut())

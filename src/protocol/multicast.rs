@@ -110,8 +110,17 @@ pub fn decode_multicast_response(m: fb::MulticastProduceResponse<'_>) -> Vec<Des
         .unwrap_or_default()
 }
 
-/// Counters of one shard.
+/// Replication traffic from one shard to one node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ReplicaPeerOut {
+    pub node: u32,
+    pub frames: u64,
+    pub bytes: u64,
+    pub messages: u64,
+}
+
+/// Counters of one shard.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ShardStatsOut {
     pub shard: u32,
     pub forwards: u64,
@@ -124,6 +133,11 @@ pub struct ShardStatsOut {
     pub node_forwards: u64,
     pub node_multicast_copies: u64,
     pub node_forwarded_in: u64,
+    /// Cluster: replicas here (of partitions with more than one) and how many lead.
+    pub replicas: u32,
+    pub replicas_leading: u32,
+    pub replica_peers: Vec<ReplicaPeerOut>,
+    pub replica_messages_dropped: u64,
 }
 
 pub fn encode_stats(corr: u64) -> Bytes {
@@ -137,9 +151,29 @@ pub fn encode_stats_response(corr: u64, shards: &[ShardStatsOut]) -> Bytes {
     let ss: Vec<_> = shards
         .iter()
         .map(|s| {
+            let peers: Vec<_> = s
+                .replica_peers
+                .iter()
+                .map(|p| {
+                    fb::ReplicaPeerStats::create(
+                        &mut b,
+                        &fb::ReplicaPeerStatsArgs {
+                            node: p.node,
+                            frames: p.frames,
+                            bytes: p.bytes,
+                            messages: p.messages,
+                        },
+                    )
+                })
+                .collect();
+            let peers = b.create_vector(&peers);
             fb::ShardStats::create(
                 &mut b,
                 &fb::ShardStatsArgs {
+                    replicas: s.replicas,
+                    replicas_leading: s.replicas_leading,
+                    replica_peers: Some(peers),
+                    replica_messages_dropped: s.replica_messages_dropped,
                     shard: s.shard,
                     forwards: s.forwards,
                     multicast_copies: s.multicast_copies,
@@ -172,6 +206,22 @@ pub fn decode_stats_response(r: fb::StatsResponse<'_>) -> Vec<ShardStatsOut> {
                     node_forwards: s.node_forwards(),
                     node_multicast_copies: s.node_multicast_copies(),
                     node_forwarded_in: s.node_forwarded_in(),
+                    replicas: s.replicas(),
+                    replicas_leading: s.replicas_leading(),
+                    replica_peers: s
+                        .replica_peers()
+                        .map(|ps| {
+                            ps.iter()
+                                .map(|p| ReplicaPeerOut {
+                                    node: p.node(),
+                                    frames: p.frames(),
+                                    bytes: p.bytes(),
+                                    messages: p.messages(),
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                    replica_messages_dropped: s.replica_messages_dropped(),
                 })
                 .collect()
         })

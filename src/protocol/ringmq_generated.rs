@@ -5891,6 +5891,10 @@ impl<'a> ShardStats<'a> {
   pub const VT_NODE_FORWARDS: ::flatbuffers::VOffsetT = 16;
   pub const VT_NODE_MULTICAST_COPIES: ::flatbuffers::VOffsetT = 18;
   pub const VT_NODE_FORWARDED_IN: ::flatbuffers::VOffsetT = 20;
+  pub const VT_REPLICAS: ::flatbuffers::VOffsetT = 22;
+  pub const VT_REPLICAS_LEADING: ::flatbuffers::VOffsetT = 24;
+  pub const VT_REPLICA_PEERS: ::flatbuffers::VOffsetT = 26;
+  pub const VT_REPLICA_MESSAGES_DROPPED: ::flatbuffers::VOffsetT = 28;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -5899,9 +5903,10 @@ impl<'a> ShardStats<'a> {
   #[allow(unused_mut)]
   pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
     _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
-    args: &'args ShardStatsArgs
+    args: &'args ShardStatsArgs<'args>
   ) -> ::flatbuffers::WIPOffset<ShardStats<'bldr>> {
     let mut builder = ShardStatsBuilder::new(_fbb);
+    builder.add_replica_messages_dropped(args.replica_messages_dropped);
     builder.add_node_forwarded_in(args.node_forwarded_in);
     builder.add_node_multicast_copies(args.node_multicast_copies);
     builder.add_node_forwards(args.node_forwards);
@@ -5910,6 +5915,9 @@ impl<'a> ShardStats<'a> {
     builder.add_replies(args.replies);
     builder.add_multicast_copies(args.multicast_copies);
     builder.add_forwards(args.forwards);
+    if let Some(x) = args.replica_peers { builder.add_replica_peers(x); }
+    builder.add_replicas_leading(args.replicas_leading);
+    builder.add_replicas(args.replicas);
     builder.add_shard(args.shard);
     builder.finish()
   }
@@ -5986,6 +5994,38 @@ impl<'a> ShardStats<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u64>(ShardStats::VT_NODE_FORWARDED_IN, Some(0)).unwrap()}
   }
+  /// Cluster: partition replicas on this shard (of partitions with more than one), and how
+  /// many of them lead.
+  #[inline]
+  pub fn replicas(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(ShardStats::VT_REPLICAS, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn replicas_leading(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(ShardStats::VT_REPLICAS_LEADING, Some(0)).unwrap()}
+  }
+  /// Cluster: replication traffic from this shard to each other node.
+  #[inline]
+  pub fn replica_peers(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ReplicaPeerStats<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ReplicaPeerStats>>>>(ShardStats::VT_REPLICA_PEERS, None)}
+  }
+  /// Cluster: replication messages dropped on arrival (this shard's inbox was full).
+  #[inline]
+  pub fn replica_messages_dropped(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ShardStats::VT_REPLICA_MESSAGES_DROPPED, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for ShardStats<'_> {
@@ -6003,11 +6043,15 @@ impl ::flatbuffers::Verifiable for ShardStats<'_> {
      .visit_field::<u64>("node_forwards", Self::VT_NODE_FORWARDS, false)?
      .visit_field::<u64>("node_multicast_copies", Self::VT_NODE_MULTICAST_COPIES, false)?
      .visit_field::<u64>("node_forwarded_in", Self::VT_NODE_FORWARDED_IN, false)?
+     .visit_field::<u32>("replicas", Self::VT_REPLICAS, false)?
+     .visit_field::<u32>("replicas_leading", Self::VT_REPLICAS_LEADING, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<ReplicaPeerStats>>>>("replica_peers", Self::VT_REPLICA_PEERS, false)?
+     .visit_field::<u64>("replica_messages_dropped", Self::VT_REPLICA_MESSAGES_DROPPED, false)?
      .finish();
     Ok(())
   }
 }
-pub struct ShardStatsArgs {
+pub struct ShardStatsArgs<'a> {
     pub shard: u32,
     pub forwards: u64,
     pub multicast_copies: u64,
@@ -6017,8 +6061,12 @@ pub struct ShardStatsArgs {
     pub node_forwards: u64,
     pub node_multicast_copies: u64,
     pub node_forwarded_in: u64,
+    pub replicas: u32,
+    pub replicas_leading: u32,
+    pub replica_peers: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ReplicaPeerStats<'a>>>>>,
+    pub replica_messages_dropped: u64,
 }
-impl<'a> Default for ShardStatsArgs {
+impl<'a> Default for ShardStatsArgs<'a> {
   #[inline]
   fn default() -> Self {
     ShardStatsArgs {
@@ -6031,6 +6079,10 @@ impl<'a> Default for ShardStatsArgs {
       node_forwards: 0,
       node_multicast_copies: 0,
       node_forwarded_in: 0,
+      replicas: 0,
+      replicas_leading: 0,
+      replica_peers: None,
+      replica_messages_dropped: 0,
     }
   }
 }
@@ -6077,6 +6129,22 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ShardStatsBuilder<'a, 'b, A> 
     self.fbb_.push_slot::<u64>(ShardStats::VT_NODE_FORWARDED_IN, node_forwarded_in, 0);
   }
   #[inline]
+  pub fn add_replicas(&mut self, replicas: u32) {
+    self.fbb_.push_slot::<u32>(ShardStats::VT_REPLICAS, replicas, 0);
+  }
+  #[inline]
+  pub fn add_replicas_leading(&mut self, replicas_leading: u32) {
+    self.fbb_.push_slot::<u32>(ShardStats::VT_REPLICAS_LEADING, replicas_leading, 0);
+  }
+  #[inline]
+  pub fn add_replica_peers(&mut self, replica_peers: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<ReplicaPeerStats<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ShardStats::VT_REPLICA_PEERS, replica_peers);
+  }
+  #[inline]
+  pub fn add_replica_messages_dropped(&mut self, replica_messages_dropped: u64) {
+    self.fbb_.push_slot::<u64>(ShardStats::VT_REPLICA_MESSAGES_DROPPED, replica_messages_dropped, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ShardStatsBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     ShardStatsBuilder {
@@ -6103,6 +6171,158 @@ impl ::core::fmt::Debug for ShardStats<'_> {
       ds.field("node_forwards", &self.node_forwards());
       ds.field("node_multicast_copies", &self.node_multicast_copies());
       ds.field("node_forwarded_in", &self.node_forwarded_in());
+      ds.field("replicas", &self.replicas());
+      ds.field("replicas_leading", &self.replicas_leading());
+      ds.field("replica_peers", &self.replica_peers());
+      ds.field("replica_messages_dropped", &self.replica_messages_dropped());
+      ds.finish()
+  }
+}
+pub enum ReplicaPeerStatsOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Replication traffic from one shard to one node: Raft messages, packed into frames.
+pub struct ReplicaPeerStats<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for ReplicaPeerStats<'a> {
+  type Inner = ReplicaPeerStats<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> ReplicaPeerStats<'a> {
+  pub const VT_NODE: ::flatbuffers::VOffsetT = 4;
+  pub const VT_FRAMES: ::flatbuffers::VOffsetT = 6;
+  pub const VT_BYTES: ::flatbuffers::VOffsetT = 8;
+  pub const VT_MESSAGES: ::flatbuffers::VOffsetT = 10;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    ReplicaPeerStats { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ReplicaPeerStatsArgs
+  ) -> ::flatbuffers::WIPOffset<ReplicaPeerStats<'bldr>> {
+    let mut builder = ReplicaPeerStatsBuilder::new(_fbb);
+    builder.add_messages(args.messages);
+    builder.add_bytes(args.bytes);
+    builder.add_frames(args.frames);
+    builder.add_node(args.node);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn node(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(ReplicaPeerStats::VT_NODE, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn frames(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ReplicaPeerStats::VT_FRAMES, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn bytes(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ReplicaPeerStats::VT_BYTES, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn messages(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ReplicaPeerStats::VT_MESSAGES, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for ReplicaPeerStats<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u32>("node", Self::VT_NODE, false)?
+     .visit_field::<u64>("frames", Self::VT_FRAMES, false)?
+     .visit_field::<u64>("bytes", Self::VT_BYTES, false)?
+     .visit_field::<u64>("messages", Self::VT_MESSAGES, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ReplicaPeerStatsArgs {
+    pub node: u32,
+    pub frames: u64,
+    pub bytes: u64,
+    pub messages: u64,
+}
+impl<'a> Default for ReplicaPeerStatsArgs {
+  #[inline]
+  fn default() -> Self {
+    ReplicaPeerStatsArgs {
+      node: 0,
+      frames: 0,
+      bytes: 0,
+      messages: 0,
+    }
+  }
+}
+
+pub struct ReplicaPeerStatsBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ReplicaPeerStatsBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_node(&mut self, node: u32) {
+    self.fbb_.push_slot::<u32>(ReplicaPeerStats::VT_NODE, node, 0);
+  }
+  #[inline]
+  pub fn add_frames(&mut self, frames: u64) {
+    self.fbb_.push_slot::<u64>(ReplicaPeerStats::VT_FRAMES, frames, 0);
+  }
+  #[inline]
+  pub fn add_bytes(&mut self, bytes: u64) {
+    self.fbb_.push_slot::<u64>(ReplicaPeerStats::VT_BYTES, bytes, 0);
+  }
+  #[inline]
+  pub fn add_messages(&mut self, messages: u64) {
+    self.fbb_.push_slot::<u64>(ReplicaPeerStats::VT_MESSAGES, messages, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ReplicaPeerStatsBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ReplicaPeerStatsBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ReplicaPeerStats<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ReplicaPeerStats<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ReplicaPeerStats");
+      ds.field("node", &self.node());
+      ds.field("frames", &self.frames());
+      ds.field("bytes", &self.bytes());
+      ds.field("messages", &self.messages());
       ds.finish()
   }
 }

@@ -107,6 +107,11 @@ impl Shard {
             node_forwards: c.node_forwards.get(),
             node_multicast_copies: c.node_multicast.get(),
             node_forwarded_in: c.node_forwarded_in.get(),
+            ..Default::default()
+        };
+        let s = match self.replication() {
+            Some(r) => r.add_stats(s),
+            None => s,
         };
         mc::encode_stats_response(corr, &[s])
     }
