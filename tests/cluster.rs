@@ -928,3 +928,76 @@ fn killing_the_leader_while_the_cli_produces_stores_every_message_once_in_order(
         "every line once, in order"
     );
 }
+
+/// Stops (SIGSTOP) or resumes (SIGCONT) node `id`'s process: a node that is cut off (its
+/// sockets stay open, nothing answers).
+fn freeze(cluster: &Cluster, id: u32, stop: bool) {
+    let pid = cluster
+        .node(id)
+        .broker
+        .as_ref()
+        .expect("running")
+        .child
+        .id();
+    let sig = if stop { libc::SIGSTOP } else { libc::SIGCONT };
+    // SAFETY: a plain kill(2) on a child process this test started.
+    let rc = unsafe { libc::kill(pid as libc::pid_t, sig) };
+    assert_eq!(rc, 0, "kill({pid}, {sig})");
+}
+
+#[test]
+fn a_leader_cut_off_from_the_majority_acknowledges_nothing() {
+    let _one = serialize();
+    let cluster = Cluster::start("cl-minority", 3);
+    let mut c = cluster.client(1);
+    c.create_topic_replicated("m", 1, -1, -1, 3)
+        .expect("create");
+    let leader = wait_for("a leader of m-0", || leader_of(&cluster.addr(1), "m", 0));
+    let mut to_leader = cluster.client(leader);
+    to_leader
+        .produce("m", PartitionChoice::Explicit(0), &[rec("before")])
+        .expect("a majority is there");
+    let followers: Vec<u32> = (1..=3).filter(|&n| n != leader).collect();
+    for &f in &followers {
+        freeze(&cluster, f, true);
+    }
+    // Sent while the leader still believes it leads: never acknowledged (no majority persists
+    // it); the answer is that the outcome is unknown.
+    let r = to_leader.produce("m", PartitionChoice::Explicit(0), &[rec("alone")]);
+    let e = r.expect_err("acknowledged without a majority");
+    assert_eq!(
+        e.code(),
+        Some(ringmq::protocol::fb::ErrorCode::OutcomeUnknown),
+        "{e}"
+    );
+    // By now check-quorum has made it step down: new produces are refused at once.
+    let e = to_leader
+        .produce("m", PartitionChoice::Explicit(0), &[rec("refused")])
+        .expect_err("a leader without a majority");
+    assert_eq!(
+        e.code(),
+        Some(ringmq::protocol::fb::ErrorCode::NotLeader),
+        "{e}"
+    );
+    for &f in &followers {
+        freeze(&cluster, f, false);
+    }
+    // The group recovers; "before" is there, "refused" is not.
+    let mut leaders = ringmq::client::leaders::Leaders::new(
+        &cluster.addr(followers[0]),
+        cluster.client(followers[0]),
+    );
+    let after = produce_each(&mut leaders, "m", std::iter::once("after".to_string()));
+    assert_eq!(after.len(), 1, "producing works again");
+    let values: Vec<String> = read_all(&mut leaders, "m")
+        .into_iter()
+        .map(|x| x.1)
+        .collect();
+    assert!(values.contains(&"before".to_string()), "{values:?}");
+    assert!(!values.contains(&"refused".to_string()), "{values:?}");
+    assert_eq!(
+        values.last().map(String::as_str),
+        Some("after"),
+        "{values:?}"
+    );
+}
