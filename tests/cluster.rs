@@ -195,7 +195,15 @@ fn a_topic_created_on_one_node_is_produced_on_another_and_consumed_on_a_third() 
     let cluster = Cluster::start("cl-basic", 3);
     let (code, _, err) = common::cli(
         &cluster.addr(1),
-        &["topic", "create", "orders", "--partitions", "6"],
+        &[
+            "topic",
+            "create",
+            "orders",
+            "--partitions",
+            "6",
+            "--replicas",
+            "1",
+        ],
         "",
     );
     assert_eq!(code, 0, "{err}");
@@ -326,7 +334,15 @@ fn a_node_started_later_with_the_same_seeds_joins_and_gets_partitions() {
     assert_eq!(four.peer_address, cluster.node(4).peer);
     let (code, _, err) = common::cli(
         &cluster.addr(1),
-        &["topic", "create", "wide", "--partitions", "8"],
+        &[
+            "topic",
+            "create",
+            "wide",
+            "--partitions",
+            "8",
+            "--replicas",
+            "1",
+        ],
         "",
     );
     assert_eq!(code, 0, "{err}");
@@ -425,7 +441,19 @@ fn a_client_given_every_address_keeps_working_when_its_node_dies() {
         cluster.addr(2),
         cluster.addr(3)
     );
-    let (code, _, err) = common::cli(&all, &["topic", "create", "t", "--partitions", "6"], "");
+    let (code, _, err) = common::cli(
+        &all,
+        &[
+            "topic",
+            "create",
+            "t",
+            "--partitions",
+            "6",
+            "--replicas",
+            "1",
+        ],
+        "",
+    );
     assert_eq!(code, 0, "{err}");
     let leaders = leaders_of(&mut cluster.client(2), "t");
     cluster.kill9(1);
@@ -501,7 +529,15 @@ fn groups_and_shared_subscriptions_work_with_members_on_different_nodes() {
     let cluster = Cluster::start("cl-groups", 3);
     let (code, _, err) = common::cli(
         &cluster.addr(1),
-        &["topic", "create", "g", "--partitions", "6"],
+        &[
+            "topic",
+            "create",
+            "g",
+            "--partitions",
+            "6",
+            "--replicas",
+            "1",
+        ],
         "",
     );
     assert_eq!(code, 0, "{err}");
@@ -649,7 +685,8 @@ fn a_forwarded_request_to_a_node_that_stops_answering_fails_when_the_node_is_see
     let _one = serialize();
     let mut cluster = Cluster::start("cl-stop", 3);
     let mut c1 = cluster.client(1);
-    c1.create_topic("s", 3, -1, -1).expect("create");
+    c1.create_topic_replicated("s", 3, -1, -1, 1)
+        .expect("create");
     let leaders = leaders_of(&mut c1, "s");
     let p = leaders
         .iter()

@@ -203,8 +203,9 @@ pub enum TopicCommand {
         /// Delete segments whose newest message is older than this many ms.
         #[arg(long)]
         retention_ms: Option<i64>,
-        /// Cluster: nodes holding each partition (default min(3, live nodes)). Until
-        /// replication lands only 1 is accepted.
+        /// Cluster: nodes holding each partition, 1 to 5 (default min(3, live nodes)). With
+        /// more than one, a produce is acknowledged once a majority persisted it and a
+        /// follower takes over when the leader's node dies.
         #[arg(long)]
         replicas: Option<u32>,
     },

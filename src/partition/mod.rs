@@ -200,6 +200,12 @@ impl<S: Storage> Partition<S> {
 
     /// [`Self::produce`] without waiting for room in the write buffer (the caller reserved).
     fn append(&self, batch: &VerifiedBatch) -> Result<Appended, PartitionError> {
+        if self.log.config().commit_policy == CommitPolicy::External {
+            // Every append to a replicated log goes through its Raft group (entry_data).
+            return Err(PartitionError::Storage(StorageError::InvalidBatch(
+                "a replicated partition takes appends only through its Raft group".into(),
+            )));
+        }
         let facts = batch.facts();
         let meta = self.batch_meta(batch);
         let info = self.log.append_buffered(meta, batch.bytes())?;

@@ -101,7 +101,7 @@ impl std::fmt::Display for Unavailable {
 pub struct NewTopic {
     pub name: String,
     pub partitions: u32,
-    /// Replicas per partition; 0 = the default (1 until replication lands).
+    /// Replicas per partition; 0 = the default (a cluster: min(3, live nodes); one node: 1).
     pub replicas: u32,
     /// -1 = unlimited.
     pub retention_bytes: i64,
@@ -757,11 +757,11 @@ impl Shard {
     }
 
     /// The replica of a replicated partition on this shard.
-    fn replica(&self, topic: &str, partition: u32) -> Option<Rc<Replica<DmaStorage>>> {
+    pub(crate) fn replica(&self, topic: &str, partition: u32) -> Option<Rc<Replica<DmaStorage>>> {
         self.replication.as_ref()?.get(topic, partition)
     }
 
-    fn replication_wake(&self) {
+    pub(crate) fn replication_wake(&self) {
         if let Some(r) = &self.replication {
             r.wake();
         }
@@ -1097,13 +1097,19 @@ impl Shard {
         if node.has_topic(&t.name) {
             return Err(AdminError::Exists(t.name.clone()));
         }
+        let nodes = node.live_nodes();
+        // The default, as the issue asks: three replicas where three nodes are alive.
+        let replicas = match t.replicas {
+            0 => (nodes.len() as u32).clamp(1, 3),
+            n => n,
+        };
         let cmd = crate::cluster::meta::MetaCommand::CreateTopic {
             name: t.name.clone(),
             partitions: t.partitions,
-            replicas: t.replicas.max(1),
+            replicas,
             retention_bytes: t.retention_bytes,
             retention_ms: t.retention_ms,
-            nodes: node.live_nodes(),
+            nodes,
         };
         self.settle_proposal(node, cmd).await
     }

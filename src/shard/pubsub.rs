@@ -14,16 +14,22 @@ use bytes::Bytes;
 use crate::protocol::VerifiedFrame;
 
 use super::{LocalPartition, Shard};
+use crate::cluster::replica::{Proposed, Replica};
 use crate::filter::{Filter, RecordFields};
 use crate::limits;
 use crate::partition::Appended;
 use crate::protocol::multicast::{self as mc, DestResult, ShardStatsOut};
 use crate::protocol::{self as proto, fb};
 use crate::server::wire_error::{self, WireCode};
-use crate::storage::batch;
+use crate::storage::{batch, DmaStorage};
 
-/// A destination append that was buffered (partition, what was appended) or failed at once.
-type Started = Result<(Rc<LocalPartition>, Appended), DestResult>;
+/// A destination append that was buffered (partition, what was appended), proposed to a
+/// replicated partition's Raft group (replica, index, term), or failed at once.
+enum Taken {
+    Appended(Rc<LocalPartition>, Appended),
+    Proposed(Rc<Replica<DmaStorage>>, u64, u64),
+}
+type Started = Result<Taken, DestResult>;
 
 /// Where a filtered fetch reads: (partition, offset, max bytes, wait ms).
 pub(super) type FetchAt = (Rc<LocalPartition>, u64, u32, u32);
@@ -66,14 +72,26 @@ impl Shard {
             for (topic, p, r) in started {
                 out.push(match r {
                     Err(r) => r,
-                    Ok((part, appended)) => match part.acknowledged(&appended).await {
-                        Ok(()) => DestResult {
-                            topic,
-                            partition: p,
-                            outcome: Ok((appended.info.base_offset, appended.record_count)),
-                        },
-                        Err(e) => err_result(&topic, p, &e),
-                    },
+                    Ok(Taken::Appended(part, appended)) => {
+                        match part.acknowledged(&appended).await {
+                            Ok(()) => DestResult {
+                                topic,
+                                partition: p,
+                                outcome: Ok((appended.info.base_offset, appended.record_count)),
+                            },
+                            Err(e) => err_result(&topic, p, &e),
+                        }
+                    }
+                    Ok(Taken::Proposed(r, index, term)) => {
+                        match r.wait_committed(index, term).await {
+                            Ok(c) => DestResult {
+                                topic,
+                                partition: p,
+                                outcome: Ok((c.base_offset, c.records)),
+                            },
+                            Err(e) => err_result(&topic, p, &e),
+                        }
+                    }
                 });
             }
             out
@@ -85,10 +103,20 @@ impl Shard {
         let part = self
             .open_partition(topic, p)
             .map_err(|e| err_result(topic, p, &e))?;
+        if let Some(r) = self.replica(topic, p) {
+            let producer = batch.facts().producer;
+            let (index, term) = match r.propose_batch(part.entry_data(batch), producer) {
+                Ok(Proposed::New(i, t) | Proposed::Duplicate(i, t)) => (i, t),
+                Err(e) => return Err(err_result(topic, p, &e)),
+            };
+            self.replication_wake();
+            self.fanout_appends.set(self.fanout_appends.get() + 1);
+            return Ok(Taken::Proposed(r, index, term));
+        }
         match part.produce(batch).await {
             Ok(appended) => {
                 self.fanout_appends.set(self.fanout_appends.get() + 1);
-                Ok((part, appended))
+                Ok(Taken::Appended(part, appended))
             }
             Err(e) => Err(err_result(topic, p, &e)),
         }
