@@ -346,3 +346,7 @@ pub const PRODUCERS_PER_PARTITION_MAX: usize = 1_000;
 
 /// Raft entries read back at start to rebuild a replica's producer table (the newest ones).
 pub const PRODUCER_REBUILD_ENTRIES: u64 = 100_000;
+
+/// A replica saves its applied index as the commit this often (in entries), so a restart
+/// re-reads at most about this many entries (plus what was not committed).
+pub const REPLICA_COMMIT_SAVE_ENTRIES: u64 = 4_096;

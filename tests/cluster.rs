@@ -397,7 +397,8 @@ fn a_multicast_sends_one_copy_to_each_remote_node() {
     let mut by_node: std::collections::BTreeMap<i32, String> = Default::default();
     for i in 0..40 {
         let name = format!("m{i}");
-        c1.create_topic(&name, 1, -1, -1).expect("create");
+        c1.create_topic_replicated(&name, 1, -1, -1, 1)
+            .expect("create");
         let l = leaders_of(&mut c1, &name)[0];
         by_node.entry(l).or_insert(name);
         if by_node.len() == 3 {
@@ -814,6 +815,13 @@ fn a_replicated_partition_loses_no_acknowledged_message_when_leaders_are_killed(
         150,
         "no fault yet: every produce is acknowledged"
     );
+    // A multicast copy to a replicated partition goes through its Raft group too.
+    let results = cluster
+        .client(survivor)
+        .multicast(&[("r", Some(0))], None, &[rec("mc")])
+        .expect("multicast");
+    let (offset, _) = results[0].outcome.clone().expect("multicast to r-0");
+    acked.push((offset, "mc".to_string()));
     // The leader counts its replication traffic to each follower (`ringmq stats`).
     let stats = cluster.client(first).stats().expect("stats");
     assert_eq!(stats.iter().map(|s| s.replicas).sum::<u32>(), 1);

@@ -82,6 +82,9 @@ impl Sender<'_> {
         if records.is_empty() {
             return Ok(());
         }
+        // Refused batches go again before any new one (a partition's order, and no gap in
+        // its sequence numbers).
+        self.resend_refused()?;
         let (choice, addr) = self.route(choice);
         if self.in_flight.get(&addr).copied().unwrap_or(0) >= self.window {
             self.recv_one(&addr)?;

@@ -165,6 +165,8 @@ pub struct Replica<S: Storage> {
     skips: Cell<u64>,
     /// Idempotent producers' recent batches in this log.
     producers: RefCell<Producers>,
+    /// A snapshot is staged and its files are being written.
+    snapshot_pending: Cell<bool>,
 }
 
 /// A produce taken by [`Replica::propose_batch`].
@@ -174,6 +176,36 @@ pub enum Proposed {
     New(u64, u64),
     /// Sent before: the first copy is at (index, term).
     Duplicate(u64, u64),
+}
+
+/// Present while a snapshot empties the log (written after the state file names the new
+/// start, removed once the log restarted there): a crash in between finishes the reset.
+const RESET_INTENT: &str = "reset.intent";
+
+fn remove_durably(path: &Path) -> Result<(), String> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("removing {}: {e}", path.display())),
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| format!("syncing {}: {e}", dir.display()))?;
+    }
+    Ok(())
+}
+
+fn write_durably(path: &Path) -> Result<(), String> {
+    let f = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    f.sync_all()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| format!("syncing {}: {e}", dir.display()))?;
+    }
+    Ok(())
 }
 
 fn logger() -> slog::Logger {
@@ -220,21 +252,24 @@ fn batch_entry(index: u64, term: u64, stored: Bytes) -> Result<Entry, String> {
     })
 }
 
-/// The entries `lo..hi` of `index`, read from `log`.
+/// The entries `lo..hi` of `index`, read from `log` (everything appended, written or not),
+/// stopping after about `max_bytes` (at least one entry).
 async fn read_entries<S: Storage>(
     log: &Log<S>,
     index: &ReplicaIndex,
     lo: u64,
     hi: u64,
+    max_bytes: usize,
 ) -> Result<Vec<Entry>, String> {
     let mut out = Vec::new();
+    let mut bytes = 0usize;
     let mut i = lo;
-    while i < hi {
+    while i < hi && (out.is_empty() || bytes < max_bytes) {
         let Some(m) = index.get(i) else {
             break;
         };
         let r = log
-            .read_durable(m.base_offset, limits::REPLICA_READ_BYTES)
+            .read_appended(m.base_offset, limits::REPLICA_READ_BYTES)
             .await
             .map_err(|e| format!("reading raft entry {i}: {e}"))?;
         if r.batches.is_empty() {
@@ -245,6 +280,7 @@ async fn read_entries<S: Storage>(
                 break;
             };
             let e = batch_entry(i, m.term, b)?;
+            bytes += e.data.len();
             out.push(e);
             i += 1;
         }
@@ -262,9 +298,9 @@ fn entry_producer(e: &Entry) -> Option<(u64, i64)> {
         return None;
     }
     let payload = batch::payload(&e.data).get(..h.payload_len as usize)?;
-    // SAFETY: a RingmqFlatbuffers batch in a Raft entry was built by a leader from a
-    // `VerifiedBatch`, and `entry_batch` checked its CRC before it is staged or stored.
-    let rb = unsafe { crate::protocol::stored_record_batch(payload) };
+    // Verified: the bytes came from a peer (a CRC proves they are what it sent, not that
+    // it built them right).
+    let rb = flatbuffers::root::<crate::protocol::fb::RecordBatch>(payload).ok()?;
     crate::protocol::producer_of(&rb)
 }
 
@@ -281,7 +317,7 @@ async fn rebuild_producers<S: Storage>(
         .max((last + 1).saturating_sub(limits::PRODUCER_REBUILD_ENTRIES));
     while lo <= last {
         let hi = (lo + 1024).min(last + 1);
-        for e in read_entries(log, index, lo, hi).await? {
+        for e in read_entries(log, index, lo, hi, usize::MAX).await? {
             if let (Some((id, sequence)), Some(m)) = (entry_producer(&e), index.get(e.index)) {
                 let placed = Placed {
                     sequence,
@@ -327,11 +363,13 @@ impl<S: Storage> Replica<S> {
                 s
             }
         };
-        if log.log_end() < state.first_offset {
+        let intent = dir.join(RESET_INTENT);
+        if intent.exists() || log.log_end() < state.first_offset {
             // A crash while the log was restarting after a snapshot: finish it.
             log.reset_to(state.first_offset)
                 .await
                 .map_err(|e| format!("{}: {e}", dir.display()))?;
+            remove_durably(&intent)?;
         }
         let index = rebuild_index(log, &state).await?;
         let hs = start_hard_state(&state, &index);
@@ -340,7 +378,8 @@ impl<S: Storage> Replica<S> {
             log.advance_commit(m.base_offset + u64::from(m.records))
                 .map_err(|e| e.to_string())?;
         }
-        let unapplied = read_entries(log, &index, applied + 1, index.last_index() + 1).await?;
+        let unapplied =
+            read_entries(log, &index, applied + 1, index.last_index() + 1, usize::MAX).await?;
         let producers = rebuild_producers(log, &index).await?;
         let store = ReplicaStorage::new(index, hs, state.conf_state.clone(), applied);
         store.preload(unapplied);
@@ -363,6 +402,7 @@ impl<S: Storage> Replica<S> {
             max_size_per_msg: limits::REPLICA_MSG_BYTES_MAX,
             max_inflight_msgs: limits::REPLICA_INFLIGHT_MSGS,
             max_uncommitted_size: limits::REPLICA_UNCOMMITTED_BYTES,
+            max_committed_size_per_ready: limits::REPLICA_MSG_BYTES_MAX * 16,
             applied,
             ..Default::default()
         };
@@ -385,6 +425,7 @@ impl<S: Storage> Replica<S> {
             failed: RefCell::new(None),
             skips: Cell::new(0),
             producers: RefCell::new(producers),
+            snapshot_pending: Cell::new(false),
         })
     }
 
@@ -420,7 +461,9 @@ impl<S: Storage> Replica<S> {
     }
 
     pub fn tick(&self) {
-        if self.failed.borrow().is_none() {
+        // While a snapshot is being written raft-rs's applied index is below its log start:
+        // an election now would read compacted entries (and panic). Time stands still.
+        if self.failed.borrow().is_none() && !self.snapshot_pending.get() {
             self.raw.borrow_mut().tick();
         }
     }
@@ -429,7 +472,8 @@ impl<S: Storage> Replica<S> {
     /// replica's log (only a corrupted peer or another cluster sends one): the panic is caught
     /// and this replica stops instead of the broker.
     pub fn step(&self, m: Message) {
-        if self.failed.borrow().is_some() {
+        // Dropped while a snapshot is written (see `tick`); Raft sends again.
+        if self.failed.borrow().is_some() || self.snapshot_pending.get() {
             return;
         }
         let from = m.from;
@@ -490,7 +534,9 @@ impl<S: Storage> Replica<S> {
                     base_offset: m.base_offset,
                     records: m.records,
                 }),
-                _ => Err(ReplicaError::Superseded),
+                Some(_) => Err(ReplicaError::Superseded),
+                // Compacted away (retention, a snapshot): committed or not, nobody can say.
+                None => Err(ReplicaError::Timeout),
             });
         }
         meta.filter(|m| m.term != term)
@@ -626,6 +672,7 @@ impl<S: Storage> Replica<S> {
                     self.applied.set(index);
                     self.applied_changed.notify_all();
                 }
+                self.snapshot_pending.set(false);
             }
             self.fetch_wanted().await?;
         }
@@ -657,6 +704,9 @@ impl<S: Storage> Replica<S> {
             .map_err(|_| format!("a snapshot of {} bytes (8 expected)", snap.data.len()))?;
         self.store
             .reset(m.index, m.term, first_offset, m.get_conf_state());
+        // The batches it described are gone from this replica.
+        *self.producers.borrow_mut() = Producers::default();
+        self.snapshot_pending.set(true);
         Ok(first_offset)
     }
 
@@ -676,11 +726,14 @@ impl<S: Storage> Replica<S> {
         next.save(&self.dir)
             .map_err(|e| format!("saving {}: {e}", self.dir.display()))?;
         *self.saved.borrow_mut() = next;
+        let intent = self.dir.join(RESET_INTENT);
+        write_durably(&intent)?;
         self.part
             .log()
             .reset_to(first_offset)
             .await
             .map_err(|e| format!("restarting the log at offset {first_offset}: {e}"))?;
+        remove_durably(&intent)?;
         self.skips.set(self.skips.get() + 1);
         eprintln!(
             "ringmq: partition {}-{}: caught up by skipping to offset {first_offset} (raft index {}), where the leader's log starts",
@@ -805,6 +858,22 @@ impl<S: Storage> Replica<S> {
         self.raw.borrow_mut().advance_apply_to(last.index);
         self.applied.set(last.index);
         self.applied_changed.notify_all();
+        self.save_commit_now_and_then(last.index)
+    }
+
+    /// Saves the applied index as the commit every [`limits::REPLICA_COMMIT_SAVE_ENTRIES`]
+    /// entries, so a restart reads back (and re-applies) only the entries since (the commit
+    /// may be saved late; never ahead of what is applied).
+    fn save_commit_now_and_then(&self, applied: u64) -> Result<(), String> {
+        let saved = self.saved.borrow().hard_state.commit;
+        if applied < saved + limits::REPLICA_COMMIT_SAVE_ENTRIES {
+            return Ok(());
+        }
+        let mut next = self.saved.borrow().clone();
+        next.hard_state.commit = applied;
+        next.save(&self.dir)
+            .map_err(|e| format!("saving {}: {e}", self.dir.display()))?;
+        *self.saved.borrow_mut() = next;
         Ok(())
     }
 
@@ -812,8 +881,12 @@ impl<S: Storage> Replica<S> {
     async fn fetch_wanted(&self) -> Result<(), String> {
         for (lo, hi, ctx) in self.store.take_wanted() {
             let index = self.store.index();
-            let entries = read_entries(self.part.log(), &index, lo, hi).await?;
-            self.store.fill(entries);
+            let read = limits::REPLICA_MSG_BYTES_MAX as usize;
+            // A read that fails (retention deleted the entries meanwhile) fills nothing:
+            // raft-rs asks again and then finds them compacted (and sends a snapshot).
+            if let Ok(entries) = read_entries(self.part.log(), &index, lo, hi, read).await {
+                self.store.fill(entries);
+            }
             self.raw.borrow_mut().on_entries_fetched(ctx);
         }
         Ok(())
@@ -849,8 +922,9 @@ impl<S: Storage> Replica<S> {
         next.save(&self.dir)
             .map_err(|e| format!("saving {}: {e}", self.dir.display()))?;
         *self.saved.borrow_mut() = next;
-        let deleted = log.delete_before(start).await.map_err(|e| e.to_string())?;
+        // The index forgets them first: no read of them starts while files go.
         self.store.compact_to(first_index - 1);
+        let deleted = log.delete_before(start).await.map_err(|e| e.to_string())?;
         Ok(deleted)
     }
 

@@ -326,12 +326,14 @@ impl ReplicaStorage {
     pub fn fill(&self, entries: Vec<Entry>) {
         let mut st = self.inner.borrow_mut();
         for e in entries {
-            if st.fetched.len() >= limits::REPLICA_FETCHED_ENTRIES_MAX {
-                break;
+            if st.index.term(e.index) != Some(e.term) {
+                continue;
             }
-            if st.index.term(e.index) == Some(e.term) {
-                st.fetched.insert(e.index, e);
+            // The oldest fetched go first: a reader that moved on never reads them.
+            while st.fetched.len() >= limits::REPLICA_FETCHED_ENTRIES_MAX {
+                st.fetched.pop_first();
             }
+            st.fetched.insert(e.index, e);
         }
     }
 

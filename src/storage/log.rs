@@ -985,6 +985,18 @@ impl<S: Storage> Log<S> {
         self.read_below(offset, max_bytes, end).await
     }
 
+    /// Like [`Self::read`], up to everything appended (written or still buffered): a
+    /// replica reading back its own Raft entries, whatever the fsync policy; never for
+    /// readers.
+    pub async fn read_appended(
+        &self,
+        offset: u64,
+        max_bytes: usize,
+    ) -> Result<ReadBatches, StorageError> {
+        let end = self.st.borrow().next_offset;
+        self.read_below(offset, max_bytes, end).await
+    }
+
     async fn read_below(
         &self,
         offset: u64,
