@@ -773,10 +773,10 @@ fn read_all(leaders: &mut ringmq::client::leaders::Leaders, topic: &str) -> Vec<
     out
 }
 
-#[test]
-fn a_replicated_partition_loses_no_acknowledged_message_when_leaders_are_killed() {
-    let _one = serialize();
-    let mut cluster = Cluster::start("cl-repl", 3);
+/// A 3-node cluster with `topic` (one partition, three replicas) whose leader is known:
+/// (cluster, every client address, the leader's id).
+fn with_replicated_topic(name: &str, topic: &str) -> (Cluster, String, u32) {
+    let cluster = Cluster::start(name, 3);
     let all = format!(
         "{},{},{}",
         cluster.addr(1),
@@ -788,7 +788,7 @@ fn a_replicated_partition_loses_no_acknowledged_message_when_leaders_are_killed(
         &[
             "topic",
             "create",
-            "r",
+            topic,
             "--partitions",
             "1",
             "--replicas",
@@ -797,7 +797,14 @@ fn a_replicated_partition_loses_no_acknowledged_message_when_leaders_are_killed(
         "",
     );
     assert_eq!(code, 0, "{err}");
-    let first = wait_for("a leader of r-0", || leader_of(&cluster.addr(1), "r", 0));
+    let leader = wait_for("a leader", || leader_of(&cluster.addr(1), topic, 0));
+    (cluster, all, leader)
+}
+
+#[test]
+fn a_replicated_partition_loses_no_acknowledged_message_when_leaders_are_killed() {
+    let _one = serialize();
+    let (mut cluster, all, first) = with_replicated_topic("cl-repl", "r");
     // The CLI shows the three replicas.
     let (code, out, err) = common::cli(&all, &["topic", "describe", "r", "--format", "json"], "");
     assert_eq!(code, 0, "{err}");
@@ -898,28 +905,7 @@ fn a_replicated_partition_loses_no_acknowledged_message_when_leaders_are_killed(
 #[test]
 fn killing_the_leader_while_the_cli_produces_stores_every_message_once_in_order() {
     let _one = serialize();
-    let mut cluster = Cluster::start("cl-idem", 3);
-    let all = format!(
-        "{},{},{}",
-        cluster.addr(1),
-        cluster.addr(2),
-        cluster.addr(3)
-    );
-    let (code, _, err) = common::cli(
-        &all,
-        &[
-            "topic",
-            "create",
-            "r",
-            "--partitions",
-            "1",
-            "--replicas",
-            "3",
-        ],
-        "",
-    );
-    assert_eq!(code, 0, "{err}");
-    let leader = wait_for("a leader of r-0", || leader_of(&cluster.addr(1), "r", 0));
+    let (mut cluster, _, leader) = with_replicated_topic("cl-idem", "r");
     let other = (1..=3).find(|&n| n != leader).expect("a follower");
 
     // A retried batch is answered with its first copy's offsets; a gap is refused.

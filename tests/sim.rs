@@ -388,7 +388,8 @@ fn id_batch(first: u64, count: u64) -> VerifiedBatch {
     VerifiedBatch::verify(Bytes::from(encode_record_batch(&records))).expect("valid batch")
 }
 
-/// Every record id readable through `fetch`, in offset order: (offset, id).
+/// Every record id readable through `fetch` (committed only), in offset order: (offset, id);
+/// replication control records are skipped.
 async fn fetched_ids(p: &Partition<MemStorage>) -> Vec<(u64, u64)> {
     let mut out = Vec::new();
     let mut at = p.log().start_offset();
@@ -399,6 +400,9 @@ async fn fetched_ids(p: &Partition<MemStorage>) -> Vec<(u64, u64)> {
         }
         for b in &r.batches {
             let h = batch::decode_verified(b).expect("verified batch");
+            if h.format == FormatTag::Control {
+                continue; // a replication control record: no message
+            }
             let rb = flatbuffers::root::<ringmq::protocol::fb::RecordBatch>(batch::payload(b))
                 .expect("stored flatbuffer");
             for (i, rec) in rb.records().iter().enumerate() {
@@ -1230,33 +1234,6 @@ async fn open_node(n: &SimNode, id: u64, retention: bool) -> OpenReplica {
     (part, Rc::new(replica))
 }
 
-/// Every record id a partition shows readers (committed only), as (offset, id); control
-/// records are skipped.
-async fn committed_ids(p: &Partition<MemStorage>) -> Vec<(u64, u64)> {
-    let mut out = Vec::new();
-    let mut at = p.log().start_offset();
-    loop {
-        let r = p.fetch(at, 1 << 20).await.expect("fetch");
-        if r.batches.is_empty() {
-            return out;
-        }
-        for b in &r.batches {
-            let h = batch::decode_verified(b).expect("verified batch");
-            if h.format == FormatTag::Control {
-                continue;
-            }
-            let rb = flatbuffers::root::<ringmq::protocol::fb::RecordBatch>(batch::payload(b))
-                .expect("stored flatbuffer");
-            for (i, rec) in rb.records().iter().enumerate() {
-                let v = rec.value().expect("value").bytes();
-                let id = u64::from_le_bytes(v.try_into().expect("8-byte id"));
-                out.push((h.base_offset + i as u64, id));
-            }
-        }
-        at = r.next_offset;
-    }
-}
-
 /// A proposal whose outcome is not known yet: (node index, raft index, term, first id, count).
 type Proposal = (usize, u64, u64, u64, u64);
 
@@ -1416,7 +1393,7 @@ async fn partition_replication_sim(seed: u64) -> String {
         // reading whole logs each step would dominate the run).
         if step % 8 == 0 {
             for n in nodes.iter().filter_map(|n| n.open.as_ref()) {
-                shown.add(&committed_ids(&n.0).await, seed, step);
+                shown.add(&fetched_ids(&n.0).await, seed, step);
             }
             // An acknowledged offset never shows another record.
             for (o, id) in &acked {
@@ -1433,7 +1410,7 @@ async fn partition_replication_sim(seed: u64) -> String {
     // record retention has not deleted, at its acknowledged offset.
     let mut finals = Vec::new();
     for n in nodes.iter().filter_map(|n| n.open.as_ref()) {
-        let view = committed_ids(&n.0).await;
+        let view = fetched_ids(&n.0).await;
         shown.add(&view, seed, steps);
         finals.push((n.0.log().start_offset(), n.0.log().end_offset(), view));
         skips += n.1.skips();

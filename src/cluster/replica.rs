@@ -304,6 +304,19 @@ fn entry_producer(e: &Entry) -> Option<(u64, i64)> {
     crate::protocol::producer_of(&rb)
 }
 
+/// Records an idempotent producer's batch stored as entry `e` at `base_offset`.
+fn note_producer(table: &mut Producers, e: &Entry, base_offset: u64) {
+    if let Some((id, sequence)) = entry_producer(e) {
+        let placed = Placed {
+            sequence,
+            index: e.index,
+            term: e.term,
+            base_offset: Some(base_offset),
+        };
+        table.note(id, placed);
+    }
+}
+
 /// The producer table from the last [`limits::PRODUCER_REBUILD_ENTRIES`] entries of the log
 /// (a batch is sent again within seconds; older ones are not looked for).
 async fn rebuild_producers<S: Storage>(
@@ -318,14 +331,8 @@ async fn rebuild_producers<S: Storage>(
     while lo <= last {
         let hi = (lo + 1024).min(last + 1);
         for e in read_entries(log, index, lo, hi, usize::MAX).await? {
-            if let (Some((id, sequence)), Some(m)) = (entry_producer(&e), index.get(e.index)) {
-                let placed = Placed {
-                    sequence,
-                    index: e.index,
-                    term: e.term,
-                    base_offset: Some(m.base_offset),
-                };
-                table.note(id, placed);
+            if let Some(m) = index.get(e.index) {
+                note_producer(&mut table, &e, m.base_offset);
             }
         }
         lo = hi;
@@ -772,15 +779,7 @@ impl<S: Storage> Replica<S> {
         let mut producers = self.producers.borrow_mut();
         producers.cut_from(first.index);
         for (e, m) in entries.iter().zip(&metas) {
-            if let Some((id, sequence)) = entry_producer(e) {
-                let placed = Placed {
-                    sequence,
-                    index: e.index,
-                    term: e.term,
-                    base_offset: Some(m.base_offset),
-                };
-                producers.note(id, placed);
-            }
+            note_producer(&mut producers, e, m.base_offset);
         }
         Ok(cut)
     }
