@@ -113,6 +113,11 @@ impl Cluster {
         self.node(id).broker.as_ref().expect("running").addr.clone()
     }
 
+    /// The client addresses of nodes 1, 2 and 3, comma-separated.
+    fn all(&self) -> String {
+        format!("{},{},{}", self.addr(1), self.addr(2), self.addr(3))
+    }
+
     fn client(&self, id: u32) -> Client {
         self.node(id).broker.as_ref().expect("running").client()
     }
@@ -436,12 +441,7 @@ fn forwarded_in(cluster: &Cluster, node: u32) -> u64 {
 fn a_client_given_every_address_keeps_working_when_its_node_dies() {
     let _one = serialize();
     let mut cluster = Cluster::start("cl-fail", 3);
-    let all = format!(
-        "{},{},{}",
-        cluster.addr(1),
-        cluster.addr(2),
-        cluster.addr(3)
-    );
+    let all = cluster.all();
     let (code, _, err) = common::cli(
         &all,
         &[
@@ -777,12 +777,7 @@ fn read_all(leaders: &mut ringmq::client::leaders::Leaders, topic: &str) -> Vec<
 /// (cluster, every client address, the leader's id).
 fn with_replicated_topic(name: &str, topic: &str) -> (Cluster, String, u32) {
     let cluster = Cluster::start(name, 3);
-    let all = format!(
-        "{},{},{}",
-        cluster.addr(1),
-        cluster.addr(2),
-        cluster.addr(3)
-    );
+    let all = cluster.all();
     let (code, _, err) = common::cli(
         &all,
         &[
