@@ -777,6 +777,19 @@ fn produce_each(
     acked
 }
 
+/// Every acknowledged (offset, value) is stored at that offset, and no value is stored twice.
+fn assert_stored_once(stored: &[(u64, String)], acked: &[(u64, String)]) {
+    let by_offset: std::collections::BTreeMap<u64, &String> =
+        stored.iter().map(|(o, v)| (*o, v)).collect();
+    for (o, v) in acked {
+        assert_eq!(by_offset.get(o), Some(&v), "acknowledged {v} at offset {o}");
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for (_, v) in stored {
+        assert!(seen.insert(v), "{v} stored twice");
+    }
+}
+
 /// Every record of `topic`-0 with its offset, read through `leaders` (the current leader).
 fn read_all(leaders: &mut ringmq::client::leaders::Leaders, topic: &str) -> Vec<(u64, String)> {
     let end = leaders.list_offset(topic, 0, -2).expect("end offset");
@@ -897,15 +910,7 @@ fn a_replicated_partition_loses_no_acknowledged_message_when_leaders_are_killed(
     // Every acknowledged message is there once, at the offset it was acknowledged with, in
     // acknowledgement order.
     let stored = read_all(&mut leaders, "r");
-    let by_offset: std::collections::BTreeMap<u64, &String> =
-        stored.iter().map(|(o, v)| (*o, v)).collect();
-    for (o, v) in &acked {
-        assert_eq!(by_offset.get(o), Some(&v), "acknowledged {v} at offset {o}");
-    }
-    let mut seen = std::collections::BTreeSet::new();
-    for (_, v) in &stored {
-        assert!(seen.insert(v.clone()), "{v} stored twice");
-    }
+    assert_stored_once(&stored, &acked);
     let offsets: Vec<u64> = acked.iter().map(|a| a.0).collect();
     assert!(
         offsets.windows(2).all(|w| w[0] < w[1]),
@@ -1082,15 +1087,7 @@ fn a_replicated_topic_keeps_every_acknowledged_message_through_a_kill_restart_lo
     }
     let mut leaders = ringmq::client::leaders::Leaders::new(&cluster.addr(1), cluster.client(1));
     let stored = read_all(&mut leaders, "r");
-    let by_offset: std::collections::BTreeMap<u64, &String> =
-        stored.iter().map(|(o, v)| (*o, v)).collect();
-    for (o, v) in &acked {
-        assert_eq!(by_offset.get(o), Some(&v), "acknowledged {v} at offset {o}");
-    }
-    let mut seen = std::collections::BTreeSet::new();
-    for (_, v) in &stored {
-        assert!(seen.insert(v.clone()), "{v} stored twice");
-    }
+    assert_stored_once(&stored, &acked);
     eprintln!(
         "{cycles} kill/restart cycles: {} of {sent} produces acknowledged, {} stored",
         acked.len(),
